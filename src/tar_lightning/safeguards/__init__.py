@@ -1,0 +1,5 @@
+"""Stage-1 safeguards (TAR's starting checkpoints)."""
+
+from tar_lightning.safeguards.random_mapping import RandomMappingModule
+
+__all__ = ["RandomMappingModule"]

@@ -1,0 +1,483 @@
+"""What an adversary is: data stream, full or LoRA fine-tuning, optimizer, learning rate, schedule, length.
+
+One ``AdversaryConfig`` describes a fine-tuning attack. TAR samples train-time adversaries from a list of them
+(``sample_adversary``) in every outer step; the red team runs test-time adversaries from YAML suites
+(``AdversaryConfig.from_dict``). Both go through the same runner, so a train-time and a test-time attack with
+the same configuration are the same attack.
+
+The classes are plain dataclasses with simple annotations so that jsonargparse/LightningCLI can build them
+from YAML. Every random choice (adversary, learning rate, switch point) draws only from a ``torch.Generator``
+the caller passes, so ranks seeded alike make identical choices without communicating.
+"""
+
+import dataclasses
+import importlib.util
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+
+from tar_lightning.adversaries.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    check_optimizer_kwargs,
+    check_schedule,
+)
+from tar_lightning.errors import ConfigError
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "AdversaryConfig",
+    "LoRAConfig",
+    "SwitchConfig",
+    "sample_adversary",
+]
+
+_DEFAULT_BETA = (6.0, 3.0)
+_QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters for an adversary with ``method: lora``.
+
+    Attributes:
+        rank: Adapter rank r.
+        alpha: Scaling numerator (the update is scaled by alpha / rank).
+        dropout: Dropout on the adapter input.
+        targets: ``"all-linear"`` (every linear layer except the output head), or module-name suffixes such as
+            ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]``.
+        quantize_base: Load the attacked base weights quantized with bitsandbytes before adding the adapters
+            (QLoRA): ``"nf4"`` or ``"fp4"`` (4-bit) or ``"int8"``; ``None`` keeps them as they are.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: Union[str, list[str]] = "all-linear"
+    quantize_base: Optional[Literal["nf4", "fp4", "int8"]] = None
+
+    def validate(self, prefix: str = "") -> "LoRAConfig":
+        """Checks the values.
+
+        Args:
+            prefix: Text put before every error message (e.g. ``"adversary 'w16': "``).
+
+        Returns:
+            self.
+
+        Raises:
+            ConfigError: Naming the first invalid field.
+        """
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ConfigError(f"{prefix}lora.rank must be an integer >= 1, got {self.rank!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"{prefix}lora.alpha must be a number > 0, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"{prefix}lora.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = self.targets
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                raise ConfigError(
+                    f"{prefix}lora.targets must be 'all-linear' or a list of module-name suffixes, got {targets!r}"
+                )
+        elif (
+            not isinstance(targets, (list, tuple))
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ConfigError(
+                f"{prefix}lora.targets must be 'all-linear' or a non-empty list of module-name suffixes, "
+                f"got {targets!r}"
+            )
+        if self.quantize_base is not None and self.quantize_base not in _QUANTIZATIONS:
+            raise ConfigError(
+                f"{prefix}lora.quantize_base {self.quantize_base!r} is unknown; expected one of "
+                f"{list(_QUANTIZATIONS)} or null"
+            )
+        return self
+
+
+@dataclass
+class SwitchConfig:
+    """A retain→forget switch: the first M steps train on ``retain_stream``, the rest on the adversary's data.
+
+    Exactly one of ``beta`` and ``fraction`` sets M. Because ``beta`` has a default, giving ``fraction`` while
+    ``beta`` keeps its default value replaces the default; only a non-default ``beta`` together with a
+    ``fraction`` is a conflict (``from_dict`` also refuses both keys written out).
+
+    Attributes:
+        retain_stream: Name of the data stream used before the switch.
+        beta: ``(a, b)``: M = floor(Beta(a, b) * steps), drawn afresh per trajectory (the paper: (6, 3)).
+        fraction: Fixed M = floor(fraction * steps), e.g. 0.6 for the red team's R→F attacks.
+    """
+
+    retain_stream: str = "retain_domain"
+    beta: Optional[tuple[float, float]] = _DEFAULT_BETA
+    fraction: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, list):
+            self.beta = tuple(self.beta)
+        if self.fraction is not None and self.beta == _DEFAULT_BETA:
+            self.beta = None
+
+    def validate(self, prefix: str = "") -> "SwitchConfig":
+        """Checks the values.
+
+        Args:
+            prefix: Text put before every error message.
+
+        Returns:
+            self.
+
+        Raises:
+            ConfigError: Naming the first invalid field.
+        """
+        if not isinstance(self.retain_stream, str) or not self.retain_stream:
+            raise ConfigError(
+                f"{prefix}switch.retain_stream must be a non-empty string, got {self.retain_stream!r}"
+            )
+        if (self.beta is None) == (self.fraction is None):
+            raise ConfigError(
+                f"{prefix}switch: give exactly one of switch.beta and switch.fraction "
+                f"(got beta={self.beta!r}, fraction={self.fraction!r})"
+            )
+        if self.fraction is not None and (not _is_number(self.fraction) or not 0 < self.fraction < 1):
+            raise ConfigError(f"{prefix}switch.fraction must be in (0, 1), got {self.fraction!r}")
+        if self.beta is not None and (
+            not isinstance(self.beta, (tuple, list))
+            or len(self.beta) != 2
+            or not all(_is_number(x) and x > 0 for x in self.beta)
+        ):
+            raise ConfigError(f"{prefix}switch.beta must be two numbers > 0 (a, b), got {self.beta!r}")
+        return self
+
+
+@dataclass
+class AdversaryConfig:
+    """One fine-tuning adversary (a train-time adversary of TAR or an attack of the red team).
+
+    Attributes:
+        name: Identifier used in logs, reports and error messages.
+        data: Name of the data stream the adversary trains on (e.g. ``forget``, ``retain_domain``).
+        method: ``full`` (all weights) or ``lora`` (adapters from ``lora``).
+        lora: LoRA settings, used when ``method`` is ``lora``.
+        optimizer: One of ``OPTIMIZERS``: adamw, adam, sgd (momentum 0.9), sgd_nesterov, adagrad, adadelta,
+            schedule_free_adamw, adamw_8bit.
+        optimizer_kwargs: Extra arguments for the optimizer class (betas, eps, momentum, ...).
+        lr: A learning rate, or a list of them to choose from uniformly per trajectory/run.
+        weight_decay: Weight decay passed to the optimizer.
+        schedule: One of ``SCHEDULES``: constant, linear_warmup, warmup_cosine, cosine_restarts,
+            exponential_warmup (curves in ``tar_lightning.adversaries.optim``).
+        warmup_steps: Warmup length; for schedule_free_adamw the optimizer's internal warmup.
+        schedule_kwargs: Extra schedule options (``num_cycles``, ``min_lr``, ``min_lr_ratio``, ``rate``).
+        switch: Optional retain→forget switch.
+        probability: Relative sampling weight among the adversaries of one family.
+        steps: Attack length (red team); TAR uses its ``inner_steps`` instead.
+        batch_size: Per-device batch size (red team); ``None`` uses the data module's.
+    """
+
+    name: str = "adamw"
+    data: str = "forget"
+    method: Literal["full", "lora"] = "full"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optimizer: str = "adamw"
+    optimizer_kwargs: dict = field(default_factory=dict)
+    lr: Union[float, list[float]] = 2e-5
+    weight_decay: float = 0.01
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_kwargs: dict = field(default_factory=dict)
+    switch: Optional[SwitchConfig] = None
+    probability: float = 1.0
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        # Python users may write nested settings as plain dicts, as in YAML.
+        where = f"adversary {self.name!r}"
+        if isinstance(self.lora, Mapping):
+            self.lora = _nested_from_dict(LoRAConfig, self.lora, f"{where}: lora")
+        if isinstance(self.switch, Mapping):
+            self.switch = _nested_from_dict(SwitchConfig, self.switch, f"{where}: switch")
+
+    def validate(self) -> "AdversaryConfig":
+        """Checks every field and the combinations between them.
+
+        Returns:
+            self, so that ``AdversaryConfig.from_dict(d).validate()`` chains.
+
+        Raises:
+            ConfigError: Naming the adversary and the first invalid field, e.g. an unknown optimizer or
+                schedule, an empty or non-positive ``lr``, a negative ``warmup_steps`` or one not below
+                ``steps``, ``warmup_steps`` with the ``constant`` schedule, ``schedule_free_adamw`` with a
+                schedule other than ``constant``, an ``optimizer_kwargs`` key the optimizer class does not
+                accept, ``probability <= 0``, invalid ``lora`` or ``switch`` values.
+        """
+        prefix = f"adversary {self.name!r}: "
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"adversary: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError(f"{prefix}data must be the name of a data stream, got {self.data!r}")
+        if self.method not in ("full", "lora"):
+            raise ConfigError(f"{prefix}method {self.method!r} is unknown; expected one of ['full', 'lora']")
+        if not isinstance(self.lora, LoRAConfig):
+            raise ConfigError(f"{prefix}lora must be a LoRAConfig, got {type(self.lora).__name__}")
+        self.lora.validate(prefix)
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"{prefix}optimizer {self.optimizer!r} is unknown; expected one of {list(OPTIMIZERS)}"
+            )
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            raise ConfigError(f"{prefix}optimizer_kwargs must be a mapping, got {self.optimizer_kwargs!r}")
+        # adamw_8bit's class is only needed to check extra keywords; a machine without bitsandbytes can
+        # still validate a suite that it will not run.
+        if self.optimizer_kwargs and (
+            self.optimizer != "adamw_8bit" or importlib.util.find_spec("bitsandbytes") is not None
+        ):
+            try:
+                check_optimizer_kwargs(self.optimizer, self.optimizer_kwargs)
+            except ConfigError as err:
+                raise ConfigError(f"{prefix}{err}") from None
+
+        lrs = self.lr if isinstance(self.lr, (list, tuple)) else [self.lr]
+        if not lrs:
+            raise ConfigError(
+                f"{prefix}lr is an empty list; give a learning rate or a non-empty list of them"
+            )
+        for value in lrs:
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{prefix}lr must be a number > 0 or a list of them, got {self.lr!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"{prefix}weight_decay must be a number >= 0, got {self.weight_decay!r}")
+
+        try:
+            check_schedule(self.schedule, self.schedule_kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err}") from None
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.optimizer == "schedule_free_adamw" and self.schedule != "constant":
+            raise ConfigError(
+                f"{prefix}schedule {self.schedule!r} cannot be combined with optimizer 'schedule_free_adamw'; "
+                "use schedule 'constant' and set warmup_steps (it becomes the optimizer's internal warmup)"
+            )
+        if self.schedule == "constant" and self.warmup_steps > 0 and self.optimizer != "schedule_free_adamw":
+            raise ConfigError(
+                f"{prefix}warmup_steps ({self.warmup_steps}) has no effect with schedule 'constant'; "
+                "use schedule 'linear_warmup', 'exponential_warmup' or 'warmup_cosine'"
+            )
+
+        if self.steps is not None:
+            if not _is_int(self.steps) or self.steps < 1:
+                raise ConfigError(f"{prefix}steps must be an integer >= 1 or null, got {self.steps!r}")
+            if self.warmup_steps > 0 and self.warmup_steps >= self.steps:
+                raise ConfigError(
+                    f"{prefix}warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})"
+                )
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ConfigError(f"{prefix}batch_size must be an integer >= 1 or null, got {self.batch_size!r}")
+        if not _is_number(self.probability) or self.probability <= 0:
+            raise ConfigError(f"{prefix}probability must be a number > 0, got {self.probability!r}")
+
+        if self.switch is not None:
+            if not isinstance(self.switch, SwitchConfig):
+                raise ConfigError(f"{prefix}switch must be a SwitchConfig or null, got {self.switch!r}")
+            self.switch.validate(prefix)
+        return self
+
+    def sample_lr(self, generator: torch.Generator) -> float:
+        """Chooses this run's learning rate.
+
+        Args:
+            generator: Source of randomness; generators in the same state give the same choice.
+
+        Returns:
+            ``lr`` itself, or an element of the ``lr`` list chosen uniformly.
+        """
+        if not isinstance(self.lr, (list, tuple)):
+            return float(self.lr)
+        index = int(torch.randint(len(self.lr), (1,), generator=generator).item())
+        return float(self.lr[index])
+
+    def switch_point(self, steps: int, generator: torch.Generator) -> Optional[int]:
+        """Chooses the step at which a retain→forget switch happens.
+
+        Beta(a, b) is drawn by numpy's ``Generator.beta`` seeded from one draw of ``generator`` (torch's
+        Beta distribution cannot take a generator), so the result depends only on ``generator``'s state.
+
+        Args:
+            steps: Length of the run.
+            generator: Source of randomness.
+
+        Returns:
+            ``None`` without a switch; otherwise M in ``[0, steps]``: steps ``0..M-1`` use the retain stream.
+            With ``fraction``, M = floor(fraction * steps) and ``generator`` is not used.
+        """
+        if self.switch is None:
+            return None
+        if self.switch.fraction is not None:
+            # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
+            return min(steps, math.floor(self.switch.fraction * steps + 1e-9))
+        a, b = self.switch.beta
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        x = float(np.random.default_rng(seed).beta(a, b))
+        return min(steps, max(0, math.floor(x * steps)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "AdversaryConfig":
+        """Builds an adversary from plain data (a YAML mapping), nested dataclasses included.
+
+        Numbers written as strings (YAML 1.1 reads ``2e-5`` as a string) are converted. The result is not
+        validated: call ``.validate()``.
+
+        Args:
+            d: Mapping of field names to values; ``lora`` and ``switch`` may be mappings.
+            where: Location for error messages, e.g. ``"recipes/redteam/weaponization.yaml, attacks[3]"``.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ConfigError: If a key is unknown (the message lists the valid keys) or a value has the wrong type.
+        """
+        label = "adversary"
+        if isinstance(d, Mapping) and "name" in d:
+            label = f"adversary {d['name']!r}"
+        if where:
+            label = f"{label} ({where})"
+        return _build_dataclass(cls, d, label, "")
+
+
+def _nested_from_dict(cls, d: Mapping, where: str):
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+    return cls(**d)
+
+
+def sample_adversary(adversaries: list[AdversaryConfig], generator: torch.Generator) -> int:
+    """Chooses one adversary with probability proportional to its ``probability``.
+
+    Args:
+        adversaries: The family to choose from.
+        generator: Source of randomness; generators in the same state give the same choice.
+
+    Returns:
+        The index of the chosen adversary.
+
+    Raises:
+        ConfigError: If the list is empty or a probability is not a positive number.
+    """
+    if not adversaries:
+        raise ConfigError("adversaries: the list is empty; give at least one adversary")
+    weights = []
+    for adversary in adversaries:
+        if not _is_number(adversary.probability) or adversary.probability <= 0:
+            raise ConfigError(
+                f"adversary {adversary.name!r}: probability must be a number > 0, got {adversary.probability!r}"
+            )
+        weights.append(float(adversary.probability))
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator).item())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _build_dataclass(cls: type, data: Any, label: str, path: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    where = f"{label}: {path}" if path else label
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            inside = f" in {path}" if path else ""
+            raise ConfigError(f"{label}: unknown key {key!r}{inside}; valid keys: {names}")
+    if cls is SwitchConfig and data.get("beta") is not None and data.get("fraction") is not None:
+        raise ConfigError(f"{label}: give exactly one of switch.beta and switch.fraction, not both")
+    values = {}
+    for key, value in data.items():
+        field_path = f"{path}.{key}" if path else key
+        values[key] = _coerce(value, hints[key], label, field_path)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, label: str, path: str) -> Any:
+    """Converts plain data to the annotated type, or raises ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, label, path)
+    if origin is Union:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{label}: {path} must not be null")
+        options = [option for option in args if option is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], label, path)
+        for option in options:
+            try:
+                return _coerce(value, option, label, path)
+            except ConfigError:
+                pass
+        expected = str(tp).replace("typing.", "")
+        raise ConfigError(f"{label}: {path} must be of type {expected}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{label}: {path} must be one of {list(args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{label}: {path} must be a list, got {value!r}")
+        return [_coerce(v, args[0], label, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{label}: {path} must be a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(v, t, label, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True))
+        )
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{label}: {path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{label}: {path} must be true or false, got {value!r}")
+    if tp is int:
+        if _is_int(value):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{label}: {path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{label}: {path} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{label}: {path} must be a string, got {value!r}")
+    return value

@@ -1,0 +1,180 @@
+"""Applying one adversary (a fine-tuning attack) to a model in place.
+
+The same runner serves TAR's inner loop (train-time attacks) and the red team (test-time attacks), so the two
+are the same code: an attack that broke a safeguard can be put into the training family unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.adversaries.optim import build_adversary_optimizer
+from tar_lightning.errors import ConfigError
+from tar_lightning.losses import causal_lm_loss
+
+__all__ = ["AdversaryRun", "LORA_ADAPTER_NAME"]
+
+LORA_ADAPTER_NAME = "tar_adversary"
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Next-token cross-entropy of ``model`` on a ``{input_ids, attention_mask, labels}`` batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    return causal_lm_loss(out.logits, batch["labels"])
+
+
+class AdversaryRun:
+    """One adversary applied to ``model`` in place for ``steps`` optimizer steps.
+
+    Full-parameter adversaries update every trainable parameter; LoRA adversaries inject fresh adapters (peft)
+    into the model and train only those. The optimizer is a plain torch optimizer owned by this object, never
+    registered with Lightning, and freed by :meth:`close`.
+
+    Use as a context manager::
+
+        with AdversaryRun(model, adv, lr=2e-5, steps=64) as run:
+            for k in range(64):
+                run.step(batch_for(run.stream_for_step(k)))
+
+    Args:
+        model: the causal LM to attack (modified in place).
+        config: the adversary.
+        lr: the learning rate of this run (sampled from ``config.lr`` by the caller).
+        steps: the number of steps the schedule is laid out over.
+        switch_point: for retain→forget adversaries, the first step that uses the adversary's own data.
+        loss_fn: ``(model, batch) -> loss``; next-token CE by default.
+        params: the parameters a full-parameter adversary trains (default: all that require grad).
+
+    Raises:
+        ConfigError: LoRA requested without peft installed, or LoRA targets matching no module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdversaryConfig,
+        *,
+        lr: float,
+        steps: int,
+        switch_point: Optional[int] = None,
+        loss_fn: LossFn = lm_loss,
+        params: Optional[list[nn.Parameter]] = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.lr = lr
+        self.steps = steps
+        self.switch_point = switch_point
+        self.loss_fn = loss_fn
+        self.steps_done = 0
+        self._lora_model = None
+        self._frozen_flags: list[tuple[nn.Parameter, bool]] = []
+        if config.method == "lora":
+            trainable = self._inject_lora()
+        else:
+            trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.trainable = trainable
+        self.optimizer, self.scheduler = build_adversary_optimizer(config, trainable, lr, steps)
+
+    # -- LoRA -------------------------------------------------------------------------------------------
+
+    def _inject_lora(self) -> list[nn.Parameter]:
+        try:
+            from peft import LoraConfig
+            from peft.tuners.lora import LoraModel
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ConfigError(
+                f"adversary {self.config.name!r} uses LoRA, which needs peft: pip install 'tar_lightning[lora]'"
+            ) from e
+        spec = self.config.lora
+        self._frozen_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        lora_cfg = LoraConfig(
+            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets, bias="none"
+        )
+        try:
+            self._lora_model = LoraModel(self.model, lora_cfg, LORA_ADAPTER_NAME)
+        except ValueError as e:
+            raise ConfigError(
+                f"adversary {self.config.name!r}: LoRA targets {spec.targets!r} cannot be applied: {e}"
+            ) from e
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    @contextlib.contextmanager
+    def base_gradients(self) -> Iterator[None]:
+        """Within the block, the base (non-adapter) weights collect gradients, the adapters do not.
+
+        TAR's first-order tamper-resistance gradient at LoRA-attacked weights W + BA belongs to the base weight
+        W (∂L/∂W equals the gradient at the effective weight); outside this block a LoRA adversary trains only
+        its adapters, so the attack costs what a LoRA attack costs.
+        """
+        if self._lora_model is None:
+            yield
+            return
+        for p, flag in self._frozen_flags:
+            p.requires_grad_(flag)
+        for p in self.trainable:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, _ in self._frozen_flags:
+                p.requires_grad_(False)
+            for p in self.trainable:
+                p.requires_grad_(True)
+
+    # -- stepping ---------------------------------------------------------------------------------------
+
+    def stream_for_step(self, k: int) -> str:
+        """The data stream step ``k`` trains on (the switch's retain stream before the switch point)."""
+        if self.switch_point is not None and self.config.switch is not None and k < self.switch_point:
+            return self.config.switch.retain_stream
+        return self.config.data
+
+    def step(self, batch: dict[str, Tensor]) -> Tensor:
+        """One adversary update on ``batch``; returns the (detached) loss before the update."""
+        loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return loss.detach()
+
+    def close(self, merge: bool = False) -> None:
+        """Free the optimizer; remove LoRA adapters (``merge=True`` folds them into the weights first).
+
+        Safe to call twice.
+        """
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            self.optimizer.param_groups.clear()
+            self.optimizer = None
+            self.scheduler = None
+        for p in self.trainable:
+            p.grad = None
+        if self._lora_model is not None:
+            with torch.no_grad():
+                if merge:
+                    self._lora_model.merge_and_unload()
+                else:
+                    self._lora_model.unload()
+            for p, flag in self._frozen_flags:
+                p.requires_grad_(flag)
+            self._lora_model = None
+            self._frozen_flags = []
+        self.trainable = []
+
+    def __enter__(self) -> AdversaryRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""The ``tar-lightning`` command: ``fit | validate | test`` through LightningCLI, plus ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from tar_lightning.errors import TARLightningError
+
+__all__ = ["TARCLI", "main"]
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class TARCLI(LightningCLI):
+    """LightningCLI in subclass mode with OmegaConf interpolation (``${data.seq_len}``) in recipes.
+
+    The model is any LightningModule (``class_path: tar_lightning.TARModule`` ...) and the data any
+    LightningDataModule; the optimizer is the module's own ``optimizer`` argument, so the CLI adds none.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("parser_mode", "omegaconf")
+        super().__init__(*args, **kwargs)
+
+
+def _export_main(argv: Sequence[str]) -> int:
+    from tar_lightning.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="tar-lightning export",
+        description="Write a training checkpoint as a Hugging Face folder (weights, config, tokenizer).",
+    )
+    parser.add_argument("--ckpt", required=True, help="the .ckpt file written by tar-lightning fit")
+    parser.add_argument("--out", required=True, help="the folder to write (atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this source instead")
+    parser.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16)")
+    args = parser.parse_args(argv)
+    out = export_checkpoint(
+        args.ckpt, args.out, overwrite=args.overwrite, tokenizer_source=args.tokenizer, dtype=args.dtype
+    )
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``tar-lightning`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "export":
+            return _export_main(argv[1:])
+        if argv and argv[0] not in LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
+            print(
+                f"tar-lightning: unknown command {argv[0]!r}; expected one of "
+                f"{', '.join(LIGHTNING_SUBCOMMANDS + ('export',))}",
+                file=sys.stderr,
+            )
+            return 2
+        TARCLI(args=argv)
+        return 0
+    except TARLightningError as e:
+        print(f"tar-lightning: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""Data sources: where a stream's records come from, and reading them into plain Python records.
+
+One :class:`DataSource` names a hub dataset, a local file or folder (txt, json, jsonl, csv, parquet, optionally
+gzipped), or a built-in synthetic domain. :func:`load_records` reads it through ``datasets`` (one code path for
+hub ids and local files), applies ``select``, drops too-short records (logged) and applies ``limit``.
+Every problem a user can cause is raised as :class:`~tar_lightning.errors.DataError` or
+:class:`~tar_lightning.errors.ConfigError` naming the file, field or value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records
+from tar_lightning.errors import ConfigError, DataError
+
+__all__ = ["DataSource", "as_source", "load_records", "select_range", "source_text"]
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_PREFIX = "synthetic:"
+_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_SYNTHETIC_KEYS = ("n", "seed")
+_SELECT_RE = re.compile(r"^\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*:\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*$")
+
+
+@dataclass
+class DataSource:
+    """Where one data stream comes from and how its records become text.
+
+    Attributes:
+        path: a hub dataset id (read with ``datasets.load_dataset``), a local ``.txt``/``.json``/``.jsonl``/
+            ``.csv``/``.parquet`` file (``.gz`` allowed except for parquet), a local folder of such files, or
+            ``"synthetic:<domain>"`` (see :mod:`tar_lightning.data.synthetic`).
+        split: split of a hub dataset (local files have a single split).
+        name: hub config name (e.g. ``"wikitext-2-raw-v1"``).
+        text_field: field holding plain text.
+        prompt_field: instruction data: field of the prompt. With ``response_field`` the pair is rendered with
+            the tokenizer's chat template and the prompt tokens are labelled -100.
+        response_field: instruction data: field of the response.
+        messages_field: chat data: field holding a list of ``{"role", "content"}`` messages; only the last
+            assistant turn is labelled.
+        system_prompt: system message prepended to chat data (unless the messages already start with one).
+        select: slice of the records after loading, ``"start:stop"`` with integers or percentages
+            (``"0:80%"``, ``"80%:"``, ``"0:1000"``); used to split one corpus into disjoint parts.
+        limit: keep at most this many records (after ``select`` and filtering).
+        min_chars: drop records whose text (the response for chat data) is shorter; the count is logged.
+        synthetic: arguments of synthetic sources: ``n`` (records) and ``seed``.
+    """
+
+    path: str
+    split: str = "train"
+    name: Optional[str] = None
+    text_field: str = "text"
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    system_prompt: Optional[str] = None
+    select: Optional[str] = None
+    limit: Optional[int] = None
+    min_chars: int = 1
+    synthetic: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError(f"data source: 'path' must be a non-empty string, got {self.path!r}")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ConfigError(
+                f"data source {self.path!r}: 'prompt_field' and 'response_field' must be set together "
+                f"(got prompt_field={self.prompt_field!r}, response_field={self.response_field!r})"
+            )
+        if self.messages_field is not None and self.prompt_field is not None:
+            raise ConfigError(
+                f"data source {self.path!r}: set either 'messages_field' or 'prompt_field'/'response_field', not both"
+            )
+        if self.select is not None:
+            _parse_select(self.select, self.path)
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
+            raise ConfigError(
+                f"data source {self.path!r}: 'limit' must be a positive integer or null, got {self.limit!r}"
+            )
+        if isinstance(self.min_chars, bool) or not isinstance(self.min_chars, int) or self.min_chars < 0:
+            raise ConfigError(
+                f"data source {self.path!r}: 'min_chars' must be a non-negative integer, got {self.min_chars!r}"
+            )
+        if not isinstance(self.synthetic, Mapping):
+            raise ConfigError(
+                f"data source {self.path!r}: 'synthetic' must be a mapping, got {self.synthetic!r}"
+            )
+        unknown = sorted(set(self.synthetic) - set(_SYNTHETIC_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"data source {self.path!r}: unknown 'synthetic' keys {unknown}; expected some of {list(_SYNTHETIC_KEYS)}"
+            )
+        if self.is_synthetic:
+            domain = self.path[len(SYNTHETIC_PREFIX) :]
+            if domain not in SYNTHETIC_DOMAINS:
+                raise ConfigError(
+                    f"data source {self.path!r}: unknown synthetic domain {domain!r}; expected one of "
+                    f"{[SYNTHETIC_PREFIX + d for d in SYNTHETIC_DOMAINS]}"
+                )
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.path.startswith(SYNTHETIC_PREFIX)
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether records are rendered with a chat template (prompt/response or messages)."""
+        return self.prompt_field is not None or self.messages_field is not None
+
+    @property
+    def required_fields(self) -> list[str]:
+        if self.messages_field is not None:
+            return [self.messages_field]
+        if self.prompt_field is not None:
+            return [self.prompt_field, self.response_field]  # type: ignore[list-item]
+        return [self.text_field]
+
+    def label(self) -> str:
+        """A short human-readable name of the source for messages and logs."""
+        parts = [repr(self.path)]
+        if self.name:
+            parts.append(f"name={self.name!r}")
+        if self.select:
+            parts.append(f"select={self.select!r}")
+        return " ".join(parts)
+
+
+def as_source(value: Union[DataSource, Mapping, str], what: str = "data source") -> DataSource:
+    """Coerce a :class:`DataSource`, a mapping of its fields, or a bare path into a :class:`DataSource`.
+
+    Raises:
+        ConfigError: unknown keys or a value of another type.
+    """
+    if isinstance(value, DataSource):
+        return value
+    if isinstance(value, str):
+        return DataSource(path=value)
+    if isinstance(value, Mapping):
+        known = {f.name for f in fields(DataSource)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{what}: unknown keys {unknown}; expected some of {sorted(known)}")
+        if "path" not in value:
+            raise ConfigError(f"{what}: missing required key 'path' (got keys {sorted(value)})")
+        return DataSource(**dict(value))
+    raise ConfigError(
+        f"{what}: expected a DataSource, a mapping or a path string, got {type(value).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- select
+def _parse_bound(text: Optional[str]) -> Union[None, int, float]:
+    if text is None or text == "":
+        return None
+    if text.endswith("%"):
+        return float(text[:-1])
+    return int(text)
+
+
+def _parse_select(spec: str, where: str) -> tuple[Union[None, int, float], Union[None, int, float]]:
+    m = _SELECT_RE.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise ConfigError(
+            f"data source {where!r}: invalid 'select' {spec!r}; expected 'start:stop' with integers or "
+            "percentages, e.g. '0:80%', '80%:', '0:1000'"
+        )
+    lo, hi = _parse_bound(m.group(1)), _parse_bound(m.group(2))
+    for b in (lo, hi):
+        if isinstance(b, float) and not 0.0 <= b <= 100.0:
+            raise ConfigError(f"data source {where!r}: 'select' {spec!r}: percentages must lie in 0%..100%")
+    return lo, hi
+
+
+def _resolve_bound(b: Union[None, int, float], n: int) -> Optional[int]:
+    if isinstance(b, float):
+        # Both halves of a split ("0:80%" / "80%:") use the same floor, so they partition the records exactly.
+        return math.floor(n * b / 100.0 + 1e-9)
+    return b
+
+
+def select_range(spec: Optional[str], n: int, where: str = "select") -> range:
+    """The record indices a ``select`` spec keeps out of ``n`` records (Python slice semantics)."""
+    if spec is None:
+        return range(n)
+    lo, hi = _parse_select(spec, where)
+    return range(n)[slice(_resolve_bound(lo, n), _resolve_bound(hi, n))]
+
+
+# ---------------------------------------------------------------------------------------------- readers
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets`` progress bars and its own error log while reading (we re-raise with context)."""
+    try:
+        import datasets
+        from datasets.utils import logging as ds_logging
+    except ImportError:  # pragma: no cover - datasets is a hard dependency
+        yield
+        return
+    bars = datasets.is_progress_bar_enabled()
+    level = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _root_cause(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None or (seen.__context__ is not None and not seen.__suppress_context__):
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    msg = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+def _format_of(path: Path) -> Optional[str]:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_local(path: str) -> bool:
+    if path.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(path):
+        return True
+    return _format_of(Path(path)) is not None
+
+
+def _open_text(path: Path):
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _scan_jsonl(path: Path) -> None:
+    """Find the first malformed line of a JSON Lines file and raise with its number."""
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                        "expected one JSON object per line"
+                    ) from None
+                if not isinstance(value, dict):
+                    raise DataError(
+                        f"{path}: line {lineno}: expected a JSON object per line, got {type(value).__name__}"
+                    )
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _json_layout(path: Path) -> tuple[str, Optional[str]]:
+    """How to read a ``.json`` file: ``("json", None)`` list, ``("json", "data")`` wrapped, ``("jsonl", None)``."""
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f'{path}: the file is empty; expected a JSON list of objects or {{"data": [...]}}')
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if stripped[0] == "{":
+            return "jsonl", None  # several objects, one per line, in a file named .json
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, list):
+        return "json", None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        return "json", "data"
+    if isinstance(value, dict):
+        return "jsonl", None  # a single object: JSON Lines with one line
+    raise DataError(
+        f'{path}: expected a JSON list of objects or {{"data": [...]}}, got {type(value).__name__}'
+    )
+
+
+def _load_local_file(path: Path) -> tuple[Any, str]:
+    """Read one local file into a ``datasets.Dataset``; returns ``(dataset, format)``."""
+    from datasets import load_dataset
+
+    fmt = _format_of(path)
+    if fmt is None:
+        raise DataError(
+            f"{path}: unsupported file type; expected one of {sorted(_FORMATS)} (optionally .gz, except parquet)"
+        )
+    kwargs: dict[str, Any] = {}
+    builder = {"text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}[fmt]
+    if fmt == "json":
+        fmt, json_field = _json_layout(path)
+        if json_field is not None:
+            kwargs["field"] = json_field
+    try:
+        with _quiet_datasets():
+            ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            if fmt == "text":
+                # One record per non-empty line: blank lines separate paragraphs, they are not records.
+                ds = ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
+    except DataError:
+        raise
+    except Exception as e:
+        if fmt == "jsonl":
+            _scan_jsonl(path)
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{path}: no records found (the file holds no data rows)") from e
+        raise DataError(f"{path}: cannot read as {fmt} ({_root_cause(e)})") from e
+    return ds, fmt
+
+
+def _local_files(folder: Path) -> list[Path]:
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and _format_of(p) is not None:
+            found.append(p)
+    return found
+
+
+def _check_columns(columns: list[str], source: DataSource, where: str) -> None:
+    missing = [f for f in source.required_fields if f not in columns]
+    if missing:
+        kind = "field" if len(missing) == 1 else "fields"
+        raise DataError(
+            f"data source {source.label()}: {where} has no {kind} {', '.join(repr(m) for m in missing)}; "
+            f"available fields: {sorted(columns)}"
+        )
+
+
+def _read_raw(source: DataSource) -> list[tuple[Any, str]]:
+    """Read the source into ``[(dataset_or_list, where)]`` parts, in order; fields are checked per part."""
+    if source.is_synthetic:
+        domain = source.path[len(SYNTHETIC_PREFIX) :]
+        args = {"n": 256, "seed": 0, **dict(source.synthetic)}
+        return [(synthetic_records(domain, n=args["n"], seed=args["seed"]), source.path)]
+
+    local = Path(os.path.expanduser(source.path))
+    if local.exists():
+        if local.is_dir():
+            files = _local_files(local)
+            if not files:
+                raise DataError(
+                    f"data source {source.label()}: folder {local.resolve()} holds no readable data files; "
+                    f"expected files ending in {sorted(_FORMATS)}"
+                )
+        else:
+            files = [local]
+        return [(_load_local_file(f)[0], str(f)) for f in files]
+    if _looks_local(source.path):
+        raise DataError(
+            f"data source {source.label()}: file or folder not found: {local.resolve()} "
+            f"(relative paths are resolved against the working directory {os.getcwd()})"
+        )
+
+    from datasets import load_dataset
+
+    try:
+        with _quiet_datasets():
+            ds = load_dataset(source.path, source.name, split=source.split)
+    except Exception as e:
+        raise DataError(
+            f"data source {source.label()}: cannot load hub dataset {source.path!r} "
+            f"(name={source.name!r}, split={source.split!r}): {_root_cause(e)}. "
+            "Without network access, point 'path' at a local file or folder instead."
+        ) from e
+    return [(ds, f"hub dataset {source.path!r} split {source.split!r}")]
+
+
+# ---------------------------------------------------------------------------------------------- records
+def _as_text(value: Any, fieldname: str, source: DataSource, index: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise DataError(
+        f"data source {source.label()}: record {index}: field {fieldname!r} must be a string, "
+        f"got {type(value).__name__} ({str(value)[:60]!r})"
+    )
+
+
+def _messages(record: Mapping, source: DataSource, index: int) -> list[dict]:
+    value = record.get(source.messages_field)  # type: ignore[arg-type]
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise DataError(
+            f"data source {source.label()}: record {index}: field {source.messages_field!r} must be a list of "
+            f"{{'role', 'content'}} messages, got {type(value).__name__}"
+        )
+    out = []
+    for k, msg in enumerate(value):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or "content" not in msg:
+            raise DataError(
+                f"data source {source.label()}: record {index}: message {k} of field {source.messages_field!r} "
+                f"must be a mapping with a string 'role' and a 'content', got {str(msg)[:80]!r}"
+            )
+        out.append({"role": msg["role"], "content": _as_text(msg["content"], "content", source, index)})
+    return out
+
+
+def source_text(record: Mapping, source: DataSource, index: int = 0) -> str:
+    """The text ``min_chars`` is measured on: the text field, the response, or the last assistant turn.
+
+    Raises:
+        DataError: a field holds a value of the wrong type.
+    """
+    if source.messages_field is not None:
+        for msg in reversed(_messages(record, source, index)):
+            if msg["role"] == "assistant":
+                return msg["content"]
+        return ""
+    if source.prompt_field is not None:
+        _as_text(record.get(source.prompt_field), source.prompt_field, source, index)
+        return _as_text(record.get(source.response_field), source.response_field, source, index)  # type: ignore[arg-type]
+    return _as_text(record.get(source.text_field), source.text_field, source, index)
+
+
+def chat_messages(record: Mapping, source: DataSource, index: int = 0) -> tuple[list[dict], list[dict]]:
+    """Split a chat record into ``(prompt_messages, full_messages)``; the last message of ``full`` is labelled.
+
+    ``full`` ends with the last assistant turn (later turns are dropped); ``prompt`` is everything before it.
+    Returns empty lists when the record has no assistant turn.
+    """
+    if source.messages_field is not None:
+        msgs = _messages(record, source, index)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return [], []
+        full = msgs[: last + 1]
+    else:
+        prompt = _as_text(record.get(source.prompt_field), source.prompt_field, source, index)  # type: ignore[arg-type]
+        response = _as_text(record.get(source.response_field), source.response_field, source, index)  # type: ignore[arg-type]
+        full = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if source.system_prompt is not None and full[0]["role"] != "system":
+        full = [{"role": "system", "content": source.system_prompt}, *full]
+    return full[:-1], full
+
+
+def _iter_rows(data: Any, lo: int, hi: int) -> Iterator[dict]:
+    if isinstance(data, list):
+        yield from data[lo:hi]
+        return
+    # Column batches are much faster than row-by-row access on a datasets.Dataset.
+    for batch in data.select(range(lo, hi)).iter(batch_size=1024):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]]) if keys else 0):
+            yield {k: batch[k][i] for k in keys}
+
+
+def load_records(source: Union[DataSource, Mapping, str]) -> list[dict]:
+    """Read a data source into a list of records (dicts with all of the source's fields).
+
+    Steps: read (hub, local file or folder, synthetic) → check the configured fields exist → ``select`` →
+    drop records whose text is shorter than ``min_chars`` (the count is logged as a warning) → ``limit``.
+
+    Args:
+        source: a :class:`DataSource`, a mapping of its fields, or a path.
+
+    Returns:
+        The records in source order.
+
+    Raises:
+        DataError: missing file, unreadable or malformed file (with the line number for JSON), missing field
+            (the message lists the fields that exist), no records left.
+        ConfigError: invalid source settings.
+    """
+    source = as_source(source)
+    parts = _read_raw(source)
+    for data, where in parts:
+        columns = (
+            list(data.column_names) if hasattr(data, "column_names") else sorted({k for r in data for k in r})
+        )
+        if len(data) == 0:
+            continue
+        _check_columns(columns, source, where)
+
+    total = sum(len(data) for data, _ in parts)
+    if total == 0:
+        raise DataError(f"data source {source.label()}: no records found")
+    keep = select_range(source.select, total, source.path)
+    if len(keep) == 0:
+        raise DataError(
+            f"data source {source.label()}: 'select' {source.select!r} keeps none of the {total} records"
+        )
+
+    records: list[dict] = []
+    dropped = 0
+    offset = 0
+    done = False
+    for data, _where in parts:
+        n = len(data)
+        lo, hi = max(keep.start - offset, 0), min(keep.stop - offset, n)
+        offset += n
+        if lo >= hi:
+            continue
+        for k, row in enumerate(_iter_rows(data, lo, hi)):
+            index = offset - n + lo + k
+            if len(source_text(row, source, index)) < source.min_chars:
+                dropped += 1
+                continue
+            records.append(dict(row))
+            if source.limit is not None and len(records) >= source.limit:
+                done = True
+                break
+        if done:
+            break
+    if dropped:
+        log.warning(
+            "data source %s: dropped %d of %d records whose text is shorter than min_chars=%d (field %s)",
+            source.label(),
+            dropped,
+            len(keep),
+            source.min_chars,
+            ", ".join(repr(f) for f in source.required_fields),
+        )
+    if not records:
+        raise DataError(
+            f"data source {source.label()}: no records left after filtering ({len(keep)} selected, {dropped} "
+            f"shorter than min_chars={source.min_chars})"
+        )
+    return records

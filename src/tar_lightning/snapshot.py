@@ -1,0 +1,81 @@
+"""Rank-local parameter snapshot/restore and the tamper-resistance gradient buffer.
+
+TAR attacks the live weights in place and restores them afterwards (cheaper in memory than a functional copy of
+the model). Both helpers work on the *local* storage of each parameter, so they serve plain tensors and FSDP2
+``DTensor`` shards alike: every rank saves and restores only its own shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradientBuffer", "ParameterSnapshot", "local_tensor"]
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The rank-local storage of ``t`` (the shard of a DTensor, or ``t`` itself)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+class ParameterSnapshot:
+    """A bit-exact copy of a list of parameters, restorable in place.
+
+    Args:
+        params: the parameters to save (their identity is kept: restore writes into the same tensors, so
+            optimizers holding references stay valid).
+        device: where to keep the copy (``None``: next to the parameter; ``"cpu"`` frees accelerator memory
+            for large models at the price of a host round trip per trajectory).
+    """
+
+    def __init__(self, params: Sequence[Tensor], device: str | torch.device | None = None) -> None:
+        self.params = list(params)
+        with torch.no_grad():
+            self.saved = [
+                local_tensor(p.detach()).to(device=device or p.device, copy=True) for p in self.params
+            ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the saved values back into the parameters (bit-exact)."""
+        torch._foreach_copy_([local_tensor(p.detach()) for p in self.params], self.saved)
+
+    @torch.no_grad()
+    def matches(self) -> bool:
+        """Whether every parameter currently equals its saved value bit for bit."""
+        return all(torch.equal(local_tensor(p.detach()), s.to(p.device)) for p, s in zip(self.params, self.saved))
+
+
+class GradientBuffer:
+    """Accumulates gradients of several backward passes that are interleaved with unrelated ones.
+
+    TAR sums tamper-resistance gradients taken at successive attacked weights while the adversary's own
+    backward passes run in between. Instead of copying ``.grad`` into a buffer after every TR backward, the
+    buffer's tensors are swapped *into* ``.grad`` before the backward (autograd then accumulates in place) and
+    swapped out after it: no extra copies, one gradient-sized buffer.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.grads: list[Tensor | None] = [None] * len(self.params)
+
+    def swap_in(self) -> None:
+        """Make the buffered gradients the parameters' ``.grad`` (to accumulate into them)."""
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+
+    def swap_out(self) -> None:
+        """Take the parameters' ``.grad`` back into the buffer and clear ``.grad``."""
+        for i, p in enumerate(self.params):
+            self.grads[i] = p.grad
+            p.grad = None
+
+    def norm(self) -> Tensor:
+        """The 2-norm of the buffered gradients (0 when empty)."""
+        grads = [g for g in self.grads if g is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -1,0 +1,291 @@
+"""``TARModule``: TAR's adversarial meta-training as a LightningModule with manual optimization.
+
+One training batch is one outer step (TAR_METHOD.md, "Stage 2")::
+
+    snapshot θ
+    for each trajectory:            sample an adversary, its LR and switch point (same on every rank)
+        for k in 0..K-1:            adversary update on its stream (fresh optimizer, never seen by Lightning)
+            every tr_every steps:   ∇ λ_TR·w_k/T·L_TR(θ'_k) accumulated into the TR buffer (first order)
+        restore θ (bit-exact)
+    ∇ λ_retain·L_retain(θ) added to the buffer; clip; one outer optimizer step (= one global_step)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tar_lightning.adversaries.config import sample_adversary
+from tar_lightning.adversaries.runner import AdversaryRun
+from tar_lightning.base_module import (
+    CausalLMModule,
+    ModelArg,
+    OptimizerFactory,
+    SchedulerFactory,
+    resolve_model,
+)
+from tar_lightning.errors import ConfigError
+from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
+from tar_lightning.models import ModelSource, frozen_copy
+from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot
+from tar_lightning.tar_config import TARConfig
+
+__all__ = ["TARModule", "micro_batch", "step_generator"]
+
+
+def micro_batch(stream: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+    """Micro-batch ``index`` of a stream bundle ``{key: [n, b, L]}``."""
+    return {key: value[index] for key, value in stream.items()}
+
+
+def step_generator(seed: int, step: int, trajectory: int) -> torch.Generator:
+    """The generator of every random choice of one trajectory: a pure function of its arguments, so all ranks
+    draw the same adversary/LR/switch point without communicating, and a resumed run draws what the
+    uninterrupted one did."""
+    state = np.random.SeedSequence([seed, step, trajectory]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TARModule(CausalLMModule):
+    """Tamper-resistant training (TAR stage 2) of a causal LM.
+
+    Args:
+        model: the model to make tamper-resistant (usually a stage-1 safeguarded checkpoint): a source string
+            (hub id, local HF folder, ``.gguf`` file, ``smollm2-135m-instruct``, ``tiny``), a
+            :class:`~tar_lightning.models.ModelSource`, or an ``nn.Module``.
+        config: TAR hyperparameters.
+        optimizer: builds the outer optimizer from the parameters; schedule-free AdamW (lr 2e-5, 32 warmup)
+            by default. Its ``train()``/``eval()`` modes, when it has them, are handled here.
+        lr_scheduler: optional outer LR schedule, stepped once per outer step.
+        reference_model: the frozen model of the representation retain term: ``None`` (a frozen copy of
+            ``model`` as given, when ``config.retain_representation``), a source, or a module.
+        tokenizer: the tokenizer (taken from the source when ``model`` is a source).
+
+    Batches are dicts of named streams, each ``{input_ids, attention_mask, labels}`` of shape ``[n, b, L]``
+    where n is what :meth:`stream_steps` asks for (:class:`~tar_lightning.data.TARDataModule` builds them).
+
+    Raises:
+        ConfigError: invalid config; ``Trainer(gradient_clip_val=...)``, ``accumulate_grad_batches > 1`` or
+            fp16 mixed precision (use ``config.clip_grad_norm``; accumulation is not supported; use bf16);
+            a batch lacking a stream the config needs.
+    """
+
+    def __init__(
+        self,
+        model: ModelArg,
+        config: Optional[TARConfig] = None,
+        optimizer: Optional[OptimizerFactory] = None,
+        lr_scheduler: Optional[SchedulerFactory] = None,
+        reference_model: Union[None, str, ModelSource, nn.Module] = None,
+        tokenizer: Any = None,
+    ) -> None:
+        cfg = (config if config is not None else TARConfig()).validate()
+        super().__init__(model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer)
+        self.automatic_optimization = False
+        self.config = cfg
+        self.reference_model: Optional[nn.Module] = None
+        if self.config.retain_representation:
+            if reference_model is None:
+                self.reference_model = frozen_copy(self.model)
+            else:
+                self.reference_model = frozen_copy(resolve_model(reference_model)[0])
+        self.save_hyperparameters(
+            {
+                "config": dataclasses.asdict(self.config),
+                "model_source": model if isinstance(model, str) else None,
+            }
+        )
+        self._tr_weights = self.config.tr_weights()
+        self._tr_points = set(self.config.tr_points())
+
+    # -- Lightning plumbing ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference_model is not None:
+            self.reference_model.eval()  # frozen: never in training mode (dropout off)
+        return self
+
+    def stream_steps(self) -> dict[str, int]:
+        """Micro-batches per outer step for each data stream (read by the data module)."""
+        return self.config.stream_steps()
+
+    def configure_callbacks(self):
+        # Lightning verifies Trainer settings against manual optimization right after attaching model callbacks;
+        # checking here lets us name the TAR-side replacement in the error instead of a generic message.
+        self._check_trainer()
+        return []
+
+    def _check_trainer(self) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if trainer.gradient_clip_val:
+            raise ConfigError(
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val}: TARModule clips the outer gradient itself; "
+                f"remove it from the Trainer and set model.config.clip_grad_norm={trainer.gradient_clip_val} instead"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: not supported with TARModule "
+                "(one batch is one outer step); raise the data module's batch_size instead"
+            )
+        if str(trainer.precision).startswith("16"):
+            raise ConfigError(
+                f"trainer.precision={trainer.precision!r}: fp16 needs a gradient scaler, which the nested adversary "
+                "optimizers cannot share; use 'bf16-mixed' or 'bf16-true'"
+            )
+
+    # -- losses -------------------------------------------------------------------------------------------
+
+    def tr_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The tamper-resistance loss at the current (attacked) weights, and a diagnostic to log."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if self.config.tr_loss == "max_entropy":
+            loss = max_entropy_loss(
+                out.logits, batch["attention_mask"], batch["labels"], positions=self.config.entropy_positions
+            )
+            return loss, -loss.detach()  # the entropy itself
+        loss = negative_ce_loss(out.logits, batch["labels"])
+        return loss, -loss.detach()  # the CE itself
+
+    def retain_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """λ-free retain loss at the current weights: CE (+ representation distance to the reference)."""
+        want_hidden = self.reference_model is not None
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=want_hidden,
+            use_cache=False,
+        )
+        ref_hidden = None
+        if want_hidden:
+            with torch.no_grad():
+                ref_hidden = self.reference_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=True,
+                    use_cache=False,
+                ).hidden_states
+        return retain_loss(
+            out.logits,
+            batch["labels"],
+            hidden_states=out.hidden_states if want_hidden else None,
+            ref_hidden_states=ref_hidden,
+            attention_mask=batch["attention_mask"],
+            representation_weight=self.config.representation_weight,
+            squared=self.config.representation_squared,
+        )
+
+    # -- the outer step -----------------------------------------------------------------------------------
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        for stream, n in self.stream_steps().items():
+            if stream not in batch:
+                raise ConfigError(
+                    f"batch has no stream {stream!r} (it has {sorted(batch)}); the TAR config needs "
+                    f"{sorted(self.stream_steps())}: configure it in the data module's streams"
+                )
+            have = batch[stream]["input_ids"].shape[0]
+            if have < n:
+                raise ConfigError(
+                    f"stream {stream!r} supplies {have} micro-batches per outer step, TAR needs {n} "
+                    f"(inner_steps × trajectories); let the data module read stream_steps() from the module"
+                )
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        cfg = self.config
+        self._check_batch(batch)
+        optimizer = self.optimizers()
+        params = self.trainable_parameters()
+        K, T = cfg.inner_steps, cfg.trajectories
+
+        snapshot = ParameterSnapshot(params, device=cfg.snapshot_device)
+        tr_grads = GradientBuffer(params)
+        # Per-step diagnostics stay on the device: no host sync inside the inner loop.
+        adv_losses = torch.zeros(K, device=self.device)
+        tr_losses = torch.zeros(len(self._tr_weights), device=self.device)
+        tr_diag = torch.zeros(len(self._tr_weights), device=self.device)
+        adv_lrs = []
+        for t in range(T):
+            gen = step_generator(cfg.seed, self.global_step, t)
+            adversary = cfg.adversaries[sample_adversary(cfg.adversaries, gen)]
+            lr = adversary.sample_lr(gen)
+            switch = adversary.switch_point(K, gen)
+            adv_lrs.append(lr)
+            tr_batch = micro_batch(batch[cfg.tr_stream], t)
+            with AdversaryRun(self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params) as run:
+                e = 0
+                for k in range(K):
+                    stream = run.stream_for_step(k)
+                    adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / T
+                    if k in self._tr_points:
+                        with run.base_gradients():
+                            tr_grads.swap_in()
+                            loss, diag = self.tr_loss(tr_batch)
+                            (loss * (cfg.tr_weight * self._tr_weights[e] / T)).backward()
+                            tr_grads.swap_out()
+                        tr_losses[e] += loss.detach().float() / T
+                        tr_diag[e] += diag.float() / T
+                        e += 1
+            snapshot.restore()
+        del snapshot
+
+        tr_norm = tr_grads.norm()
+        tr_grads.swap_in()
+        retain, parts = self.retain_objective(micro_batch(batch[cfg.retain_stream], 0))
+        (cfg.retain_weight * retain).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if cfg.clip_grad_norm is not None and grads:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+        self._log_step(retain.detach(), parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs)
+        return retain.detach()
+
+    def _log_step(self, retain, parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs) -> None:
+        diag_name = "entropy" if self.config.tr_loss == "max_entropy" else "tr_ce"
+        metrics = {
+            "train/retain_loss": retain,
+            "train/retain_ce": parts["ce"],
+            "train/adv_loss_first": adv_losses[0],
+            "train/adv_loss_last": adv_losses[-1],
+            "train/tr_loss": tr_losses.mean(),
+            f"train/{diag_name}_last": tr_diag[-1],
+            "train/grad_norm_tr": tr_norm,
+            "train/grad_norm": total_norm,
+            "train/adv_lr": torch.tensor(float(np.mean(adv_lrs))),
+        }
+        if "representation" in parts:
+            metrics["train/retain_representation"] = parts["representation"]
+        for k in range(len(adv_losses)):
+            metrics[f"train/adv_loss/k{k:03d}"] = adv_losses[k]
+        for e, k in enumerate(sorted(self._tr_points)):
+            metrics[f"train/tr_loss/k{k:03d}"] = tr_losses[e]
+            metrics[f"train/{diag_name}/k{k:03d}"] = tr_diag[e]
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log("retain", retain, prog_bar=True, on_step=True, logger=False)
+        self.log("tr", tr_losses.mean(), prog_bar=True, on_step=True, logger=False)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.reference_model is not None:
+            # The reference is a frozen copy: it is rebuilt at construction, never trained, never saved.
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("reference_model.")]:
+                del checkpoint["state_dict"][key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference_model is not None:
+            for name, value in self.reference_model.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"reference_model.{name}", value)
