@@ -67,6 +67,7 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = resolve_model(model, tokenizer)
+        self.model.train()  # loaders return eval-mode models; Lightning keeps whatever mode it finds
         self.optimizer_factory = optimizer or self.default_optimizer
         self.scheduler_factory = lr_scheduler
 

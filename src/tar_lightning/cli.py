@@ -55,6 +55,7 @@ def _export_main(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tar-lightning`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "export":
@@ -66,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        TARCLI(args=argv)
+        TARCLI(args=None if from_command_line else argv)
         return 0
     except TARLightningError as e:
         print(f"tar-lightning: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ One training batch is one outer step (TAR_METHOD.md, "Stage 2")::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -35,6 +36,10 @@ from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot
 from tar_lightning.tar_config import TARConfig
 
 __all__ = ["TARModule", "micro_batch", "step_generator"]
+
+# Lightning warns that checkpoints of manually optimized modules hold the weights after the optimizer step.
+# For TAR that is exactly right: at batch end the attacked weights are restored and the outer step is done.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def micro_batch(stream: dict[str, Tensor], index: int) -> dict[str, Tensor]:
@@ -87,12 +92,13 @@ class TARModule(CausalLMModule):
         super().__init__(model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer)
         self.automatic_optimization = False
         self.config = cfg
-        self.reference_model: Optional[nn.Module] = None
+        reference: Optional[nn.Module] = None
         if self.config.retain_representation:
-            if reference_model is None:
-                self.reference_model = frozen_copy(self.model)
-            else:
-                self.reference_model = frozen_copy(resolve_model(reference_model)[0])
+            source = self.model if reference_model is None else resolve_model(reference_model)[0]
+            reference = frozen_copy(source)
+        # Deliberately not a registered submodule: it is frozen, never trained, never checkpointed, and stays in
+        # eval mode whatever mode Lightning puts the module in. on_fit_start moves it next to the policy.
+        object.__setattr__(self, "reference_model", reference)
         self.save_hyperparameters(
             {
                 "config": dataclasses.asdict(self.config),
@@ -104,11 +110,10 @@ class TARModule(CausalLMModule):
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
-    def train(self, mode: bool = True):
-        super().train(mode)
+    def on_fit_start(self) -> None:
         if self.reference_model is not None:
-            self.reference_model.eval()  # frozen: never in training mode (dropout off)
-        return self
+            weight = next(self.model.parameters())
+            self.reference_model.to(device=weight.device, dtype=weight.dtype)
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per outer step for each data stream (read by the data module)."""
@@ -275,17 +280,3 @@ class TARModule(CausalLMModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log("retain", retain, prog_bar=True, on_step=True, logger=False)
         self.log("tr", tr_losses.mean(), prog_bar=True, on_step=True, logger=False)
-
-    # -- checkpoints --------------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.reference_model is not None:
-            # The reference is a frozen copy: it is rebuilt at construction, never trained, never saved.
-            for key in [k for k in checkpoint["state_dict"] if k.startswith("reference_model.")]:
-                del checkpoint["state_dict"][key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.reference_model is not None:
-            for name, value in self.reference_model.state_dict().items():
-                checkpoint["state_dict"].setdefault(f"reference_model.{name}", value)
