@@ -494,3 +494,92 @@ def test_gzipped_jsonl(tmp_path):
     with gzip.open(f, "wt", encoding="utf-8") as fh:
         fh.write('{"text": "zipped one"}\n{"text": "zipped two"}\n')
     assert [r["text"] for r in load_records(str(f))] == ["zipped one", "zipped two"]
+
+
+# --------------------------------------------------------------------------------------------- filter
+def _labelled(tmp_path) -> Path:
+    """A Pile-bio-like labelled corpus: 10 records, ``label`` true for the odd ones."""
+    f = tmp_path / "labelled.jsonl"
+    f.write_text(
+        "".join(
+            json.dumps({"txt_chunk": f"rec {i}", "label": i % 2 == 1, "topic": "bio"}) + "\n"
+            for i in range(10)
+        )
+    )
+    return f
+
+
+def test_filter_keeps_matching_records_and_logs_drops(tmp_path, caplog):
+    f = _labelled(tmp_path)
+    with caplog.at_level(logging.INFO, logger="tar_lightning.data"):
+        forget = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": True}))
+    assert [r["txt_chunk"] for r in forget] == [f"rec {i}" for i in (1, 3, 5, 7, 9)]
+    assert "kept 5 of 10" in caplog.text and "dropped 5" in caplog.text
+    retain = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": False}))
+    assert [r["txt_chunk"] for r in retain] == [f"rec {i}" for i in (0, 2, 4, 6, 8)]
+    # Several keys: all must match.
+    both = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": True, "topic": "bio"}))
+    assert len(both) == 5
+    # An empty filter keeps everything.
+    assert len(load_records(DataSource(str(f), text_field="txt_chunk", filter={}))) == 10
+
+
+def test_filter_applies_before_select_and_limit(tmp_path):
+    f = _labelled(tmp_path)
+    head = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": True}, select="0:80%"))
+    tail = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": True}, select="80%:"))
+    # 80% of the 5 matching records, not of the 10 read: the halves partition the forget records.
+    assert [r["txt_chunk"] for r in head] == ["rec 1", "rec 3", "rec 5", "rec 7"]
+    assert [r["txt_chunk"] for r in tail] == ["rec 9"]
+    limited = load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": False}, limit=2))
+    assert [r["txt_chunk"] for r in limited] == ["rec 0", "rec 2"]
+
+
+def test_filter_on_folders_and_synthetic_sources(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "a0", "k": 0}\n{"text": "a1", "k": 1}\n')
+    (tmp_path / "d" / "b.jsonl").write_text(
+        '{"text": "b0", "k": 0}\n{"text": "b1", "k": 1}\n{"text": "b2", "k": 1}\n'
+    )
+    got = load_records(DataSource(str(tmp_path / "d"), filter={"k": 1}, select="1:"))
+    assert [r["text"] for r in got] == ["b1", "b2"]
+    # Synthetic records are plain lists of dicts: the same filter path applies.
+    recs = load_records(DataSource("synthetic:forget", synthetic={"n": 20}))
+    value = recs[0]["text"]
+    assert [
+        r["text"]
+        for r in load_records(DataSource("synthetic:forget", synthetic={"n": 20}, filter={"text": value}))
+    ] == [r["text"] for r in recs if r["text"] == value]
+
+
+def test_filter_unknown_key_names_key_source_and_fields(tmp_path):
+    f = _labelled(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_records(DataSource(str(f), text_field="txt_chunk", filter={"lable": True}))
+    msg = str(info.value)
+    assert "'lable'" in msg and str(f) in msg
+    assert "available fields: ['label', 'topic', 'txt_chunk']" in msg
+
+
+def test_filter_matching_nothing_shows_values(tmp_path):
+    f = _labelled(tmp_path)
+    with pytest.raises(DataError, match="no record matches filter") as info:
+        load_records(DataSource(str(f), text_field="txt_chunk", filter={"label": "true"}))
+    assert "True" in str(info.value) and "False" in str(info.value)
+
+
+def test_filter_must_be_a_mapping_and_parses_from_yaml_mappings(tmp_path):
+    with pytest.raises(ConfigError, match="'filter' must be a mapping"):
+        DataSource("x.jsonl", filter=["label"])
+    with pytest.raises(ConfigError, match="'filter' keys"):
+        DataSource("x.jsonl", filter={"": 1})
+    f = _labelled(tmp_path)
+    dm = TARDataModule(
+        {"retain": {"path": str(f), "text_field": "txt_chunk", "filter": {"label": False}}},
+        tokenizer=tiny_tokenizer(),
+        stream_steps={"retain": 1},
+        batch_size=2,
+    )
+    dm.setup("fit")
+    assert len(dm.pools["retain"]) == 5
+    assert "filter={'label': False}" in DataSource(str(f), filter={"label": False}).label()

@@ -265,3 +265,27 @@ def test_missing_stream_is_a_clear_error():
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TARConfig(**kwargs).validate()
+
+
+@pytest.mark.slow
+def test_tar_step_on_the_real_smollm2_model():
+    """One outer step (K=2, LoRA and full adversaries) on the real pretrained SmolLM2-135M-Instruct."""
+    from tar_lightning.models import decoder_layer_class, load_model
+
+    model, tok = load_model("smollm2-135m-instruct")
+    assert decoder_layer_class(model).__name__ == "LlamaDecoderLayer"
+    names = [n for n, _ in model.named_parameters()]
+    cfg = TARConfig(
+        inner_steps=2,
+        tr_every=1,
+        retain_representation=True,
+        adversaries=[AdversaryConfig(name="full", lr=1e-5), AdversaryConfig(name="lora", method="lora", lr=1e-4)],
+    )
+    module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5), tokenizer=tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [random_bundle(len(tok), cfg.stream_steps(), batch=1, length=24, seed=s) for s in range(2)]
+    trainer = fit(module, batches)
+    assert trainer.global_step == 2
+    assert [n for n, _ in module.model.named_parameters()] == names
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in module.model.named_parameters())
+    assert torch.isfinite(trainer.callback_metrics["train/retain_loss"])

@@ -17,7 +17,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class TARCLI(LightningCLI):
-    """LightningCLI in subclass mode with OmegaConf interpolation (``${data.seq_len}``) in recipes.
+    """LightningCLI in subclass mode with OmegaConf interpolation (``${data.init_args.seq_len}``) in recipes,
+    resolved after every --config file and command-line override is merged (parser mode ``omegaconf+``).
 
     The model is any LightningModule (``class_path: tar_lightning.TARModule`` ...) and the data any
     LightningDataModule; the optimizer is the module's own ``optimizer`` argument, so the CLI adds none.
@@ -29,7 +30,7 @@ class TARCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
-        parser_kwargs.setdefault("parser_mode", "omegaconf")
+        parser_kwargs.setdefault("parser_mode", "omegaconf+")
         super().__init__(*args, **kwargs)
 
 
@@ -69,9 +70,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         TARCLI(args=None if from_command_line else argv)
         return 0
-    except TARLightningError as e:
-        print(f"tar-lightning: error: {e}", file=sys.stderr)
+    except (TARLightningError, ValueError) as e:
+        ours = _our_error(e)
+        if ours is None:
+            raise
+        print(f"tar-lightning: error: {ours}", file=sys.stderr)
         return 2
+
+
+def _our_error(exc: BaseException) -> Optional[TARLightningError]:
+    """Our own error behind ``exc``: jsonargparse wraps errors raised while instantiating a class."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TARLightningError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

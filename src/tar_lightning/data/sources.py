@@ -2,7 +2,8 @@
 
 One :class:`DataSource` names a hub dataset, a local file or folder (txt, json, jsonl, csv, parquet, optionally
 gzipped), or a built-in synthetic domain. :func:`load_records` reads it through ``datasets`` (one code path for
-hub ids and local files), applies ``select``, drops too-short records (logged) and applies ``limit``.
+hub ids and local files), keeps the records matching ``filter`` (logged), applies ``select``, drops too-short
+records (logged) and applies ``limit``.
 Every problem a user can cause is raised as :class:`~tar_lightning.errors.DataError` or
 :class:`~tar_lightning.errors.ConfigError` naming the file, field or value.
 """
@@ -51,8 +52,11 @@ class DataSource:
         messages_field: chat data: field holding a list of ``{"role", "content"}`` messages; only the last
             assistant turn is labelled.
         system_prompt: system message prepended to chat data (unless the messages already start with one).
-        select: slice of the records after loading, ``"start:stop"`` with integers or percentages
-            (``"0:80%"``, ``"80%:"``, ``"0:1000"``); used to split one corpus into disjoint parts.
+        filter: keep only the records whose fields equal these values, e.g. ``{"label": True}`` for the
+            forget half of a labelled corpus (Pile-bio). Applied right after reading, before ``select``, so
+            ``select`` percentages are shares of the matching records. The number dropped is logged.
+        select: slice of the records after loading (and ``filter``), ``"start:stop"`` with integers or
+            percentages (``"0:80%"``, ``"80%:"``, ``"0:1000"``); used to split one corpus into disjoint parts.
         limit: keep at most this many records (after ``select`` and filtering).
         min_chars: drop records whose text (the response for chat data) is shorter; the count is logged.
         synthetic: arguments of synthetic sources: ``n`` (records) and ``seed``.
@@ -66,6 +70,7 @@ class DataSource:
     response_field: Optional[str] = None
     messages_field: Optional[str] = None
     system_prompt: Optional[str] = None
+    filter: dict = field(default_factory=dict)
     select: Optional[str] = None
     limit: Optional[int] = None
     min_chars: int = 1
@@ -82,6 +87,16 @@ class DataSource:
         if self.messages_field is not None and self.prompt_field is not None:
             raise ConfigError(
                 f"data source {self.path!r}: set either 'messages_field' or 'prompt_field'/'response_field', not both"
+            )
+        if not isinstance(self.filter, Mapping):
+            raise ConfigError(
+                f"data source {self.path!r}: 'filter' must be a mapping of field name -> value, got {self.filter!r}"
+            )
+        self.filter = dict(self.filter)
+        bad_keys = [k for k in self.filter if not isinstance(k, str) or not k]
+        if bad_keys:
+            raise ConfigError(
+                f"data source {self.path!r}: 'filter' keys must be field names (non-empty strings), got {bad_keys}"
             )
         if self.select is not None:
             _parse_select(self.select, self.path)
@@ -134,6 +149,8 @@ class DataSource:
         parts = [repr(self.path)]
         if self.name:
             parts.append(f"name={self.name!r}")
+        if self.filter:
+            parts.append(f"filter={self.filter!r}")
         if self.select:
             parts.append(f"select={self.select!r}")
         return " ".join(parts)
@@ -465,6 +482,81 @@ def chat_messages(record: Mapping, source: DataSource, index: int = 0) -> tuple[
     return full[:-1], full
 
 
+def _columns(data: Any) -> list[str]:
+    if hasattr(data, "column_names"):
+        return list(data.column_names)
+    return sorted({k for r in data for k in r})
+
+
+def _matches(record: Mapping, wanted: Mapping) -> bool:
+    return all(k in record and record[k] == v for k, v in wanted.items())
+
+
+def _apply_filter(parts: list[tuple[Any, str]], source: DataSource) -> list[tuple[Any, str]]:
+    """Keep the records of every part whose fields equal ``source.filter``; logs how many were dropped.
+
+    Raises:
+        DataError: a filter key is not a field of the data, or no record matches.
+    """
+    wanted = source.filter
+    keys = list(wanted)
+    out: list[tuple[Any, str]] = []
+    total = kept = 0
+    seen: dict[str, list] = {k: [] for k in keys}
+    for data, where in parts:
+        if len(data) == 0:
+            out.append((data, where))
+            continue
+        columns = _columns(data)
+        missing = [k for k in keys if k not in columns]
+        if missing:
+            kind = "key" if len(missing) == 1 else "keys"
+            raise DataError(
+                f"data source {source.label()}: filter {kind} {', '.join(repr(m) for m in missing)} "
+                f"{'is not a field' if len(missing) == 1 else 'are not fields'} of {where}; "
+                f"available fields: {sorted(columns)}"
+            )
+        if isinstance(data, list):
+            rows: Iterator[Mapping] = iter(data)
+        else:
+            rows = (
+                {k: batch[k][i] for k in keys}
+                for batch in data.select_columns(keys).iter(batch_size=4096)
+                for i in range(len(batch[keys[0]]))
+            )
+        indices = []
+        for i, row in enumerate(rows):
+            if _matches(row, wanted):
+                indices.append(i)
+            else:
+                for k in keys:
+                    value = row.get(k)
+                    if len(seen[k]) < 5 and value not in seen[k]:
+                        seen[k].append(value)
+        total += len(data)
+        kept += len(indices)
+        if isinstance(data, list):
+            out.append(([data[i] for i in indices], where))
+        else:
+            out.append((data.select(indices), where))
+    dropped = total - kept
+    if total and not kept:
+        shown = "; ".join(f"{k!r} holds e.g. {seen[k]!r}" for k in keys)
+        raise DataError(
+            f"data source {source.label()}: no record matches filter {wanted!r} ({total} records read; "
+            f"{shown}). Values must equal the field's exactly (true/false, numbers and strings differ)"
+        )
+    log.info(
+        "data source %s: filter %r kept %d of %d records (dropped %d)",
+        source.label(),
+        wanted,
+        kept,
+        total,
+        dropped,
+    )
+    return out
+
+
 def _iter_rows(data: Any, lo: int, hi: int) -> Iterator[dict]:
     if isinstance(data, list):
         yield from data[lo:hi]
@@ -479,8 +571,9 @@ def _iter_rows(data: Any, lo: int, hi: int) -> Iterator[dict]:
 def load_records(source: Union[DataSource, Mapping, str]) -> list[dict]:
     """Read a data source into a list of records (dicts with all of the source's fields).
 
-    Steps: read (hub, local file or folder, synthetic) → check the configured fields exist → ``select`` →
-    drop records whose text is shorter than ``min_chars`` (the count is logged as a warning) → ``limit``.
+    Steps: read (hub, local file or folder, synthetic) → check the configured fields exist → ``filter`` (the
+    count dropped is logged) → ``select`` → drop records whose text is shorter than ``min_chars`` (the count is
+    logged as a warning) → ``limit``.
 
     Args:
         source: a :class:`DataSource`, a mapping of its fields, or a path.
@@ -490,18 +583,17 @@ def load_records(source: Union[DataSource, Mapping, str]) -> list[dict]:
 
     Raises:
         DataError: missing file, unreadable or malformed file (with the line number for JSON), missing field
-            (the message lists the fields that exist), no records left.
+            or filter key (the message lists the fields that exist), no records left.
         ConfigError: invalid source settings.
     """
     source = as_source(source)
     parts = _read_raw(source)
     for data, where in parts:
-        columns = (
-            list(data.column_names) if hasattr(data, "column_names") else sorted({k for r in data for k in r})
-        )
         if len(data) == 0:
             continue
-        _check_columns(columns, source, where)
+        _check_columns(_columns(data), source, where)
+    if source.filter:
+        parts = _apply_filter(parts, source)
 
     total = sum(len(data) for data, _ in parts)
     if total == 0:
