@@ -24,6 +24,7 @@ def make_trainer(**kw) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         max_steps=1,
+        log_every_n_steps=1,
     )
     defaults.update(kw)
     return L.Trainer(**defaults)
@@ -153,7 +154,7 @@ def test_every_parameter_changes_and_global_step_counts_outer_steps(tmp_path):
     assert trainer.global_step == 3
     unchanged = [n for n, p in module.model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert unchanged == []
-    metrics = trainer.callback_metrics
+    metrics = trainer.callback_metrics  # log_every_n_steps=1: the per-inner-step curves are logged every step
     for key in ("train/retain_loss", "train/tr_loss", "train/entropy_last", "train/adv_loss/k000",
                 "train/adv_loss/k003", "train/tr_loss/k001", "train/tr_loss/k003", "train/grad_norm_tr",
                 "train/grad_norm"):
