@@ -40,12 +40,16 @@ EXPECTED = {
 }
 
 
+#: red-team suites are plain YAML read by ``tar_lightning.evaluation.suite.load_suite``, not LightningCLI recipes
+SUITES = REPO / "recipes" / "redteam"
+
+
 def _yaml_files() -> list[Path]:
     return sorted(
         p
         for folder in ("recipes", "callbacks")
         for p in (REPO / folder).rglob("*")
-        if p.suffix in (".yaml", ".yml")
+        if p.suffix in (".yaml", ".yml") and SUITES not in p.parents
     )
 
 
