@@ -78,33 +78,33 @@ def test_outer_step_equals_first_order_hand_computation(inner_steps, tr_every):
     for k in range(inner_steps):
         grads = torch.autograd.grad(lm_ce(reference, micro(bundle, "forget", k)), params, allow_unused=True)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 if g is not None:
                     p -= adv_lr * g
         if (k + 1) % tr_every == 0:
             # scaled before differentiation, as the module does: the same maths, the same rounding order
             loss = lam_tr * (1.0 / n_eval) * -lm_ce(reference, micro(bundle, "tr", 0))
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(tr_grad, grads):
+            for acc, g in zip(tr_grad, grads, strict=True):
                 if g is not None:
                     acc += g
     with torch.no_grad():
-        for p, t0 in zip(params, theta0):
+        for p, t0 in zip(params, theta0, strict=True):
             p.copy_(t0)
     ret_grads = torch.autograd.grad(lam_ret * lm_ce(reference, micro(bundle, "retain", 0)), params, allow_unused=True)
     expected = []
-    for t0, gr, gt in zip(theta0, ret_grads, tr_grad):
+    for t0, gr, gt in zip(theta0, ret_grads, tr_grad, strict=True):
         gr = torch.zeros_like(t0) if gr is None else gr
         expected.append(t0 - outer_lr * (gr + gt))
 
     fit(module, [bundle])
     got = list(module.model.parameters())
     assert len(got) == len(expected)
-    for (name, _), g, e, t0 in zip(module.model.named_parameters(), got, expected, theta0):
+    for (name, _), g, e in zip(module.model.named_parameters(), got, expected, strict=True):
         # fp64 model, but HF's RMSNorm computes in fp32: so a few elements differ by ~1e-9 (updates are ~1e-2)
-        torch.testing.assert_close(g.detach(), e, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.detach(), e, rtol=1e-6, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
     # the update is not trivially zero
-    assert any(not torch.equal(g.detach(), t0) for g, t0 in zip(got, theta0))
+    assert any(not torch.equal(g.detach(), t0) for g, t0 in zip(got, theta0, strict=True))
 
 
 def test_exponential_weights_follow_the_paper():
@@ -129,10 +129,10 @@ def test_restore_is_bit_exact_after_an_attack():
         for k in range(3):
             run.step(micro(bundle, "forget", k))
     assert not snap.matches()
-    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
     snap.restore()
     assert snap.matches()
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
 def test_outer_step_with_zero_lr_leaves_weights_bit_identical():
@@ -141,7 +141,7 @@ def test_outer_step_with_zero_lr_leaves_weights_bit_identical():
     cfg = TARConfig(inner_steps=4, tr_every=2, adversaries=[AdversaryConfig(lr=[1e-2, 3e-2])])
     module = TARModule(model, cfg, optimizer=lambda p: torch.optim.SGD(p, lr=0.0), tokenizer=tok)
     fit(module, [random_bundle(len(tok), cfg.stream_steps(), seed=s) for s in range(2)])
-    assert all(torch.equal(p, b) for p, b in zip(module.model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(module.model.parameters(), before, strict=True))
 
 
 def test_every_parameter_changes_and_global_step_counts_outer_steps(tmp_path):
@@ -216,7 +216,7 @@ def test_tar_step_on_each_architecture(arch):
     module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), tokenizer=tok)
     trainer = fit(module, [random_bundle(len(tok), cfg.stream_steps(), seed=0)])
     assert trainer.global_step == 1
-    assert all(not torch.equal(p.detach(), b) for p, b in zip(module.model.parameters(), before))
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(module.model.parameters(), before, strict=True))
     assert "train/retain_representation" in trainer.callback_metrics
 
 

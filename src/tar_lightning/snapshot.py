@@ -46,7 +46,7 @@ class ParameterSnapshot:
     @torch.no_grad()
     def matches(self) -> bool:
         """Whether every parameter currently equals its saved value bit for bit."""
-        return all(torch.equal(local_tensor(p.detach()), s.to(p.device)) for p, s in zip(self.params, self.saved))
+        return all(torch.equal(local_tensor(p.detach()), s.to(p.device)) for p, s in zip(self.params, self.saved, strict=True))
 
 
 class GradientBuffer:
@@ -64,7 +64,7 @@ class GradientBuffer:
 
     def swap_in(self) -> None:
         """Make the buffered gradients the parameters' ``.grad`` (to accumulate into them)."""
-        for p, g in zip(self.params, self.grads):
+        for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g
 
     def swap_out(self) -> None:
