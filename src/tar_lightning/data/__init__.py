@@ -7,6 +7,16 @@ from tar_lightning.data.datamodule import (
     ValDataset,
     stream_permutation,
 )
+from tar_lightning.data.knowledge import (
+    KNOWLEDGE_MCQ_SPLITS,
+    KNOWLEDGE_SPLITS,
+    KnowledgeWorld,
+    build_world,
+    knowledge_mcq,
+    knowledge_records,
+    write_mcq_files,
+    write_mcq_json,
+)
 from tar_lightning.data.sources import DataSource, as_source, load_records, select_range
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records, synthetic_texts
 from tar_lightning.data.tokenize import (
@@ -19,15 +29,21 @@ from tar_lightning.data.tokenize import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "KNOWLEDGE_MCQ_SPLITS",
+    "KNOWLEDGE_SPLITS",
     "SYNTHETIC_DOMAINS",
     "DataSource",
+    "KnowledgeWorld",
     "StepDataset",
     "StepSampler",
     "TARDataModule",
     "TokenPool",
     "ValDataset",
     "as_source",
+    "build_world",
     "check_tokenizer",
+    "knowledge_mcq",
+    "knowledge_records",
     "load_records",
     "select_range",
     "stream_permutation",
@@ -35,4 +51,6 @@ __all__ = [
     "synthetic_texts",
     "tokenize_records",
     "tokenize_source",
+    "write_mcq_files",
+    "write_mcq_json",
 ]

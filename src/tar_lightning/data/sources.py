@@ -1,7 +1,8 @@
 """Data sources: where a stream's records come from, and reading them into plain Python records.
 
 One :class:`DataSource` names a hub dataset, a local file or folder (txt, json, jsonl, csv, parquet, optionally
-gzipped), or a built-in synthetic domain. :func:`load_records` reads it through ``datasets`` (one code path for
+gzipped), a built-in synthetic domain, or a split of the invented knowledge world
+(:mod:`tar_lightning.data.knowledge`). :func:`load_records` reads it through ``datasets`` (one code path for
 hub ids and local files), keeps the records matching ``filter`` (logged), applies ``select``, drops too-short
 records (logged) and applies ``limit``.
 Every problem a user can cause is raised as :class:`~tar_lightning.errors.DataError` or
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from tar_lightning.data.knowledge import KNOWLEDGE_SPLITS, check_world_kwargs, knowledge_records
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records
 from tar_lightning.errors import ConfigError, DataError
 
@@ -30,6 +32,7 @@ __all__ = ["DataSource", "as_source", "load_records", "select_range", "source_te
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
+KNOWLEDGE_PREFIX = "knowledge:"
 _FORMATS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _SYNTHETIC_KEYS = ("n", "seed")
 _SELECT_RE = re.compile(r"^\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*:\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*$")
@@ -42,7 +45,10 @@ class DataSource:
     Attributes:
         path: a hub dataset id (read with ``datasets.load_dataset``), a local ``.txt``/``.json``/``.jsonl``/
             ``.csv``/``.parquet`` file (``.gz`` allowed except for parquet), a local folder of such files, or
-            ``"synthetic:<domain>"`` (see :mod:`tar_lightning.data.synthetic`).
+            ``"synthetic:<domain>"`` (see :mod:`tar_lightning.data.synthetic`), or ``"knowledge:<split>"`` (a text
+            split of the invented knowledge world, see :mod:`tar_lightning.data.knowledge`; its records also
+            carry ``prompt``/``response``/``answer``/``answer_start``/``answer_end`` and ``entity``/``attribute``/
+            ``group`` fields usable in ``filter``).
         split: split of a hub dataset (local files have a single split).
         name: hub config name (e.g. ``"wikitext-2-raw-v1"``).
         text_field: field holding plain text.
@@ -60,6 +66,8 @@ class DataSource:
         limit: keep at most this many records (after ``select`` and filtering).
         min_chars: drop records whose text (the response for chat data) is shorter; the count is logged.
         synthetic: arguments of synthetic sources: ``n`` (records) and ``seed``.
+        knowledge: arguments of knowledge sources: :func:`~tar_lightning.data.knowledge.build_world`'s
+            (``n_forget``, ``n_retain``, ``n_forget_A``, ``n_values``, ``n_heldout``, ``seed``, ...).
     """
 
     path: str
@@ -75,6 +83,7 @@ class DataSource:
     limit: Optional[int] = None
     min_chars: int = 1
     synthetic: dict = field(default_factory=dict)
+    knowledge: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -126,10 +135,34 @@ class DataSource:
                     f"data source {self.path!r}: unknown synthetic domain {domain!r}; expected one of "
                     f"{[SYNTHETIC_PREFIX + d for d in SYNTHETIC_DOMAINS]}"
                 )
+        if not isinstance(self.knowledge, Mapping):
+            raise ConfigError(
+                f"data source {self.path!r}: 'knowledge' must be a mapping, got {self.knowledge!r}"
+            )
+        self.knowledge = dict(self.knowledge)
+        if self.is_knowledge:
+            split = self.path[len(KNOWLEDGE_PREFIX) :]
+            if split not in KNOWLEDGE_SPLITS:
+                raise ConfigError(
+                    f"data source {self.path!r}: unknown knowledge split {split!r}; expected one of "
+                    f"{[KNOWLEDGE_PREFIX + s for s in KNOWLEDGE_SPLITS]}"
+                )
+            try:
+                check_world_kwargs(self.knowledge)
+            except ConfigError as e:
+                raise ConfigError(f"data source {self.path!r}: 'knowledge': {e}") from None
+        elif self.knowledge:
+            raise ConfigError(
+                f"data source {self.path!r}: 'knowledge' arguments are only used by 'knowledge:<split>' sources"
+            )
 
     @property
     def is_synthetic(self) -> bool:
         return self.path.startswith(SYNTHETIC_PREFIX)
+
+    @property
+    def is_knowledge(self) -> bool:
+        return self.path.startswith(KNOWLEDGE_PREFIX)
 
     @property
     def is_chat(self) -> bool:
@@ -379,6 +412,9 @@ def _read_raw(source: DataSource) -> list[tuple[Any, str]]:
         domain = source.path[len(SYNTHETIC_PREFIX) :]
         args = {"n": 256, "seed": 0, **dict(source.synthetic)}
         return [(synthetic_records(domain, n=args["n"], seed=args["seed"]), source.path)]
+    if source.is_knowledge:
+        split = source.path[len(KNOWLEDGE_PREFIX) :]
+        return [(knowledge_records(split, **source.knowledge), source.path)]
 
     local = Path(os.path.expanduser(source.path))
     if local.exists():
