@@ -322,3 +322,41 @@ def test_datasource_validation():
         DataSource("synthetic:retain", knowledge={"seed": 1})
     with pytest.raises(ConfigError, match="mapping"):
         DataSource("knowledge:retain", knowledge=[1])
+
+
+def test_label_span_labels_only_the_answer_tokens():
+    """DataSource.label_span restricts labels to a fact's answer (TAR's entropy at label positions)."""
+    from tar_lightning.data import DataSource
+    from tar_lightning.data.tokenize import tokenize_source
+    from tar_lightning.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    source = DataSource(
+        path="knowledge:forget_A",
+        knowledge={"n_forget": 8, "n_retain": 4},
+        label_span=["answer_start", "answer_end"],
+        limit=20,
+    )
+    from tar_lightning.data import load_records
+
+    records = load_records(source)
+    examples = tokenize_source(source, tok, seq_len=64)
+    assert len(examples) == len(records)
+    for record, ex in zip(records, examples, strict=True):
+        labelled = [t for t in ex["labels"] if t != -100]
+        assert labelled, record["text"]
+        assert tok.decode(labelled).strip() == record["answer"].strip()
+        # labels sit where the ids are, the rest is ignored
+        assert all(label in (-100, i) for label, i in zip(ex["labels"], ex["input_ids"], strict=True))
+
+
+def test_label_span_bad_settings_are_clear_errors():
+    import pytest
+
+    from tar_lightning import ConfigError
+    from tar_lightning.data import DataSource
+
+    with pytest.raises(ConfigError, match="label_span"):
+        DataSource(path="knowledge:forget_A", label_span=["answer_start"])
+    with pytest.raises(ConfigError, match="label_span"):
+        DataSource(path="x.jsonl", prompt_field="p", response_field="r", label_span=["a", "b"])

@@ -84,6 +84,7 @@ class DataSource:
     min_chars: int = 1
     synthetic: dict = field(default_factory=dict)
     knowledge: dict = field(default_factory=dict)
+    label_span: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -93,6 +94,22 @@ class DataSource:
                 f"data source {self.path!r}: 'prompt_field' and 'response_field' must be set together "
                 f"(got prompt_field={self.prompt_field!r}, response_field={self.response_field!r})"
             )
+        if self.label_span is not None:
+            if (
+                not isinstance(self.label_span, (list, tuple))
+                or len(self.label_span) != 2
+                or not all(isinstance(k, str) and k for k in self.label_span)
+            ):
+                raise ConfigError(
+                    f"data source {self.path!r}: 'label_span' must name two fields holding the start and end "
+                    f"character offsets of the labelled span, e.g. [answer_start, answer_end]; got {self.label_span!r}"
+                )
+            if self.prompt_field is not None or self.messages_field is not None:
+                raise ConfigError(
+                    f"data source {self.path!r}: 'label_span' applies to plain text; chat data already labels "
+                    "only the response"
+                )
+            self.label_span = list(self.label_span)
         if self.messages_field is not None and self.prompt_field is not None:
             raise ConfigError(
                 f"data source {self.path!r}: set either 'messages_field' or 'prompt_field'/'response_field', not both"

@@ -68,12 +68,33 @@ def _render(
     return text
 
 
+def _span_labels(records, source, tokenizer, texts, seq_len) -> list[list[int]]:
+    """Token ids whose label is kept only where the token overlaps the record's labelled character span."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"data source {source.label()}: 'label_span' needs a fast tokenizer (offset mapping)")
+    start_key, end_key = source.label_span
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=seq_len,
+                    return_offsets_mapping=True)
+    out = []
+    for i, (record, offsets) in enumerate(zip(records, enc["offset_mapping"], strict=True)):
+        try:
+            lo, hi = int(record[start_key]), int(record[end_key])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"data source {source.label()}: record {i}: 'label_span' fields {source.label_span} must hold "
+                f"integer character offsets ({type(e).__name__}: {e})"
+            ) from e
+        out.append([1 if (b > lo and a < hi and b > a) else 0 for a, b in offsets])
+    return out
+
+
 def _tokenize_plain(records, source, tokenizer, seq_len, add_eos) -> tuple[list[dict], int]:
     texts = [source_text(r, source, i) for i, r in enumerate(records)]
     ids_list = _encode(tokenizer, texts, add_special_tokens=True, truncation=True, max_length=seq_len)
+    keep = _span_labels(records, source, tokenizer, texts, seq_len) if source.label_span else None
     eos = tokenizer.eos_token_id
     examples, short = [], 0
-    for ids in ids_list:
+    for i, ids in enumerate(ids_list):
         ids = list(ids)
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
@@ -81,7 +102,16 @@ def _tokenize_plain(records, source, tokenizer, seq_len, add_eos) -> tuple[list[
         if len(ids) < 2:
             short += 1  # a single token has no next-token target
             continue
-        examples.append({"input_ids": ids, "labels": list(ids)})
+        if keep is None:
+            labels = list(ids)
+        else:
+            # only the span's tokens are targets (e.g. a fact's answer); the appended EOS is not
+            mask = keep[i] + [0] * (len(ids) - len(keep[i]))
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=False)]
+            if all(t == IGNORE_INDEX for t in labels):
+                short += 1
+                continue
+        examples.append({"input_ids": ids, "labels": labels})
     return examples, short
 
 
