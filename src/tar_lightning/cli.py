@@ -1,4 +1,4 @@
-"""The ``tar-lightning`` command: ``fit | validate | test`` through LightningCLI, plus ``export``."""
+"""The ``tar-lightning`` command: ``fit | validate | test`` through LightningCLI, plus ``export``, ``evaluate`` and ``redteam``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tar_lightning.errors import TARLightningError
 __all__ = ["TARCLI", "main"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EXTRA_SUBCOMMANDS = ("export", "evaluate", "redteam")
 
 
 class TARCLI(LightningCLI):
@@ -61,10 +62,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "export":
             return _export_main(argv[1:])
+        if argv and argv[0] == "evaluate":
+            from tar_lightning.evaluation.evaluate_cli import evaluate_main
+
+            return evaluate_main(argv[1:])
+        if argv and argv[0] == "redteam":
+            from tar_lightning.evaluation.redteam_cli import redteam_main
+
+            return redteam_main(argv[1:])
         if argv and argv[0] not in LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
             print(
                 f"tar-lightning: unknown command {argv[0]!r}; expected one of "
-                f"{', '.join(LIGHTNING_SUBCOMMANDS + ('export',))}",
+                f"{', '.join(LIGHTNING_SUBCOMMANDS + EXTRA_SUBCOMMANDS)}",
                 file=sys.stderr,
             )
             return 2

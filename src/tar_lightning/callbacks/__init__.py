@@ -1,5 +1,6 @@
 """Callbacks: they observe and control training, never change gradients."""
 
 from tar_lightning.callbacks.retain_monitor import RetainLossMonitor
+from tar_lightning.callbacks.tamper_probe import TamperProbe
 
-__all__ = ["RetainLossMonitor"]
+__all__ = ["RetainLossMonitor", "TamperProbe"]
