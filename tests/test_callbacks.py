@@ -118,3 +118,42 @@ def test_random_mapping_module_lowers_its_objective():
     # the table is fixed: the same seed gives the same table in a new module
     again = RandomMappingModule(tiny_llama()[0], tokenizer=tok)
     assert torch.equal(again.table, module.table)
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "wmdp").is_dir(), reason="../shared/data (WMDP questions) is not beside the repo")
+def test_mcq_validation_inside_tar_validation(tmp_path):
+    from tar_lightning import AdversaryConfig, DataSource, TARConfig, TARDataModule, TARModule
+    from tar_lightning.callbacks import MCQValidation
+    from tar_lightning.evaluation.mcq import load_mcq, score_mcq
+
+    cfg = TARConfig(inner_steps=2, tr_every=1, adversaries=[AdversaryConfig(lr=1e-3)])
+    module = TARModule("tiny-llama", cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    forget = {"path": "synthetic:forget", "synthetic": {"n": 64, "seed": 1}}
+    data = TARDataModule(
+        streams={"retain": DataSource("synthetic:retain", synthetic={"n": 64}),
+                 "forget": DataSource(**forget, select="0:80%"), "tr": DataSource(**forget, select="80%:")},
+        val_streams={"tr_heldout": DataSource(**forget, select="80%:", limit=8)},
+        seq_len=48, batch_size=2,
+    )
+    probe = MCQValidation(tasks={"forget": str(SHARED / "wmdp" / "wmdp-bio-questions.json")}, limit=6)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[probe], default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    metrics = trainer.callback_metrics
+    assert "val/tr_heldout/loss" in metrics and "val/tr_heldout/entropy" in metrics
+    items = load_mcq(SHARED / "wmdp" / "wmdp-bio-questions.json", limit=6)
+    expected = score_mcq(module.model, module.tokenizer, items).accuracy
+    assert float(metrics["val/mcq/forget/accuracy"]) == pytest.approx(expected)
+
+
+def test_mcq_validation_bad_task_is_a_clear_error():
+    from tar_lightning.callbacks import MCQValidation
+
+    with pytest.raises(ConfigError, match="no_such_task"):
+        MCQValidation(tasks={"forget": "no_such_task"})._load()
+    with pytest.raises(ConfigError, match="variant"):
+        MCQValidation(tasks={"forget": "wmdp_bio"}, variant="logits")

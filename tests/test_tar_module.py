@@ -290,3 +290,32 @@ def test_tar_step_on_the_real_smollm2_model():
     assert [n for n, _ in module.model.named_parameters()] == names
     assert all(not torch.equal(p.detach(), before[n]) for n, p in module.model.named_parameters())
     assert torch.isfinite(trainer.callback_metrics["train/retain_loss"])
+
+
+def test_schedule_free_modes_around_validation_inside_fit(tmp_path):
+    """Validation mid-fit moves a schedule-free optimizer to its evaluation point and back before the next step."""
+    from tar_lightning import DataSource, TARDataModule
+
+    cfg = TARConfig(inner_steps=1, tr_every=1, adversaries=[AdversaryConfig(lr=1e-3)])
+    module = TARModule("tiny-llama", cfg)  # default outer optimizer: schedule-free AdamW
+    seen = []
+
+    class Spy(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.append(("val", trainer.optimizers[0].param_groups[0]["train_mode"]))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(("train", trainer.optimizers[0].param_groups[0]["train_mode"]))
+
+    src = {"path": "synthetic:forget", "synthetic": {"n": 32}}
+    data = TARDataModule(
+        streams={"retain": DataSource("synthetic:retain", synthetic={"n": 32}), "forget": DataSource(**src),
+                 "tr": DataSource(**src)},
+        val_streams={"heldout": DataSource(**src, limit=4)}, seq_len=32, batch_size=2,
+    )
+    trainer = make_trainer(max_steps=3, val_check_interval=1, num_sanity_val_steps=0, callbacks=[Spy()],
+                           default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert trainer.global_step == 3
+    assert [mode for kind, mode in seen if kind == "train"] == [True, True, True]
+    assert [mode for kind, mode in seen if kind == "val"] == [False, False, False, False, False, False]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch import Tensor, nn
 
@@ -104,7 +105,8 @@ class CausalLMModule(L.LightningModule):
         self._set_optimizer_mode(train=False)
 
     def on_validation_end(self) -> None:
-        if self.trainer.training:
+        # Validation inside fit() (trainer.training is False here): back to the training point before the next step.
+        if self.trainer.state.fn == TrainerFn.FITTING:
             self._set_optimizer_mode(train=True)
 
     # -- validation: held-out LM loss and predictive entropy per validation stream ----------------------------
