@@ -319,3 +319,22 @@ def test_schedule_free_modes_around_validation_inside_fit(tmp_path):
     assert trainer.global_step == 3
     assert [mode for kind, mode in seen if kind == "train"] == [True, True, True]
     assert [mode for kind, mode in seen if kind == "val"] == [False, False, False, False, False, False]
+
+
+def test_lora_adapter_init_follows_the_run_seed_not_the_global_rng():
+    """Data-parallel ranks must start identical adapters: the init depends on the run's seed only."""
+    adv = AdversaryConfig(name="lora", method="lora", lr=1e-3, lora={"rank": 4})
+
+    def adapters(global_seed, run_seed):
+        model, _ = tiny_llama()
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        run = AdversaryRun(model, adv, lr=1e-3, steps=1, seed=run_seed)
+        weights = [p.detach().clone() for p in run.trainable]
+        assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+        run.close()
+        return weights
+
+    a, b, c = adapters(1, 7), adapters(2, 7), adapters(1, 8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c, strict=True))

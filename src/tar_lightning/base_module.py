@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from tar_lightning.errors import ConfigError

@@ -33,6 +33,7 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.models import ModelSource, frozen_copy
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot
+from tar_lightning.strategy import average_gradients, check_strategy, data_parallel_world_size
 from tar_lightning.tar_config import TARConfig
 
 __all__ = ["TARModule", "micro_batch", "step_generator"]
@@ -129,6 +130,7 @@ class TARModule(CausalLMModule):
         trainer = self._trainer
         if trainer is None:
             return
+        check_strategy(trainer.strategy)
         if trainer.gradient_clip_val:
             raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: TARModule clips the outer gradient itself; "
@@ -208,6 +210,9 @@ class TARModule(CausalLMModule):
         optimizer = self.optimizers()
         params = self.trainable_parameters()
         K, T = cfg.inner_steps, cfg.trajectories
+        # Under DDP the wrapper's reducer is never armed (self.model is called directly, no manual_backward):
+        # gradients are averaged here, so every rank takes the same adversary and outer steps.
+        distributed = data_parallel_world_size() > 1
 
         snapshot = ParameterSnapshot(params, device=cfg.snapshot_device)
         tr_grads = GradientBuffer(params)
@@ -223,7 +228,14 @@ class TARModule(CausalLMModule):
             switch = adversary.switch_point(K, gen)
             adv_lrs.append(lr)
             tr_batch = micro_batch(batch[cfg.tr_stream], t)
-            with AdversaryRun(self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params) as run:
+            init_seed = int(torch.randint(2**62, (1,), generator=gen))  # LoRA adapters: same on every rank
+            with AdversaryRun(
+                self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params, seed=init_seed
+            ) as run:
+                if distributed:
+                    run.optimizer.register_step_pre_hook(
+                        lambda opt, args, kwargs, run=run: average_gradients([p.grad for p in run.trainable])
+                    )
                 e = 0
                 for k in range(K):
                     stream = run.stream_for_step(k)
@@ -241,10 +253,20 @@ class TARModule(CausalLMModule):
         del snapshot
 
         detailed = self._detailed_logging_step()
+        if distributed:
+            average_gradients(tr_grads.grads)
         tr_norm = tr_grads.norm() if detailed else None
-        tr_grads.swap_in()
         retain, parts = self.retain_objective(micro_batch(batch[cfg.retain_stream], 0))
-        (cfg.retain_weight * retain).backward()
+        if not distributed:
+            tr_grads.swap_in()
+            (cfg.retain_weight * retain).backward()
+        else:  # average the retain gradient alone, then add the (already averaged) TR buffer
+            (cfg.retain_weight * retain).backward()
+            average_gradients([p.grad for p in params])
+            with torch.no_grad():
+                for p, g in zip(params, tr_grads.grads, strict=True):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad.add_(g)
         total_norm = None
         if cfg.clip_grad_norm is not None or detailed:
             grads = [p.grad for p in params if p.grad is not None]

@@ -52,6 +52,8 @@ class AdversaryRun:
         switch_point: for retain→forget adversaries, the first step that uses the adversary's own data.
         loss_fn: ``(model, batch) -> loss``; next-token CE by default.
         params: the parameters a full-parameter adversary trains (default: all that require grad).
+        seed: seeds the LoRA adapters' initialisation (without touching the global RNG), so every rank of a
+            data-parallel run starts the same adapters; ``None`` draws from the global RNG.
 
     Raises:
         ConfigError: LoRA requested without peft installed, or LoRA targets matching no module.
@@ -67,6 +69,7 @@ class AdversaryRun:
         switch_point: Optional[int] = None,
         loss_fn: LossFn = lm_loss,
         params: Optional[list[nn.Parameter]] = None,
+        seed: Optional[int] = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -75,6 +78,7 @@ class AdversaryRun:
         self.switch_point = switch_point
         self.loss_fn = loss_fn
         self.steps_done = 0
+        self.seed = seed
         self._lora_model = None
         self._frozen_flags: list[tuple[nn.Parameter, bool]] = []
         if config.method == "lora":
@@ -100,12 +104,19 @@ class AdversaryRun:
             r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets, bias="none"
         )
         try:
-            self._lora_model = LoraModel(self.model, lora_cfg, LORA_ADAPTER_NAME)
+            with contextlib.ExitStack() as stack:
+                if self.seed is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=self._devices()))
+                    torch.manual_seed(self.seed)
+                self._lora_model = LoraModel(self.model, lora_cfg, LORA_ADAPTER_NAME)
         except ValueError as e:
             raise ConfigError(
                 f"adversary {self.config.name!r}: LoRA targets {spec.targets!r} cannot be applied: {e}"
             ) from e
         return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    def _devices(self) -> list[int]:
+        return sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
 
     @contextlib.contextmanager
     def base_gradients(self) -> Iterator[None]:

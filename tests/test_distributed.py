@@ -1,0 +1,59 @@
+"""TAR under DDP (gloo, 2 CPU processes) equals one process with the global batch.
+
+The multi-process runs are subprocesses of a standalone script (under pytest, Lightning's ``ddp`` would re-launch
+the whole pytest command for rank 1), each with its own free MASTER_PORT.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "tar_ddp_equivalence.py"
+
+# fp32, 3 outer steps of 2 trajectories × 2 adversary steps, global batch 4 of equal-length unpadded sequences.
+# Measured max |Δθ| between 1 and 2 processes: ~7e-9 with an SGD outer step, ~8e-6 with AdamW (Adam divides by
+# √v, which amplifies reduction-order noise on parameters with tiny gradients); weights move ~1e-2.
+TOLERANCE = {"sgd": 1e-6, "adamw": 5e-5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(devices: int, out: Path, outer: str) -> tuple[list[dict], list[list[float]]]:
+    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
+        env.pop(key, None)
+    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--global-batch", "4", "--steps", "3",
+           "--outer", outer, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    params = [torch.load(out / f"params.rank{r}.pt") for r in range(devices)]
+    norms = [json.loads((out / f"norms.rank{r}.json").read_text()) for r in range(devices)]
+    return params, norms
+
+
+@pytest.mark.parametrize("outer", ["sgd", "adamw"])
+def test_ddp_two_processes_equal_one_process(tmp_path, outer):
+    (single,), (single_norms,) = run_script(1, tmp_path / "one", outer)
+    (rank0, rank1), (norms0, norms1) = run_script(2, tmp_path / "two", outer)
+
+    # the attacked and outer-updated weights stay bit-identical on every rank
+    assert rank0.keys() == rank1.keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    # the clip norm every rank logs is the global one
+    assert norms0 == norms1
+    assert len(norms0) == 3
+    assert norms0 == pytest.approx(single_norms, rel=1e-5)
+    # and equals one process with the global batch up to float reduction order
+    diff = max((single[k] - rank0[k]).abs().max().item() for k in single)
+    assert diff < TOLERANCE[outer], diff
