@@ -582,3 +582,40 @@ def test_smollm2_wmdp_bio_letter_and_cloze():
         f"histogram {letter.pred_histogram}; [:8] cloze acc {cloze.accuracy:.3f} acc_norm {cloze.acc_norm:.3f} "
         f"histogram {cloze.pred_histogram}"
     )
+
+
+# ------------------------------------------------------------------------------------------------ raw variant
+
+
+def test_raw_variant_scoring_hand_check(tiny):
+    """The 'raw' variant (knowledge-world MCQs): bare stem as context, ' {choice}' continuations, summed log-prob,
+    checked against an independent token-by-token computation."""
+    from tar_lightning.data.knowledge import mcq_forget_B
+
+    model, tok = tiny
+    records = mcq_forget_B(n_forget=8, n_retain=4, seed=3)[:5]
+    items = [MCQItem(r["question"], list(r["choices"]), r["answer"], r["subject"]) for r in records]
+    item = items[0]
+    assert format_context(item, variant="raw") == item.question  # no wrapper at all
+    assert format_context(item, variant="raw", system_prompt="Sys") == "Sys\n\n" + item.question
+    assert continuations(item, "raw") == [" " + c for c in item.choices]
+    with pytest.raises(ConfigError):
+        format_context(item, variant="raw", chat_template=True, tokenizer=tok)
+    res = score_mcq(model, tok, items, variant="raw", batch_size=3)
+    assert res.variant == "raw" and res.acc_norm is None and res.n == 5
+    correct = 0
+    with torch.no_grad():
+        for it, rec in zip(items, res.records, strict=True):
+            ctx_ids = tok(it.question, add_special_tokens=False)["input_ids"]
+            want = []
+            for c in it.choices:
+                whole = tok(it.question + " " + c, add_special_tokens=False)["input_ids"]
+                assert whole[: len(ctx_ids)] == ctx_ids
+                cont = whole[len(ctx_ids) :]
+                lp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+                want.append(sum(float(lp[len(ctx_ids) - 1 + k, t]) for k, t in enumerate(cont)))
+            assert rec["scores"] == pytest.approx(want, rel=1e-5, abs=1e-4)
+            pred = max(range(len(want)), key=lambda i: (want[i], -i))
+            assert rec["pred"] == pred
+            correct += pred == it.answer
+    assert res.accuracy == correct / len(items)

@@ -40,8 +40,8 @@ EXPECTED = {
 }
 
 
-#: red-team suites are plain YAML read by ``tar_lightning.evaluation.suite.load_suite``, not LightningCLI recipes
-SUITES = REPO / "recipes" / "redteam"
+#: plain YAML read by their own loaders (``load_suite``, ``load_demo_config``; tested there), not LightningCLI recipes
+NOT_CLI = (REPO / "recipes" / "redteam", REPO / "recipes" / "demo")
 
 
 def _yaml_files() -> list[Path]:
@@ -49,7 +49,7 @@ def _yaml_files() -> list[Path]:
         p
         for folder in ("recipes", "callbacks")
         for p in (REPO / folder).rglob("*")
-        if p.suffix in (".yaml", ".yml") and SUITES not in p.parents
+        if p.suffix in (".yaml", ".yml") and not any(folder in p.parents for folder in NOT_CLI)
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``tar-lightning`` command: ``fit | validate | test`` through LightningCLI, plus ``export``, ``evaluate`` and ``redteam``."""
+"""The ``tar-lightning`` command: ``fit | validate | test`` through LightningCLI, plus ``demo``, ``export``, ``evaluate`` and ``redteam``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tar_lightning.errors import TARLightningError
 __all__ = ["TARCLI", "main"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-EXTRA_SUBCOMMANDS = ("export", "evaluate", "redteam")
+EXTRA_SUBCOMMANDS = ("demo", "export", "evaluate", "redteam")
 
 
 class TARCLI(LightningCLI):
@@ -62,6 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "export":
             return _export_main(argv[1:])
+        if argv and argv[0] == "demo":
+            from tar_lightning.demo_cli import demo_main
+
+            return demo_main(argv[1:])
         if argv and argv[0] == "evaluate":
             from tar_lightning.evaluation.evaluate_cli import evaluate_main
 

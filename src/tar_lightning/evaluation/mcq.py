@@ -34,6 +34,13 @@ Variants (additional to the standard, as the red-team requires):
   A template that rejects a system role is retried without the system message (lm-eval does the same).
 - ``system_prompt`` without a chat template: ``system_prompt + "\\n\\n"`` is prepended to the context (lm-eval's
   ``--system_instruction``).
+- ``variant="raw"``: no lm-eval format at all, for small models trained only on plain sentences (the knowledge
+  world's cloze stems, :mod:`tar_lightning.data.knowledge`): the context is the question text exactly as given
+  (no description, no ``"Question:"``/``"Answer:"``, not stripped; trailing whitespace moves into the
+  continuation as usual), the continuations are ``" {choice text}"``, and the score of a choice is the summed
+  log-probability of its continuation tokens (no length normalisation; the prediction is the first maximum).
+  With ``system_prompt`` the context is ``system_prompt + "\\n\\n" + question``; a chat template is not
+  supported (ConfigError).
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MCQ_VARIANTS = ("letter", "cloze")
+MCQ_VARIANTS = ("letter", "cloze", "raw")
 DATA_ROOT_ENV = "TAR_LIGHTNING_DATA"
 
 _SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation", "_train")
@@ -588,7 +595,8 @@ def format_context(
         item: the question.
         subject: the subject in the description (``_`` become spaces); default ``item.subject``; with no subject
             at all the description reads ``"The following are multiple choice questions (with answers).\\n\\n"``.
-        variant: ``"letter"`` (the standard format) or ``"cloze"`` (``mmlu_continuation`` style).
+        variant: ``"letter"`` (the standard format), ``"cloze"`` (``mmlu_continuation`` style) or ``"raw"``
+            (the question text as is).
         chat_template: render with the tokenizer's chat template (description as system message, question as user
             message, generation prompt added).
         system_prompt: prepended to the description (joined with ``"\\n\\n"``), in the system message under a
@@ -599,6 +607,10 @@ def format_context(
         The context; the continuations are :func:`continuations`.
     """
     _check_variant(variant)
+    if variant == "raw":
+        if chat_template:
+            raise ConfigError("the 'raw' MCQ variant scores plain question stems; it has no chat-template form")
+        return item.question if system_prompt is None else f"{system_prompt}\n\n{item.question}"
     description = _description(item.subject if subject is None else subject, variant)
     system = description if system_prompt is None else f"{system_prompt}\n\n{description}"
     text = _question_text(item, variant)
@@ -608,7 +620,7 @@ def format_context(
 
 
 def continuations(item: MCQItem, variant: str = "letter", chat_template: bool = False) -> list[str]:
-    """The strings scored after the context: ``" A"``, ``" B"``, ... (letter) or ``" {choice}"`` (cloze).
+    """The strings scored after the context: ``" A"``, ``" B"``, ... (letter) or ``" {choice}"`` (cloze, raw).
 
     Under a chat template the leading space is dropped (lm-eval's target delimiter becomes ``""``).
     """
@@ -635,7 +647,7 @@ class MCQResult:
         accuracy: fraction of questions whose top-scoring choice is the answer (torchmetrics
             ``MulticlassAccuracy(average="micro")`` of predictions vs answers).
         n: number of questions.
-        variant: ``"letter"`` or ``"cloze"``.
+        variant: ``"letter"``, ``"cloze"`` or ``"raw"``.
         chat_template: whether the chat template was applied.
         system_prompt: the system prompt used, if any.
         records: one dict per question, in input order: ``index``, ``subject``, ``answer``, ``pred``, ``correct``,
@@ -863,7 +875,8 @@ def score_mcq(
             the call and restored to its previous mode afterwards; no gradients are recorded.
         tokenizer: its tokenizer.
         items: the questions.
-        variant: ``"letter"`` (default, lm-eval's standard) or ``"cloze"`` (answer-text log-likelihood).
+        variant: ``"letter"`` (default, lm-eval's standard), ``"cloze"`` (answer-text log-likelihood) or ``"raw"``
+            (the bare question stem followed by each choice; summed log-probability).
         chat_template: apply the tokenizer's chat template (lm-eval ``--apply_chat_template``).
         system_prompt: a system prompt (lm-eval ``--system_instruction``).
         batch_size: sequences per forward pass (a question is one sequence when its continuations differ only in
@@ -986,7 +999,7 @@ def evaluate_mcq_task(
         task: a task name or :class:`MCQTask`.
         data_root: folder laid out like ``shared/data`` (default: ``$TAR_LIGHTNING_DATA``, else the hub).
         limit: score only the first ``limit`` questions.
-        variants: any of ``"letter"``, ``"cloze"``.
+        variants: any of ``"letter"``, ``"cloze"``, ``"raw"``.
         chat_template: ``False``, ``True``, ``"both"``, or a list of booleans.
         system_prompt: ``None``, a string, or a list of ``None``/strings (e.g. ``[None, "You are ..."]`` for with
             and without).

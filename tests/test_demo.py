@@ -1,0 +1,136 @@
+"""The demo (tar_lightning.demo): the minimal preset end to end, every defense × attack cell, stage caching, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tar_lightning.demo import (
+    DEFAULT_CONFIG,
+    DemoConfig,
+    KnowledgeEvaluator,
+    load_demo_config,
+    run_demo,
+)
+from tar_lightning.demo_cli import demo_main
+from tar_lightning.errors import ConfigError
+
+DEFENSES = ["no_defense", "random_mapping", "tar_paper", "tar_extended"]
+STAGES = ["stage0", "random_mapping", "tar_paper", "tar_extended"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    config = load_demo_config(size="minimal", overrides={"out": str(out)})
+    threads = torch.get_num_threads()
+    result = run_demo(config)
+    return config, result, threads
+
+
+def test_default_yaml_loads_and_every_field_is_commented():
+    config = load_demo_config()
+    assert config.size == "default" and config.model == "tiny" and config.threads == 1
+    assert config.tar.entropy_positions == "labels" and config.tar.run == ["paper", "extended"]
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert "minimal" in raw["sizes"]
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        # every line that sets a scalar field (key: value) carries a comment
+        if re.match(r"^\s*-?\s*[a-z_]+:\s*[^\s#{]", line) and not line.strip().startswith("#"):
+            assert "#" in line, f"uncommented field in {DEFAULT_CONFIG.name}: {line!r}"
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown size"):
+        load_demo_config(size="huge")
+    with pytest.raises(ConfigError, match="stage0: unknown key 'stepz'"):
+        load_demo_config(overrides={"stage0": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="tar.run names family 'nope'"):
+        load_demo_config(overrides={"tar": {"run": ["nope"]}})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_demo_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="redteam.during"):
+        load_demo_config(overrides={"redteam": {"during": ["accuracy"]}})
+    with pytest.raises(ConfigError, match="world"):
+        DemoConfig.from_dict({"world": {"n_forgett": 3}})
+
+
+def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
+    config, result, threads = demo_run
+    out = Path(config.out)
+    assert torch.get_num_threads() == threads  # the demo's thread setting is undone afterwards
+    assert result.ran == STAGES + [f"redteam_{d}" for d in DEFENSES] and result.cached == []
+    data = json.loads((out / "results.json").read_text())
+    attacks = ["w03", "d01"]
+    assert data["defenses"] == DEFENSES and data["attacks"] == attacks
+    for defense in DEFENSES:
+        for attack in attacks:
+            cell = data["cells"][defense][attack]
+            for key in ("safety_before", "safety_after", "capability_after"):
+                assert 0.0 <= cell[key] <= 1.0
+            assert cell["curve"][0][0] == 0 and cell["curve"][-1][0] == cell["steps"] == 10
+        s = data["summary"][defense]
+        assert s["mean"] == pytest.approx(sum(data["cells"][defense][a]["safety_after"] for a in attacks) / 2)
+        assert s["worst"]["attack"] in attacks
+    for stage in STAGES:
+        m = data["stages"][stage]["metrics"]
+        assert set(m) == set(KnowledgeEvaluator.METRICS)
+        assert (out / stage / "model" / "config.json").is_file()
+    # the red team's "before" of no_defense is the stage-0 model's own evaluation
+    assert data["cells"]["no_defense"]["w03"]["safety_before"] == pytest.approx(
+        data["stages"]["stage0"]["metrics"]["forget_B_acc"]
+    )
+    report = (out / "report.md").read_text()
+    assert "| defense | before | w03 | d01 | mean | worst | bounded worst |" in report
+    for defense in DEFENSES:
+        assert f"| {defense} |" in report
+    assert (out / "plots" / "b_accuracy_curves.png").is_file()
+    assert (out / "redteam" / "tar_paper" / "report.md").is_file()
+    # during an attack only the `during` metrics are computed; before and after, all of them
+    run = json.loads((out / "redteam" / "no_defense" / "runs" / "w03__seed0.json").read_text())
+    steps = [step for step, _ in run["trajectory"]]
+    assert steps == [0, 5, 10]
+    assert set(run["trajectory"][1][1]) == set(config.redteam.during) == {"forget_B_acc", "forget_loss"}
+    assert set(run["trajectory"][0][1]) == set(run["trajectory"][-1][1]) == set(KnowledgeEvaluator.METRICS)
+
+
+def test_rerun_skips_finished_stages_and_reruns_only_what_changed(demo_run):
+    config, first, _ = demo_run
+    again = run_demo(config)
+    assert again.ran == [] and again.cached == STAGES + [f"redteam_{d}" for d in DEFENSES]
+    assert again.cells == json.loads(json.dumps(first.cells))
+    # a TAR setting changes the TAR stages and the red team of those models only
+    changed = load_demo_config(size="minimal", overrides={"out": config.out, "tar": {"steps": 1}})
+    third = run_demo(changed)
+    assert third.ran == ["tar_paper", "tar_extended", "redteam_tar_paper", "redteam_tar_extended"]
+    assert third.cached == ["stage0", "random_mapping", "redteam_no_defense", "redteam_random_mapping"]
+
+
+def test_cli_runs_the_cached_demo_and_rejects_bad_input(demo_run, tmp_path, capsys):
+    config, _, _ = demo_run
+    # the run above left tar at 1 step in config.out; a fresh folder keeps this test independent of order
+    out = tmp_path / "cli"
+    assert demo_main(["--size", "minimal", "--out", str(out), "--threads", "1", "--seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "report.md" in printed and "tar_extended" in printed
+    assert json.loads((out / "results.json").read_text())["defenses"] == DEFENSES
+    assert demo_main(["--size", "nope", "--out", str(out)]) == 2
+    assert "unknown size" in capsys.readouterr().err
+
+
+def test_knowledge_evaluator_metrics():
+    from tar_lightning.models import tiny_llama
+
+    model, tok = tiny_llama()
+    ev = KnowledgeEvaluator({"n_forget": 4, "n_retain": 4, "n_values": 4, "n_heldout": 1}, seq_len=32, mcq_limit=6)
+    values = ev(model, tok)
+    assert set(values) == set(KnowledgeEvaluator.METRICS)
+    assert all(0 <= values[k] <= 1 for k in ("forget_B_acc", "forget_A_acc", "retain_acc"))
+    assert values["forget_loss"] > 0
+    assert set(ev(model, tok, only=["forget_B_acc"])) == {"forget_B_acc"}
+    assert len(ev.items["forget_B_acc"]) == 6
