@@ -68,12 +68,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _bench_model import add_model_arguments, build_model  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from tar_lightning import AdversaryConfig, TARConfig, TARModule  # noqa: E402
 from tar_lightning.losses import causal_lm_loss, max_entropy_loss  # noqa: E402
-from tar_lightning.models import tiny_model  # noqa: E402
 
 # The TAR hyperparameters held fixed (the library's defaults where it has them).
 ADV_LR = 2e-5  # AdversaryConfig default, constant schedule
@@ -112,13 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--intermediate-size", type=int, default=688, help="Llama's 8/3·hidden rounded up to 16")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    add_model_arguments(p)
     p.add_argument("--inner-steps", type=int, default=8, help="K")
     p.add_argument("--tr-every", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one block of each variant)")
@@ -166,21 +160,6 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
-
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The benchmark Llama (fp32, train mode), identically initialised on every call."""
-    model, _ = tiny_model(
-        "llama",
-        seed=0,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab_size,
-    )
-    return model.float().train()
 
 
 def make_bundle(args: argparse.Namespace, seed: int) -> dict[str, dict[str, torch.Tensor]]:
