@@ -45,11 +45,15 @@ def test_auto_several_devices_ddp_when_it_fits():
     assert select_strategy("auto", devices=2, model=model, accelerator="cpu") == "ddp"
 
 
-def test_auto_sharding_needed_says_fsdp2_not_implemented():
-    with pytest.raises(ConfigError, match="fsdp2 is not implemented yet"):
-        select_strategy("auto", devices=2, model=int(0.11 * GiB), device_memory_bytes=GiB)
-    with pytest.raises(ConfigError, match="fsdp2 is not implemented yet"):
-        select_strategy("fsdp2", devices=2)
+def test_auto_sharding_needed_is_fsdp2():
+    for strategy in (
+        select_strategy("auto", devices=2, model=int(0.11 * GiB), device_memory_bytes=GiB),
+        select_strategy("fsdp2", devices=2),
+        select_strategy("model_parallel", devices=1, num_nodes=2),
+    ):
+        assert isinstance(strategy, ModelParallelStrategy)
+        assert strategy._data_parallel_size == 2 and strategy._tensor_parallel_size == 1
+        check_strategy(strategy)
 
 
 def test_auto_several_devices_needs_model():
@@ -74,12 +78,15 @@ def test_fsdp1_refused_with_reason(name):
 def test_check_strategy_objects():
     with pytest.raises(ConfigError, match="#19685"):
         check_strategy(FSDPStrategy())
-    with pytest.raises(ConfigError, match="fsdp2 is not implemented yet"):
-        check_strategy(ModelParallelStrategy())
+    with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
+        check_strategy(ModelParallelStrategy())  # tensor_parallel_size="auto" is tensor parallelism
+    with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     check_strategy(L.pytorch.strategies.SingleDeviceStrategy(device=torch.device("cpu")))
 
 
-@pytest.mark.parametrize("strategy,match", [(FSDPStrategy, "FSDP1"), (ModelParallelStrategy, "fsdp2")])
+@pytest.mark.parametrize("strategy,match", [(FSDPStrategy, "FSDP1"), (ModelParallelStrategy, "tensor_parallel")])
 def test_tar_module_refuses_fsdp_trainer(strategy, match):
     # Lightning refuses FSDP1 on CPU before the module sees it; a stand-in trainer reaches TARModule's own check.
     model, tok = tiny_llama()

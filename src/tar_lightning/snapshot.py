@@ -74,8 +74,12 @@ class GradientBuffer:
             p.grad = None
 
     def norm(self) -> Tensor:
-        """The 2-norm of the buffered gradients (0 when empty)."""
+        """The 2-norm of the buffered gradients (0 when empty); global over ranks for FSDP2 ``DTensor`` shards."""
         grads = [g for g in self.grads if g is not None]
         if not grads:
             return torch.zeros(())
+        if any(getattr(g, "to_local", None) is not None for g in grads):
+            from tar_lightning.strategy import global_norm
+
+            return global_norm(grads)
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -15,13 +15,17 @@ Memory model used by :func:`select_strategy` (``P`` = parameter bytes in the tra
                       + inner (adversary, AdamW) state 2·P + outer (AdamW) state 2·P
 
 plus activations. The model is replicated (DDP) when ``8·P`` fits in ``memory_fraction`` of one device's memory,
-otherwise it must be sharded (FSDP2 through ``ModelParallelStrategy``: not implemented yet).
+otherwise it is sharded: FSDP2 through Lightning's ``ModelParallelStrategy(data_parallel_size=W,
+tensor_parallel_size=1)``, with :meth:`TARModule.configure_model` applying ``fully_shard`` to every decoder layer
+and the root. Under FSDP2 the gradients are averaged by FSDP itself (reduce-scatter in every backward), so the
+manual averaging below is off (:func:`has_sharded_parameters`) and the global gradient norm comes from
+:func:`global_norm`.
 
 Using it: recipes may write ``trainer.strategy: ddp`` directly (it is what ``auto`` picks for models that fit);
 code and the CLI call :func:`select_strategy` to choose. It is a function rather than a name registered with
 Lightning's ``StrategyRegistry`` because a registered name is instantiated without seeing the device count or
-the model, which the choice needs. :meth:`TARModule._check_trainer` refuses FSDP1 (and FSDP2 until it lands)
-whatever way the strategy was chosen.
+the model, which the choice needs. :meth:`TARModule._check_trainer` refuses FSDP1 (and a ModelParallelStrategy
+with tensor parallelism) whatever way the strategy was chosen.
 
 Under DDP, Lightning's wrapper still broadcasts buffers at each ``training_step`` call (cheap: rotary tables) and
 the ranks' local losses are logged unsynchronized; the logged ``train/grad_norm`` is the global one.
@@ -45,11 +49,13 @@ from tar_lightning.errors import ConfigError
 
 __all__ = [
     "FSDP1_REFUSAL",
-    "FSDP2_NOT_IMPLEMENTED",
+    "TENSOR_PARALLEL_REFUSAL",
     "TAR_STATE_FACTOR",
     "average_gradients",
     "check_strategy",
     "data_parallel_world_size",
+    "global_norm",
+    "has_sharded_parameters",
     "select_strategy",
     "tar_state_bytes",
 ]
@@ -64,10 +70,10 @@ FSDP1_REFUSAL = (
     "GPU-only. Use strategy='ddp' when the model with its TAR state (~8x the parameter bytes) fits on one "
     "device; sharding will use FSDP2 (ModelParallelStrategy), see tar_lightning.strategy.select_strategy"
 )
-FSDP2_NOT_IMPLEMENTED = (
-    "fsdp2 is not implemented yet: TARModule does not shard its model (fully_shard in configure_model) and its "
-    "manual gradient averaging assumes replicated parameters; use strategy='ddp' (the model with its TAR state, "
-    "~8x the parameter bytes, must fit on one device) or fewer/larger devices"
+TENSOR_PARALLEL_REFUSAL = (
+    "ModelParallelStrategy with tensor_parallel_size={tp!r}: TARModule shards with FSDP2 only (data parallel); "
+    "use ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1), which is what "
+    "tar_lightning.strategy.select_strategy('fsdp2', devices=..., num_nodes=...) returns"
 )
 
 
@@ -118,12 +124,12 @@ def select_strategy(
     num_nodes: int = 1,
     device_memory_bytes: Optional[int] = None,
     memory_fraction: float = 0.8,
-) -> str:
+) -> Any:
     """The Lightning strategy (a ``Trainer(strategy=...)`` value) to train ``model`` with TAR.
 
     Args:
-        name: ``auto`` (choose, see below), ``single_device``, ``ddp`` (also ``ddp_spawn``), ``fsdp2``; ``fsdp``
-            (FSDP1) is refused.
+        name: ``auto`` (choose, see below), ``single_device``, ``ddp`` (also ``ddp_spawn``), ``fsdp2`` (also
+            ``model_parallel``); ``fsdp`` (FSDP1) is refused.
         devices: the Trainer's ``devices`` (per node).
         model: the model (or its parameter byte count); needed by ``auto`` with several devices.
         accelerator: the Trainer's accelerator; ``cuda``/``gpu`` devices are sized by their memory, CPU
@@ -133,18 +139,20 @@ def select_strategy(
         memory_fraction: the share of a device's memory the TAR state may take (the rest is activations).
 
     ``auto``: one device in total → ``"auto"`` (Lightning's single-device strategy); several, and
-    :func:`tar_state_bytes` fits in ``memory_fraction`` of one device → ``"ddp"``; otherwise FSDP2 (not
-    implemented yet: raises).
+    :func:`tar_state_bytes` fits in ``memory_fraction`` of one device → ``"ddp"``; otherwise FSDP2.
+
+    Returns:
+        a strategy name, or for FSDP2 a ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)``
+        object (W = devices × nodes).
 
     Raises:
-        ConfigError: ``fsdp``; ``fsdp2`` or an ``auto`` choice of it; an unknown name; ``auto`` with several
-            devices and no model.
+        ConfigError: ``fsdp``; an unknown name; ``auto`` with several devices and no model.
     """
     key = name.strip().lower()
     if key in ("fsdp", "fsdp1"):
         raise ConfigError(FSDP1_REFUSAL)
     if key in ("fsdp2", "model_parallel"):
-        raise ConfigError(FSDP2_NOT_IMPLEMENTED)
+        return _fsdp2(_count_devices(devices, accelerator) * num_nodes)
     if key in ("single_device", "ddp", "ddp_spawn"):
         return "auto" if key == "single_device" else key
     if key != "auto":
@@ -162,15 +170,17 @@ def select_strategy(
     need = tar_state_bytes(model)
     if need <= memory_fraction * memory:
         return "ddp"
-    raise ConfigError(
-        f"the TAR state ({need / 2**30:.2f} GiB = {TAR_STATE_FACTOR}x parameter bytes) does not fit in "
-        f"{memory_fraction:.0%} of one device ({memory / 2**30:.2f} GiB), so it must be sharded: "
-        + FSDP2_NOT_IMPLEMENTED
-    )
+    return _fsdp2(world)
+
+
+def _fsdp2(world: int) -> Any:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=max(1, world), tensor_parallel_size=1)
 
 
 def check_strategy(strategy: Any) -> None:
-    """Refuses a Lightning strategy object TARModule cannot train under (FSDP1; FSDP2 for now).
+    """Refuses a Lightning strategy object TARModule cannot train under (FSDP1; tensor parallelism).
 
     Raises:
         ConfigError: with the reason and what to use instead.
@@ -180,7 +190,50 @@ def check_strategy(strategy: Any) -> None:
     if isinstance(strategy, FSDPStrategy):
         raise ConfigError(FSDP1_REFUSAL)
     if isinstance(strategy, ModelParallelStrategy):
-        raise ConfigError(FSDP2_NOT_IMPLEMENTED)
+        tp = getattr(strategy, "_tensor_parallel_size", 1)
+        if tp != 1:
+            raise ConfigError(TENSOR_PARALLEL_REFUSAL.format(tp=tp))
+
+
+def has_sharded_parameters(params: Sequence[Tensor]) -> bool:
+    """Whether any of ``params`` is an FSDP2 ``DTensor`` (its gradients are then averaged by FSDP itself)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+@torch.no_grad()
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all of ``tensors`` together, as a plain tensor, the same on every rank.
+
+    Plain tensors: ``torch.nn.utils.get_total_norm`` (unchanged single-process numerics). When any is a DTensor
+    (FSDP2 shards), the squared norms of the local shards are summed and all-reduced over each DTensor's mesh;
+    plain tensors among them are taken as replicated (counted once).
+    """
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t for t in tensors if t is not None]
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return torch.nn.utils.get_total_norm(tensors)
+    total: Optional[Tensor] = None
+    by_mesh: dict[Any, list[Tensor]] = {}
+    plain: list[Tensor] = []
+    for t in tensors:
+        if isinstance(t, DTensor):
+            if any(not pl.is_shard() for pl in t.placements):
+                raise ConfigError(f"global_norm: expected FSDP2 shards (Shard placements), got {t.placements}")
+            by_mesh.setdefault(t.device_mesh, []).append(t.to_local())
+        else:
+            plain.append(t)
+    for mesh, locals_ in by_mesh.items():
+        sq = torch.stack([n.float() for n in torch._foreach_norm(locals_)]).square().sum()
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(sq, group=mesh.get_group(dim))
+        total = sq if total is None else total + sq
+    if plain:
+        sq = torch.stack([n.float() for n in torch._foreach_norm(plain)]).square().sum()
+        total = sq if total is None else total + sq.to(total.device)
+    return total.sqrt()
 
 
 def data_parallel_world_size() -> int:

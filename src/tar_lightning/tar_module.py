@@ -31,9 +31,15 @@ from tar_lightning.base_module import (
 )
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
-from tar_lightning.models import ModelSource, frozen_copy
-from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot
-from tar_lightning.strategy import average_gradients, check_strategy, data_parallel_world_size
+from tar_lightning.models import ModelSource, decoder_layer_class, frozen_copy
+from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
+from tar_lightning.strategy import (
+    average_gradients,
+    check_strategy,
+    data_parallel_world_size,
+    global_norm,
+    has_sharded_parameters,
+)
 from tar_lightning.tar_config import TARConfig
 
 __all__ = ["TARModule", "micro_batch", "step_generator"]
@@ -77,7 +83,12 @@ class TARModule(CausalLMModule):
     Raises:
         ConfigError: invalid config; ``Trainer(gradient_clip_val=...)``, ``accumulate_grad_batches > 1`` or
             fp16 mixed precision (use ``config.clip_grad_norm``; accumulation is not supported; use bf16);
-            a batch lacking a stream the config needs.
+            a batch lacking a stream the config needs; LoRA adversaries under FSDP2 (``ModelParallelStrategy``,
+            which must have ``tensor_parallel_size=1``).
+
+    Under ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` applies ``fully_shard`` to every decoder
+    layer and the root, the reference model is sharded the same way in :meth:`on_fit_start`, FSDP averages the
+    gradients itself, and the clip norm is the global one over all shards.
     """
 
     def __init__(
@@ -111,10 +122,64 @@ class TARModule(CausalLMModule):
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
+    def _fsdp2_mesh(self):
+        """The data-parallel device mesh when the Trainer's strategy is ModelParallelStrategy (FSDP2), else None."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return None
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+            raise ConfigError(f"TARModule shards with FSDP2 only; got a tensor-parallel mesh of size "
+                              f"{mesh['tensor_parallel'].size()}: use tensor_parallel_size=1")
+        return mesh["data_parallel"]
+
+    @staticmethod
+    def _fully_shard(model: nn.Module, mesh) -> None:
+        """FSDP2: ``fully_shard`` every decoder layer, then the root (no-op when already sharded).
+
+        No mixed-precision policy yet (parameters, gradients and reductions in the module's dtype).
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(model, FSDPModule):
+            return
+        layer_cls = decoder_layer_class(model)
+        for module in model.modules():
+            if isinstance(module, layer_cls) and not isinstance(module, FSDPModule):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shards the policy with FSDP2 (idempotent; otherwise does nothing).
+
+        The frozen reference model is sharded in :meth:`on_fit_start`, after Lightning's precision conversion
+        of the policy has fixed the dtype it must match.
+        """
+        mesh = self._fsdp2_mesh()
+        if mesh is None:
+            return
+        bad = [a.name for a in self.config.adversaries if a.method == "lora"]
+        if bad:
+            raise ConfigError(
+                f"LoRA adversaries {bad} are not supported under FSDP2 yet (their adapters would be unsharded, "
+                "unaveraged parameters injected into a sharded model); use full-parameter adversaries or DDP"
+            )
+        self._fully_shard(self.model, mesh)
+
     def on_fit_start(self) -> None:
         if self.reference_model is not None:
             weight = next(self.model.parameters())
-            self.reference_model.to(device=weight.device, dtype=weight.dtype)
+            from torch.distributed.fsdp import FSDPModule
+
+            if not isinstance(self.reference_model, FSDPModule):
+                self.reference_model.to(device=weight.device, dtype=weight.dtype)
+                mesh = self._fsdp2_mesh()
+                if mesh is not None:
+                    self._fully_shard(self.reference_model, mesh)
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per outer step for each data stream (read by the data module)."""
@@ -211,8 +276,10 @@ class TARModule(CausalLMModule):
         params = self.trainable_parameters()
         K, T = cfg.inner_steps, cfg.trajectories
         # Under DDP the wrapper's reducer is never armed (self.model is called directly, no manual_backward):
-        # gradients are averaged here, so every rank takes the same adversary and outer steps.
-        distributed = data_parallel_world_size() > 1
+        # gradients are averaged here, so every rank takes the same adversary and outer steps. Under FSDP2
+        # (DTensor parameters) every backward reduce-scatters (averages) the gradients itself: nothing to do here.
+        sharded = has_sharded_parameters(params)
+        distributed = data_parallel_world_size() > 1 and not sharded
 
         snapshot = ParameterSnapshot(params, device=cfg.snapshot_device)
         tr_grads = GradientBuffer(params)
@@ -270,9 +337,15 @@ class TARModule(CausalLMModule):
         total_norm = None
         if cfg.clip_grad_norm is not None or detailed:
             grads = [p.grad for p in params if p.grad is not None]
-            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-            if cfg.clip_grad_norm is not None and grads:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
+            if sharded:  # the global norm over all shards; scale each rank's local shards by the same factor
+                total_norm = global_norm(grads) if grads else torch.zeros((), device=self.device)
+                if cfg.clip_grad_norm is not None and grads:
+                    coef = torch.clamp(cfg.clip_grad_norm / (total_norm + 1e-6), max=1.0)
+                    torch._foreach_mul_([local_tensor(g) for g in grads], coef)
+            else:
+                total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+                if cfg.clip_grad_norm is not None and grads:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()

@@ -1,6 +1,12 @@
-"""TAR under DDP (gloo, CPU) vs one process: a standalone script, run as a subprocess by tests/test_distributed.py.
+"""TAR under DDP or FSDP2 (gloo, CPU) vs one process: a standalone script, run as a subprocess by
+tests/test_distributed.py.
 
     python tar_ddp_equivalence.py --devices N --global-batch 4 --steps 3 --out DIR [--outer sgd|adamw]
+        [--strategy ddp|fsdp2]
+
+``--strategy fsdp2``: Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` (also
+for N=1), TARModule shards every decoder layer with ``fully_shard``; the saved parameters are the full (gathered)
+tensors, and each rank also checks that a snapshot/attack/restore cycle on its shards is bit-exact.
 
 Each rank r of N trains on the rows [r*b, (r+1)*b) (b = global batch / N) of the same global batches (equal
 length, no padding: the rank-averaged gradient then equals the one-process gradient up to float reduction order),
@@ -72,6 +78,34 @@ class RecordNorms(L.Callback):
         self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 DTensor shard (a collective: every rank calls it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_restore_is_bit_exact(module: TARModule, stream: dict) -> None:
+    """Attack the sharded weights with one SGD step (forward, FSDP backward, step), restore, compare bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    from tar_lightning.snapshot import ParameterSnapshot
+
+    params = module.trainable_parameters()
+    assert all(isinstance(p, DTensor) for p in params), "FSDP2 run without DTensor parameters"
+    before = [full(p.detach()).clone() for p in params]
+    snap = ParameterSnapshot(params)
+    opt = torch.optim.SGD(params, lr=1.0)
+    ids = stream["input_ids"][0]
+    loss = module.model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert not snap.matches(), "the attack did not change the weights"
+    snap.restore()
+    assert snap.matches()
+    after = [full(p.detach()) for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "restore is not bit-exact"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, required=True)
@@ -79,6 +113,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--outer", choices=["sgd", "adamw"], default="sgd")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
+    ap.add_argument("--representation", action="store_true", help="retain_representation (a reference model)")
+    ap.add_argument("--checkpoint", action="store_true", help="also trainer.save_checkpoint(DIR/last.ckpt)")
     ap.add_argument("--no-average", action="store_true", help="negative control: skip the gradient averaging")
     args = ap.parse_args()
     if args.global_batch % args.devices:
@@ -102,6 +139,7 @@ def main() -> None:
             AdversaryConfig(name="adamw", data="forget", optimizer="adamw", lr=1e-3),
         ],
         seed=7,
+        retain_representation=args.representation,
     )
     if args.outer == "sgd":
         def outer(p):
@@ -112,10 +150,16 @@ def main() -> None:
     module = TARModule(model, cfg, optimizer=outer, tokenizer=tok)
     data = Data(global_batches(len(tok), cfg.stream_steps(), args.steps, args.global_batch, length=12))
     norms = RecordNorms()
+    if args.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    else:
+        strategy = "ddp" if args.devices > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=strategy,
         max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
@@ -128,7 +172,15 @@ def main() -> None:
     trainer.fit(module, datamodule=data)
     rank = trainer.global_rank
     os.makedirs(args.out, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    state = {k: full(v).detach().clone() for k, v in module.model.state_dict().items()}
+    if args.checkpoint:
+        trainer.save_checkpoint(os.path.join(args.out, "last.ckpt"))
+    if args.strategy == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        assert isinstance(module.model, FSDPModule)
+        assert module.reference_model is None or isinstance(module.reference_model, FSDPModule)
+        check_restore_is_bit_exact(module, data.batches[0]["forget"])
     torch.save(state, os.path.join(args.out, f"params.rank{rank}.pt"))
     with open(os.path.join(args.out, f"norms.rank{rank}.json"), "w") as f:
         json.dump(norms.norms, f)
