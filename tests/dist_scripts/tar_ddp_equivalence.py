@@ -184,6 +184,11 @@ def main() -> None:
     torch.save(state, os.path.join(args.out, f"params.rank{rank}.pt"))
     with open(os.path.join(args.out, f"norms.rank{rank}.json"), "w") as f:
         json.dump(norms.norms, f)
+    # Tear the process group down explicitly: gloo's threads aborting at interpreter exit ("terminate called
+    # without an active exception") otherwise fail an already finished run now and then.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
