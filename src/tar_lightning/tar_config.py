@@ -39,6 +39,11 @@ class TARConfig:
         adversaries: the train-time adversary family; one is sampled per trajectory by ``probability``.
         clip_grad_norm: clip the outer gradient to this global 2-norm (``None``: no clipping).
         snapshot_device: where the weight snapshot lives (``None``: with the weights; ``"cpu"``: host memory).
+        persistent_pool: keep up to this many attacked deltas and let later trajectories continue them
+            (:mod:`tar_lightning.persistent`; 0: off, the paper's TAR). Each entry is one copy of the trainable
+            weights, kept on ``snapshot_device``.
+        persistent_probability: chance that a trajectory continues a stored one (when the pool is not empty).
+        persistent_horizon: a stored trajectory is retired once it has run this many adversary steps in total.
         seed: seeds every random choice of an outer step (adversary, LR, switch point) as a function of
             (seed, outer step, trajectory), so all ranks agree without communication and resume reproduces it.
         tr_stream: name of the held-out forget stream.
@@ -62,6 +67,9 @@ class TARConfig:
     adversaries: list[AdversaryConfig] = field(default_factory=lambda: [AdversaryConfig()])
     clip_grad_norm: Optional[float] = None
     snapshot_device: Optional[str] = None
+    persistent_pool: int = 0
+    persistent_probability: float = 0.5
+    persistent_horizon: int = 256
     seed: int = 0
     tr_stream: str = "tr"
     retain_stream: str = "retain"
@@ -117,6 +125,21 @@ class TARConfig:
             if adv.name in names:
                 raise ConfigError(f"TARConfig.adversaries[{i}].name={adv.name!r}: adversary names must be unique")
             names.add(adv.name)
+        if not isinstance(self.persistent_pool, int) or isinstance(self.persistent_pool, bool) or self.persistent_pool < 0:
+            raise bad("persistent_pool", "expected an integer >= 0 (0 turns persistent adversaries off)")
+        p = self.persistent_probability
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise bad("persistent_probability", "expected a probability in [0, 1]")
+        if self.persistent_pool:
+            h = self.persistent_horizon
+            if not isinstance(h, int) or isinstance(h, bool) or h <= self.inner_steps:
+                raise bad(
+                    "persistent_horizon",
+                    f"expected an integer > inner_steps={self.inner_steps} (a trajectory of K steps is then retired "
+                    "before it is ever continued)",
+                )
+            if all(a.method == "lora" for a in self.adversaries):
+                raise bad("persistent_pool", "only full-parameter trajectories are stored, and every adversary is LoRA")
         if self.snapshot_device not in (None, "cpu"):
             raise bad("snapshot_device", "expected null (next to the weights) or 'cpu'")
         return self

@@ -32,6 +32,7 @@ from tar_lightning.base_module import (
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.models import ModelSource, decoder_layer_class, frozen_copy
+from tar_lightning.persistent import AdversaryPool
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
 from tar_lightning.strategy import (
     average_gradients,
@@ -119,6 +120,11 @@ class TARModule(CausalLMModule):
         )
         self._tr_weights = self.config.tr_weights()
         self._tr_points = set(self.config.tr_points())
+        self.adversary_pool = (
+            AdversaryPool(cfg.persistent_pool, cfg.persistent_horizon, cfg.snapshot_device)
+            if cfg.persistent_pool
+            else None
+        )
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
@@ -180,6 +186,16 @@ class TARModule(CausalLMModule):
                 mesh = self._fsdp2_mesh()
                 if mesh is not None:
                     self._fully_shard(self.reference_model, mesh)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.adversary_pool is not None:
+            checkpoint["tar_adversary_pool"] = self.adversary_pool.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.adversary_pool is not None and "tar_adversary_pool" in checkpoint:
+            self.adversary_pool.load_state_dict(checkpoint["tar_adversary_pool"], self.trainable_parameters())
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per outer step for each data stream (read by the data module)."""
@@ -288,14 +304,30 @@ class TARModule(CausalLMModule):
         tr_losses = torch.zeros(len(self._tr_weights), device=self.device)
         tr_diag = torch.zeros(len(self._tr_weights), device=self.device)
         adv_lrs = []
+        pool = self.adversary_pool
+        if pool is not None and sharded:
+            raise ConfigError("TARConfig.persistent_pool: persistent adversaries are not supported under FSDP2 yet; "
+                              "set it to 0 or use DDP")
+        continued = 0
         for t in range(T):
             gen = step_generator(cfg.seed, self.global_step, t)
-            adversary = cfg.adversaries[sample_adversary(cfg.adversaries, gen)]
+            index = sample_adversary(cfg.adversaries, gen)
+            adversary = cfg.adversaries[index]
             lr = adversary.sample_lr(gen)
             switch = adversary.switch_point(K, gen)
-            adv_lrs.append(lr)
             tr_batch = micro_batch(batch[cfg.tr_stream], t)
             init_seed = int(torch.randint(2**62, (1,), generator=gen))  # LoRA adapters: same on every rank
+            resume_from = None
+            if pool is not None:  # drawn on every step, so the sequence of draws never depends on the pool
+                u = float(torch.rand((), generator=gen))
+                slot = int(torch.randint(2**31 - 1, (1,), generator=gen))
+                if len(pool) and u < cfg.persistent_probability:
+                    resume_from = slot % len(pool)
+                    entry = pool.apply(resume_from, params)
+                    index, lr, switch = entry.adversary, entry.lr, None
+                    adversary = cfg.adversaries[index]
+                    continued += 1
+            adv_lrs.append(lr)
             with AdversaryRun(
                 self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params, seed=init_seed
             ) as run:
@@ -316,6 +348,8 @@ class TARModule(CausalLMModule):
                         tr_losses[e] += loss.detach().float() / T
                         tr_diag[e] += diag.float() / T
                         e += 1
+            if pool is not None and adversary.method != "lora":
+                pool.record(params, snapshot, continued=resume_from, adversary=index, lr=lr, steps=K, replace=slot)
             snapshot.restore()
         del snapshot
 
@@ -355,6 +389,11 @@ class TARModule(CausalLMModule):
         self._log_step(
             retain.detach(), parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs, detailed
         )
+        if pool is not None:
+            self.log_dict(
+                {"train/pool_size": float(len(pool)), "train/pool_continued": float(continued) / T},
+                on_step=True, on_epoch=False,
+            )
         return retain.detach()
 
     def _detailed_logging_step(self) -> bool:
