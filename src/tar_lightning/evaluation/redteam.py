@@ -469,7 +469,33 @@ def _callable(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: d
     return float(fn(model, tokenizer, **options))
 
 
+def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: dict) -> Any:
+    from tar_lightning.evaluation.refusal import evaluate_refusal, load_prompts
+
+    def load():
+        load_args = dict(spec.load)
+        limit = ev.limit_of(spec)
+        if limit is not None:
+            load_args.setdefault("limit", limit)
+        return load_prompts(spec.path, **load_args)
+
+    prompts = ev.prepared(spec, load)
+    key = ("refusal", spec.path, repr(sorted(spec.load.items())), repr(sorted(options.items(), key=str)))
+    args = {"batch_size": ev.batch_size_of(spec), **options}
+    return ev.cached(key, lambda: evaluate_refusal(model, tokenizer, prompts, **args))
+
+
+def _refusal_rate(model, tokenizer, spec, ev, options) -> float:
+    return float(_refusal(model, tokenizer, spec, ev, options).refusal_rate)
+
+
+def _asr(model, tokenizer, spec, ev, options) -> float:
+    return float(_refusal(model, tokenizer, spec, ev, options).asr)
+
+
 DEFAULT_METRIC_FNS: dict[str, MetricFn] = {
+    "refusal_rate": _refusal_rate,
+    "asr": _asr,
     "heldout_loss": _heldout_loss,
     "heldout_entropy": _heldout_entropy,
     "mcq": _mcq,
