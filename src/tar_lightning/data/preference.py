@@ -93,6 +93,7 @@ class PreferenceSource:
         select: ``"start:stop"`` slice of the pairs (after joining and dropping), as DataSource's ``select``.
         limit: keep at most this many pairs.
         max_prompt_len: most prompt tokens (after the chat template); longer prompts are truncated/dropped.
+            ``None``: half of the total length.
         max_len: most tokens of prompt + response; responses are cut on the right to fit. ``None``: the data
             module's ``seq_len``.
         truncation: ``keep_end`` keeps the end of an over-long prompt; ``drop`` drops the pair.
@@ -119,7 +120,7 @@ class PreferenceSource:
     system_prompt: Optional[str] = None
     select: Optional[str] = None
     limit: Optional[int] = None
-    max_prompt_len: int = 128
+    max_prompt_len: Optional[int] = None
     max_len: Optional[int] = None
     truncation: str = "keep_end"
     emit: str = "pairs"
@@ -151,12 +152,14 @@ class PreferenceSource:
         self.trim_at = list(self.trim_at)
         for key, minimum in (("max_prompt_len", 1), ("ref_batch_size", 1)):
             value = getattr(self, key)
+            if value is None and key == "max_prompt_len":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
         if self.max_len is not None:
             if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2:
                 raise ConfigError(f"{where}: 'max_len' must be an integer >= 2 or null, got {self.max_len!r}")
-            if self.max_prompt_len >= self.max_len:
+            if self.max_prompt_len is not None and self.max_prompt_len >= self.max_len:
                 raise ConfigError(
                     f"{where}: 'max_prompt_len'={self.max_prompt_len} must be < 'max_len'={self.max_len}, "
                     "otherwise no response token fits"
@@ -390,9 +393,10 @@ def tokenize_pairs(pairs: Sequence[Mapping], source: PreferenceSource, tokenizer
         raise ConfigError(f"{source.label()}: preference data needs a tokenizer with a chat template, and "
                           f"{type(tokenizer).__name__} has none")
     max_len = source.max_len if source.max_len is not None else seq_len
-    if source.max_prompt_len >= max_len:
+    max_prompt = source.max_prompt_len if source.max_prompt_len is not None else max_len // 2
+    if max_prompt >= max_len:
         raise ConfigError(
-            f"{source.label()}: max_prompt_len={source.max_prompt_len} must be < the total length {max_len} "
+            f"{source.label()}: max_prompt_len={max_prompt} must be < the total length {max_len} "
             "(max_len, or the data module's seq_len)"
         )
     out: dict[str, list] = {"chosen": [], "rejected": []}
@@ -406,12 +410,12 @@ def tokenize_pairs(pairs: Sequence[Mapping], source: PreferenceSource, tokenizer
                                 [*pair["prompt"], {"role": "assistant", "content": pair[side]}], source)
             for side in ("chosen", "rejected")
         }
-        if len(prompt_ids) > source.max_prompt_len:
+        if len(prompt_ids) > max_prompt:
             long_prompts += 1
             if source.truncation == "drop":
                 dropped += 1
                 continue
-            prompt_ids = prompt_ids[-source.max_prompt_len:]
+            prompt_ids = prompt_ids[-max_prompt:]
         room = max_len - len(prompt_ids)
         for side, ids in responses.items():
             if len(ids) > room:
@@ -419,15 +423,15 @@ def tokenize_pairs(pairs: Sequence[Mapping], source: PreferenceSource, tokenizer
                 ids = ids[:room]
             out[side].append({"input_ids": prompt_ids + ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids})
     if long_prompts:
-        action = "dropped" if source.truncation == "drop" else f"truncated to their last {source.max_prompt_len} tokens"
+        action = "dropped" if source.truncation == "drop" else f"truncated to their last {max_prompt} tokens"
         log.warning("%s: %d of %d pairs have a prompt longer than max_prompt_len=%d tokens: %s",
-                    source.label(), long_prompts, len(pairs), source.max_prompt_len, action)
+                    source.label(), long_prompts, len(pairs), max_prompt, action)
     if cut_responses:
         log.warning("%s: %d responses cut on the right to fit max_len=%d tokens", source.label(), cut_responses,
                     max_len)
     if not out["chosen"]:
         raise DataError(f"{source.label()}: no pair left after tokenization ({dropped} dropped: prompt longer "
-                        f"than max_prompt_len={source.max_prompt_len})")
+                        f"than max_prompt_len={max_prompt})")
     return out
 
 
