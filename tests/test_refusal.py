@@ -23,7 +23,6 @@ from tar_lightning.data.preference import (
     PreferenceSource,
     load_pairs,
     parse_hh_transcript,
-    preference_pool,
     reference_logprobs,
     tokenize_pairs,
 )
@@ -37,7 +36,7 @@ from tar_lightning.evaluation.refusal import (
     generate_responses,
     load_prompts,
 )
-from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
+from tar_lightning.losses.dpo import dpo_loss
 from tar_lightning.models import export_pretrained, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def write_pairs(tmp_path: Path, rows: list[dict], name: str = "pairs.jsonl") -> 
 
 
 def simple_pairs(tmp_path: Path) -> Path:
-    return write_pairs(tmp_path, [{"prompt": p, "chosen": REFUSAL, "rejected": c} for p, c in zip(HARMFUL, COMPLY)])
+    return write_pairs(tmp_path, [{"prompt": p, "chosen": REFUSAL, "rejected": c} for p, c in zip(HARMFUL, COMPLY, strict=True)])
 
 
 def independent_logps(model, ids: list[int], labels: list[int]) -> float:
@@ -194,7 +193,7 @@ def test_hh_rlhf_transcripts_and_joined_files(tmp_path, caplog):
     good = tmp_path / "good.json"
     bad = tmp_path / "bad.json"
     good.write_text(json.dumps([{"prompt": p, "response": REFUSAL + "assistant\n\nassistant"} for p in HARMFUL[:3]]))
-    bad.write_text(json.dumps([{"prompt": p, "response": c} for p, c in zip(HARMFUL[1:3], COMPLY[1:3])]))
+    bad.write_text(json.dumps([{"prompt": p, "response": c} for p, c in zip(HARMFUL[1:3], COMPLY[1:3], strict=True)]))
     src = PreferenceSource(path=str(good), rejected_path=str(bad), trim_at=["assistant\n\n"])
     pairs = load_pairs(src)
     assert [(p["prompt"][0]["content"], p["chosen"], p["rejected"]) for p in pairs] == [
@@ -243,9 +242,9 @@ def test_preference_stream_in_the_datamodule(tmp_path):
     assert bundle["tr"]["input_ids"].shape[:2] == (1, 4) and bundle["tr"]["ref_logps"].shape == (1, 4)
     assert bundle["adv"]["input_ids"].shape[:2] == (3, 2) and "ref_logps" not in bundle["adv"]
     # the adversary stream holds the rejected answers, the TR rows b.. are the same rejected answers
-    adv_texts = {tok.decode([t for t, y in zip(ids, lab) if y != -100], skip_special_tokens=True).strip()
+    adv_texts = {tok.decode([t for t, y in zip(ids, lab, strict=True) if y != -100], skip_special_tokens=True).strip()
                  for ids, lab in zip(bundle["adv"]["input_ids"].reshape(-1, bundle["adv"]["input_ids"].shape[-1]).tolist(),
-                                     bundle["adv"]["labels"].reshape(-1, bundle["adv"]["labels"].shape[-1]).tolist())}
+                                     bundle["adv"]["labels"].reshape(-1, bundle["adv"]["labels"].shape[-1]).tolist(), strict=True)}
     assert adv_texts <= set(COMPLY)
     tr_rejected = bundle["tr"]["labels"][0, 2:]
     texts = [tok.decode([t for t in row.tolist() if t != -100], skip_special_tokens=True).strip() for row in tr_rejected]
@@ -281,7 +280,7 @@ def test_classifier_judge_loads_a_causal_lm_and_agrees_with_its_logits(tmp_path)
     prompts, responses = ["a", "bb", "ccc"], ["x", "yy y", "zzz z"]
     verdicts = judge(prompts, responses)
     yes, no = tok("Yes", add_special_tokens=False)["input_ids"][0], tok("No", add_special_tokens=False)["input_ids"][0]
-    for p, r, v in zip(prompts, responses, verdicts):
+    for p, r, v in zip(prompts, responses, verdicts, strict=True):
         text = judge.template.format(prompt=p, response=r)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([tok(text)["input_ids"]]), use_cache=False).logits[0, -1]
@@ -363,7 +362,7 @@ def test_tiny_refusal_tar_then_attack_then_evaluation(tmp_path):
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # computed once, before training changed the weights
-    assert any(not torch.equal(p, s) for p, s in zip(module.model.parameters(), start))
+    assert any(not torch.equal(p, s) for p, s in zip(module.model.parameters(), start, strict=True))
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/tr_loss"])) and 0 <= float(metrics["train/dpo_reward_accuracy_last"]) <= 1
 
@@ -372,7 +371,7 @@ def test_tiny_refusal_tar_then_attack_then_evaluation(tmp_path):
     harmless = tmp_path / "harmless.json"
     harmless.write_text(json.dumps([{"instruction": "name a color"}, {"instruction": "count to three"}]))
     completions = tmp_path / "completions.json"
-    completions.write_text(json.dumps([{"prompt": p, "response": c} for p, c in zip(HARMFUL, COMPLY)]))
+    completions.write_text(json.dumps([{"prompt": p, "response": c} for p, c in zip(HARMFUL, COMPLY, strict=True)]))
     suite_yaml = yaml.safe_load((REPO / "recipes" / "redteam" / "refusal.yaml").read_text())
     judge_opts = {"max_new_tokens": 4, "judge": "refusal_phrase"}
     suite_yaml["data"] = {

@@ -705,6 +705,7 @@ class _Runner:
         self._only = _accepts_only(evaluator)
         spec = suite.evaluation
         self.required = [spec.safety.metric, spec.capability.metric]
+        self._before_memo: dict[str, dict[str, float]] = {}
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, optimizer=None, during: bool = False) -> dict[str, float]:
@@ -728,6 +729,16 @@ class _Runner:
                 )
         return out
 
+    def _pre_attack(self, model: nn.Module) -> dict[str, float]:
+        """The pre-attack evaluation; with the default evaluator (deterministic: losses, greedy generation) it is
+        computed once per distinct starting weights and reused by the other runs (generation is expensive)."""
+        if not isinstance(self.evaluator, SuiteEvaluator):
+            return self.evaluate(model)
+        key = _fingerprint(model)
+        if key not in self._before_memo:
+            self._before_memo[key] = self.evaluate(model)
+        return dict(self._before_memo[key])
+
     # -- one attack -----------------------------------------------------------------------------------
     def attack_once(
         self,
@@ -748,7 +759,7 @@ class _Runner:
             lr = adversary.sample_lr(gen)
             switch = adversary.switch_point(steps, gen)
             if before is None:
-                before = self.evaluate(model)
+                before = self._pre_attack(model)
             trajectory: list[list] = [[0, before]]
             streams = [adversary.data] + ([adversary.switch.retain_stream] if adversary.switch else [])
             batches = AttackBatches(
