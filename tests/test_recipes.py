@@ -37,6 +37,9 @@ EXPECTED = {
     "recipes/tar/bio_llama3_8b.yaml",
     "recipes/tar/chem_llama3_8b.yaml",
     "recipes/tar/cyber_llama3_8b.yaml",
+    "recipes/tar/refusal_llama3_8b.yaml",
+    "recipes/refusal/tar_smollm2.yaml",
+    "recipes/refusal/benign_sft.yaml",
 }
 
 

@@ -48,7 +48,9 @@ class TARConfig:
             (seed, outer step, trajectory), so all ranks agree without communication and resume reproduces it.
         tr_stream: name of the held-out forget stream.
         retain_stream: name of the retain stream.
-        dpo_beta: β of the DPO tamper-resistance loss.
+        dpo_beta: β of the DPO tamper-resistance loss (paper: 0.1). With ``tr_loss: dpo`` the ``tr_stream`` must be
+            a preference stream (``kind: preference``, :mod:`tar_lightning.data.preference`): chosen = refusal,
+            rejected = harmful, reference log-probs of the starting model cached by the data module.
     """
 
     inner_steps: int = 64
@@ -96,8 +98,6 @@ class TARConfig:
             )
         if self.tr_loss not in TR_LOSSES:
             raise bad("tr_loss", f"expected one of {list(TR_LOSSES)}")
-        if self.tr_loss == "dpo":
-            raise bad("tr_loss", "the DPO tamper-resistance loss needs preference data, which is not supported yet")
         if self.weighting not in WEIGHTINGS:
             raise bad("weighting", f"expected one of {list(WEIGHTINGS)}")
         if self.entropy_positions not in ENTROPY_POSITIONS:
@@ -108,8 +108,13 @@ class TARConfig:
                 raise bad(key, "expected a finite number >= 0")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise bad("clip_grad_norm", "expected a positive number or null")
-        if self.dpo_beta <= 0:
-            raise bad("dpo_beta", "expected a positive number")
+        if (
+            isinstance(self.dpo_beta, bool)
+            or not isinstance(self.dpo_beta, (int, float))
+            or not math.isfinite(self.dpo_beta)
+            or self.dpo_beta <= 0
+        ):
+            raise bad("dpo_beta", "expected a finite number > 0 (the paper uses 0.1)")
         if not self.adversaries:
             raise bad("adversaries", "the train-time adversary family is empty; give at least one adversary")
         names = set()

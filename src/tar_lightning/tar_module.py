@@ -31,6 +31,7 @@ from tar_lightning.base_module import (
 )
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
+from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.models import ModelSource, decoder_layer_class, frozen_copy
 from tar_lightning.persistent import AdversaryPool
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
@@ -233,6 +234,20 @@ class TARModule(CausalLMModule):
     def tr_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The tamper-resistance loss at the current (attacked) weights, and a diagnostic to log."""
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if self.config.tr_loss == "dpo":  # rows 0..b-1 chosen (refusal), b..2b-1 rejected (harmful) of the same pairs
+            if "ref_logps" not in batch:
+                raise ConfigError(
+                    f"tr_loss 'dpo' needs a preference stream as tr_stream {self.config.tr_stream!r} (a stream with "
+                    "kind: preference, whose batches carry 'ref_logps'); got keys "
+                    f"{sorted(batch)}"
+                )
+            logps = sequence_logprobs(out.logits, batch["labels"])
+            half = logps.shape[0] // 2
+            ref = batch["ref_logps"].to(logps.device)
+            loss, reward_accuracy = dpo_loss(
+                logps[:half], logps[half:], ref[:half], ref[half:], beta=self.config.dpo_beta
+            )
+            return loss, reward_accuracy
         if self.config.tr_loss == "max_entropy":
             loss = max_entropy_loss(
                 out.logits, batch["attention_mask"], batch["labels"], positions=self.config.entropy_positions
@@ -407,7 +422,7 @@ class TARModule(CausalLMModule):
 
     def _log_step(self, retain, parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs,
                   detailed) -> None:
-        diag_name = "entropy" if self.config.tr_loss == "max_entropy" else "tr_ce"
+        diag_name = {"max_entropy": "entropy", "dpo": "dpo_reward_accuracy"}.get(self.config.tr_loss, "tr_ce")
         metrics = {
             "train/retain_loss": retain,
             "train/retain_ce": parts["ce"],

@@ -17,6 +17,7 @@ from tar_lightning.data.knowledge import (
     write_mcq_files,
     write_mcq_json,
 )
+from tar_lightning.data.preference import PreferencePool, PreferenceSource, load_pairs, preference_pool
 from tar_lightning.data.sources import DataSource, as_source, load_records, select_range
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records, synthetic_texts
 from tar_lightning.data.tokenize import (
@@ -34,6 +35,8 @@ __all__ = [
     "SYNTHETIC_DOMAINS",
     "DataSource",
     "KnowledgeWorld",
+    "PreferencePool",
+    "PreferenceSource",
     "StepDataset",
     "StepSampler",
     "TARDataModule",
@@ -44,7 +47,9 @@ __all__ = [
     "check_tokenizer",
     "knowledge_mcq",
     "knowledge_records",
+    "load_pairs",
     "load_records",
+    "preference_pool",
     "select_range",
     "stream_permutation",
     "synthetic_records",

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tar_lightning.data.preference import PreferenceSource, as_stream_source, preference_pool
 from tar_lightning.data.sources import DataSource, as_source, load_records
 from tar_lightning.data.tokenize import TokenPool, check_tokenizer, tokenize_records
 from tar_lightning.errors import ConfigError
@@ -133,6 +134,9 @@ class StepDataset(Dataset):
             idx = self.record_indices(name, step)
             pool = self.pools[name]
             width = self.seq_len if self.pad_to == "max_length" else int(pool.lengths[idx.reshape(-1)].max())
+            if hasattr(pool, "bundle"):  # preference pairs: [n, 2b, L] (chosen rows, then rejected rows)
+                bundle[name] = pool.bundle(idx, self.pad_id, width)
+                continue
             flat = pool.collate(idx.reshape(-1).tolist(), self.pad_id, width)
             bundle[name] = {k: v.view(n, self.batch_sizes[name], width) for k, v in flat.items()}
         return bundle
@@ -266,8 +270,8 @@ class TARDataModule(lightning.LightningDataModule):
             raise ConfigError(
                 f"TARDataModule: 'streams' must be a non-empty mapping of name -> source, got {streams!r}"
             )
-        self.streams: dict[str, DataSource] = {
-            str(k): as_source(v, f"TARDataModule stream {k!r}") for k, v in streams.items()
+        self.streams: dict[str, Any] = {
+            str(k): as_stream_source(v, f"TARDataModule stream {k!r}") for k, v in streams.items()
         }
         if val_streams is not None and not isinstance(val_streams, Mapping):
             raise ConfigError(
@@ -386,7 +390,14 @@ class TARDataModule(lightning.LightningDataModule):
             self.val_pools = {name: self._tokenize(src, tokenizer) for name, src in self.val_streams.items()}
 
     def _tokenize(self, source: DataSource, tokenizer: Any) -> TokenPool:
+        if isinstance(source, PreferenceSource):
+            return self._preference_pool(source, tokenizer)
         return TokenPool(tokenize_records(load_records(source), source, tokenizer, self.seq_len))
+
+    def _preference_pool(self, source: PreferenceSource, tokenizer: Any) -> Any:
+        """A preference stream's pool; reference log-probs come from the attached module's (starting) model."""
+        model = getattr(self._module(), "model", None)
+        return preference_pool(source, tokenizer, self.seq_len, model=model)
 
     def _require_setup(self) -> None:
         if self.stream_steps is None:
@@ -519,6 +530,8 @@ class TARDataModule(lightning.LightningDataModule):
                 info["micro_batches"] = self.stream_steps[name] if self.stream_steps else None
             elif self.stream_steps is not None:
                 info.update(records=None, micro_batches=0)  # configured but not used by the module
+            elif isinstance(src, PreferenceSource):
+                info["records"] = None  # counted when tokenized (pairs are joined and filtered first)
             else:
                 info["records"] = len(load_records(src))
             out[name] = info

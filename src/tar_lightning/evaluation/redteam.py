@@ -469,7 +469,33 @@ def _callable(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: d
     return float(fn(model, tokenizer, **options))
 
 
+def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: dict) -> Any:
+    from tar_lightning.evaluation.refusal import evaluate_refusal, load_prompts
+
+    def load():
+        load_args = dict(spec.load)
+        limit = ev.limit_of(spec)
+        if limit is not None:
+            load_args.setdefault("limit", limit)
+        return load_prompts(spec.path, **load_args)
+
+    prompts = ev.prepared(spec, load)
+    key = ("refusal", spec.path, repr(sorted(spec.load.items())), repr(sorted(options.items(), key=str)))
+    args = {"batch_size": ev.batch_size_of(spec), **options}
+    return ev.cached(key, lambda: evaluate_refusal(model, tokenizer, prompts, **args))
+
+
+def _refusal_rate(model, tokenizer, spec, ev, options) -> float:
+    return float(_refusal(model, tokenizer, spec, ev, options).refusal_rate)
+
+
+def _asr(model, tokenizer, spec, ev, options) -> float:
+    return float(_refusal(model, tokenizer, spec, ev, options).asr)
+
+
 DEFAULT_METRIC_FNS: dict[str, MetricFn] = {
+    "refusal_rate": _refusal_rate,
+    "asr": _asr,
     "heldout_loss": _heldout_loss,
     "heldout_entropy": _heldout_entropy,
     "mcq": _mcq,
@@ -679,6 +705,7 @@ class _Runner:
         self._only = _accepts_only(evaluator)
         spec = suite.evaluation
         self.required = [spec.safety.metric, spec.capability.metric]
+        self._before_memo: dict[str, dict[str, float]] = {}
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, optimizer=None, during: bool = False) -> dict[str, float]:
@@ -702,6 +729,16 @@ class _Runner:
                 )
         return out
 
+    def _pre_attack(self, model: nn.Module) -> dict[str, float]:
+        """The pre-attack evaluation; with the default evaluator (deterministic: losses, greedy generation) it is
+        computed once per distinct starting weights and reused by the other runs (generation is expensive)."""
+        if not isinstance(self.evaluator, SuiteEvaluator):
+            return self.evaluate(model)
+        key = _fingerprint(model)
+        if key not in self._before_memo:
+            self._before_memo[key] = self.evaluate(model)
+        return dict(self._before_memo[key])
+
     # -- one attack -----------------------------------------------------------------------------------
     def attack_once(
         self,
@@ -722,7 +759,7 @@ class _Runner:
             lr = adversary.sample_lr(gen)
             switch = adversary.switch_point(steps, gen)
             if before is None:
-                before = self.evaluate(model)
+                before = self._pre_attack(model)
             trajectory: list[list] = [[0, before]]
             streams = [adversary.data] + ([adversary.switch.retain_stream] if adversary.switch else [])
             batches = AttackBatches(

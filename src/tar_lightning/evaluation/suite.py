@@ -87,7 +87,7 @@ SUITE_KEYS: tuple[str, ...] = (
     "defaults",
     "attacks",
 )
-METRIC_KINDS: tuple[str, ...] = ("heldout_loss", "heldout_entropy", "mcq", "callable")
+METRIC_KINDS: tuple[str, ...] = ("heldout_loss", "heldout_entropy", "mcq", "callable", "refusal_rate", "asr")
 DIRECTIONS: tuple[str, ...] = ("higher_is_better", "lower_is_better")
 _DIRECTION_ALIASES = {"higher": "higher_is_better", "lower": "lower_is_better"}
 _SEARCH_METHODS = ("full", "lora")
@@ -421,10 +421,13 @@ class MetricSpec:
     Attributes:
         kind: ``heldout_loss`` / ``heldout_entropy`` (mean token CE / predictive entropy on held-out text,
             ``tar_lightning.evaluation.heldout.heldout_metrics``), ``mcq`` (multiple-choice accuracy,
-            ``tar_lightning.evaluation.mcq``), or ``callable`` (``target`` = ``"package.module:function"``
+            ``tar_lightning.evaluation.mcq``), ``refusal_rate`` / ``asr`` (greedy answers to the prompt set
+            ``path`` judged by ``options.judge``, ``tar_lightning.evaluation.refusal``: the share refused, or
+            1 − that; a ``refusal_rate`` on harmless prompts is the over-refusal), or ``callable`` (``target`` = ``"package.module:function"``
             called as ``function(model, tokenizer, **options)`` returning a number).
         data: held-out text for the ``heldout_*`` kinds: a data regime name of the suite or DataSource fields.
-        path: the MCQ source for ``mcq`` (passed to ``load_mcq``).
+        path: the MCQ source for ``mcq`` (passed to ``load_mcq``); the prompt set of ``refusal_rate``/``asr``
+            (passed to ``load_prompts`` with ``load``).
         target: import path of the function for ``callable``.
         load: extra keyword arguments of ``load_mcq``.
         options: extra keyword arguments of the metric function (``score_mcq``, ``heldout_metrics``, ...).
@@ -465,6 +468,8 @@ class MetricSpec:
         out.path = data.get("path")
         if kind == "mcq" and not isinstance(out.path, str):
             raise ConfigError(f"{where}: an mcq metric needs 'path' (the question file or source)")
+        if kind in ("refusal_rate", "asr") and not isinstance(out.path, str):
+            raise ConfigError(f"{where}: a {kind} metric needs 'path' (the prompt set: a file or hub id)")
         out.target = data.get("target")
         if kind == "callable" and (not isinstance(out.target, str) or ":" not in out.target):
             raise ConfigError(
