@@ -90,3 +90,28 @@ def test_fsdp2_one_process_is_bit_identical_to_single_device(tmp_path):
     assert sharded_norms == single_norms
     for k in single:
         assert torch.equal(single[k], sharded[k]), k
+
+
+def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):
+    """ShardingConfig under FSDP2 on 2 ranks: bf16 unsharded params in forward, fp32 sharded (master) params,
+    activation checkpointing on every decoder layer; ranks agree bit for bit; close to the fp32 run.
+
+    Measured vs one fp32 process (AdamW outer, lr 1e-3, 3 steps): max |Δθ| 4.4e-3 (bf16 compute flips the sign of
+    tiny AdamW updates; weights move ~3e-3), clip norms within 0.2%."""
+    (single,), (single_norms,) = run_script(1, tmp_path / "one", "adamw")
+    (rank0, rank1), (norms0, norms1) = run_script(
+        2, tmp_path / "two", "adamw", "--strategy", "fsdp2", "--param-dtype", "bfloat16", "--activation-checkpointing"
+    )
+    for r in range(2):
+        info = json.loads((tmp_path / "two" / f"info.rank{r}.json").read_text())
+        assert info["forward_dtypes"] == ["torch.bfloat16"]  # the all-gathered (compute) parameters
+        assert info["param_dtypes"] == ["torch.float32"]  # the sharded parameters the optimizers update
+        assert info["activation_checkpointing"] == [True, True]
+    one = json.loads((tmp_path / "one" / "info.rank0.json").read_text())
+    assert one["forward_dtypes"] == ["torch.float32"] and one["activation_checkpointing"] == [False, False]
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    assert norms0 == norms1
+    assert norms0 == pytest.approx(single_norms, rel=1e-2)
+    diff = max((single[k] - rank0[k]).abs().max().item() for k in single)
+    assert 0 < diff < 1e-2, diff
