@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from tar_lightning import AdversaryConfig, DataSource, TARConfig, TARDataModule, TARModule
 from tar_lightning.callbacks import SlurmRequeue

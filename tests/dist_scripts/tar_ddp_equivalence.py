@@ -60,6 +60,19 @@ class RankSlice(Dataset):
         return {name: {k: v[:, rows] for k, v in stream.items()} for name, stream in bundle.items()}
 
 
+class FromGlobalStep(torch.utils.data.Sampler):
+    """Global batch s at outer step s: a resumed run continues where the checkpoint left off."""
+
+    def __init__(self, trainer, n: int):
+        self.trainer, self.n = trainer, n
+
+    def __iter__(self):
+        return iter(range(self.trainer.global_step, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class Data(L.LightningDataModule):
     def __init__(self, batches: list):
         super().__init__()
@@ -67,7 +80,7 @@ class Data(L.LightningDataModule):
 
     def train_dataloader(self):
         ds = RankSlice(self.batches, self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(ds, batch_size=None, shuffle=False)
+        return DataLoader(ds, batch_size=None, sampler=FromGlobalStep(self.trainer, len(ds)))
 
 
 class RecordNorms(L.Callback):
@@ -111,6 +124,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--data-steps", type=int, default=None, help="global batches in the data (default: --steps)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--outer", choices=["sgd", "adamw"], default="sgd")
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
@@ -157,7 +171,8 @@ def main() -> None:
     forward_dtypes = set()
     model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda mod, inputs: forward_dtypes.add(str(mod.weight.dtype)))
-    data = Data(global_batches(len(tok), cfg.stream_steps(), args.steps, args.global_batch, length=12))
+    data = Data(global_batches(len(tok), cfg.stream_steps(), args.data_steps or args.steps, args.global_batch,
+                               length=12))
     norms = RecordNorms()
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
