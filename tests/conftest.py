@@ -39,7 +39,7 @@ _CI_SLURM_CONF = os.path.join(os.environ.get("TAR_SLURM_DIR", os.path.join(os.en
                                                                           "tar_lightning_slurm")), "slurm.conf")
 
 
-def slurm_problem() -> "str | None":
+def slurm_problem() -> str | None:
     """Why no Slurm is reachable (None when ``sinfo`` answers). Uses .ci/slurm.sh's config when SLURM_CONF is unset."""
     import shutil
     import subprocess
@@ -48,6 +48,9 @@ def slurm_problem() -> "str | None":
         os.environ["SLURM_CONF"] = _CI_SLURM_CONF
     if shutil.which("sinfo") is None:
         return "sinfo not found"
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not os.path.isfile(conf):  # sinfo would spend ~30 s on DNS lookups before failing
+        return f"no Slurm config at {conf}"
     try:
         proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
