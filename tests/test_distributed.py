@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).parent / "dist_scripts" / "tar_ddp_equivalence.py"
 TOLERANCE = {"sgd": 1e-6, "adamw": 5e-5}
 # FSDP2 (ModelParallelStrategy, fully_shard per decoder layer, 2 ranks) vs one unsharded process, same setup:
 # measured max |Δθ| ~1.2e-7 (SGD outer), ~8.5e-6 (AdamW), ~1.5e-8 (SGD, representation retain term); logged clip
-# norms agree across ranks exactly and with one process to ~3e-7 relative. FSDP2 with one rank is bit-identical.
+# norms agree across ranks exactly and with one process to ~3e-7 relative. FSDP2 with one rank: see below.
 
 
 def free_port() -> int:
@@ -114,12 +114,15 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
     assert set(full0) - set(exported) <= {"lm_head.weight"}  # tied to the embeddings
 
 
-def test_fsdp2_one_process_is_bit_identical_to_single_device(tmp_path):
+def test_fsdp2_one_process_equals_single_device(tmp_path):
+    """FSDP2 on one rank vs the plain single-device path. Bit-identical on the machine this was first measured on;
+    on another CPU (same torch 2.13.0+cpu) 16 of 21 tensors differ by at most 3.7e-9 after 3 AdamW steps and the
+    third clip norm by 1e-7 relative (float summation order), hence the tolerance."""
     (single,), (single_norms,) = run_script(1, tmp_path / "one", "adamw")
     (sharded,), (sharded_norms,) = run_script(1, tmp_path / "fsdp2", "adamw", "--strategy", "fsdp2")
-    assert sharded_norms == single_norms
-    for k in single:
-        assert torch.equal(single[k], sharded[k]), k
+    assert sharded_norms == pytest.approx(single_norms, rel=1e-6)
+    diff = max((single[k] - sharded[k]).abs().max().item() for k in single)
+    assert diff < 1e-7, diff
 
 
 def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):

@@ -43,8 +43,9 @@ class ShardingConfig:
             (the param dtype), ``float32``, ``bfloat16``.
         activation_checkpointing: recompute each decoder layer's activations in backward (less activation
             memory, ~1/3 more compute per pass).
-        reshard_after_forward: FSDP2 frees the unsharded parameters after each forward (ZeRO-3, default) instead
-            of keeping them until the backward (ZeRO-2-like: more memory, one all-gather less per pass).
+        reshard_after_forward: FSDP2 frees each decoder layer's unsharded parameters after its forward (ZeRO-3,
+            default; the root's are kept, FSDP2's own default) instead of keeping all of them until the backward
+            (``false``, ZeRO-2-like: more memory, one all-gather less per pass).
     """
 
     param_dtype: Optional[str] = "auto"
@@ -130,7 +131,8 @@ def fully_shard_model(model: nn.Module, mesh, config: Optional[ShardingConfig] =
     if config.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
         apply_activation_checkpointing(model)
     param_dtype, reduce_dtype = config.policy_dtypes(trainer_precision)
-    kwargs = {"mesh": mesh, "reshard_after_forward": config.reshard_after_forward,
+    # None is FSDP2's default: reshard the layers after forward, keep the root (used again first in backward)
+    kwargs = {"mesh": mesh, "reshard_after_forward": None if config.reshard_after_forward else False,
               "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     for layer in _layers(model):
         if not isinstance(layer, FSDPModule):
