@@ -378,3 +378,44 @@ def test_export_of_missing_checkpoint_returns_2(tmp_path, capsys):
     assert main(["export", "--ckpt", str(missing), "--out", str(tmp_path / "hf")]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------------------- scale-out overlays (issue 5)
+PAPER_RECIPES = sorted((REPO / "recipes" / "tar").glob("*.yaml")) + sorted((REPO / "recipes" / "stage1").glob("*.yaml"))
+LAUNCH = {"recipes/launch/fsdp2_8gpu.yaml": (8, 1), "recipes/launch/fsdp2_2node.yaml": (8, 2)}
+_BASE_PARSES: dict = {}
+
+
+@pytest.mark.parametrize("overlay", sorted(LAUNCH))
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=_rel)
+def test_paper_recipes_parse_under_the_fsdp2_overlays(recipe, overlay):
+    """Each paper recipe + overlay (+ the Slurm requeue callback, as the sbatch templates add it) parses, is
+    semantically valid, and yields a FSDP2 strategy TARModule accepts, with Lightning's auto-requeue off."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tar_lightning.sharding import ShardingConfig
+    from tar_lightning.strategy import check_strategy
+
+    devices, nodes = LAUNCH[overlay]
+    cfg = _parse(recipe, REPO / overlay, REPO / "callbacks" / "slurm_requeue.yaml")
+    built = _check_semantics(cfg, f"{_rel(recipe)} + {overlay}")
+    base = _BASE_PARSES.get(recipe) or _BASE_PARSES.setdefault(recipe, _parse(recipe))
+    assert cfg.model.as_dict() == base.model.as_dict()  # the overlay changes the trainer only
+    assert cfg.data.as_dict() == base.data.as_dict()
+    trainer = cfg.trainer
+    assert (trainer.devices, trainer.num_nodes, trainer.accelerator) == (devices, nodes, "gpu")
+    assert trainer.precision == base.trainer.precision == "bf16-mixed"
+    strategy = _import(trainer.strategy.class_path)(**trainer.strategy.init_args.as_dict())
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._data_parallel_size == devices * nodes and strategy._tensor_parallel_size == 1
+    check_strategy(strategy)  # what TARModule runs on the trainer's strategy
+    (plugin,) = trainer.plugins
+    env = _import(plugin.class_path)(**plugin.init_args.as_dict())
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    callbacks = [c.class_path for c in trainer.callbacks]
+    assert callbacks[-1] == "tar_lightning.callbacks.SlurmRequeue"
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" in callbacks  # what --ckpt_path last resumes from
+    if built["tar_config"] is not None:  # the paper's bf16 mixed precision becomes the FSDP2 policy
+        sharding = ShardingConfig.from_value(built["model_args"].get("sharding"))
+        assert sharding.policy_dtypes(trainer.precision) == (torch.bfloat16, torch.float32)

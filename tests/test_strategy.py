@@ -103,3 +103,70 @@ def test_average_gradients_is_a_noop_on_one_process():
     before = [t.clone() if t is not None else None for t in g]
     average_gradients(g)
     assert torch.equal(g[0], before[0]) and g[1] is None and torch.equal(g[2], before[2])
+
+
+# -- ShardingConfig: mixed-precision policy resolution, activation checkpointing ------------------------------
+def test_sharding_config_policy_dtypes():
+    from tar_lightning.sharding import ShardingConfig
+
+    auto = ShardingConfig()
+    assert auto.policy_dtypes("bf16-mixed") == (torch.bfloat16, torch.float32)  # the paper's bf16 mixed precision
+    assert auto.policy_dtypes("32-true") == (None, None)  # no policy: the module's dtype throughout
+    assert ShardingConfig(param_dtype="bfloat16", reduce_dtype="none").policy_dtypes("32-true") == (torch.bfloat16, None)
+    assert ShardingConfig(param_dtype="none").policy_dtypes("bf16-mixed") == (None, None)
+    assert ShardingConfig.from_value({"activation_checkpointing": True}).activation_checkpointing is True
+
+
+@pytest.mark.parametrize("value,match", [
+    ({"param_dtype": "float16"}, "fp16 needs a gradient scaler"),
+    ({"reduce_dtype": "int8"}, r"sharding.reduce_dtype='int8': expected one of"),
+    ({"activation_checkpointing": "yes"}, "sharding.activation_checkpointing='yes'"),
+    ({"param_dtyp": "bfloat16"}, r"unknown keys \['param_dtyp'\]"),
+])
+def test_sharding_config_bad_values(value, match):
+    from tar_lightning.sharding import ShardingConfig
+
+    with pytest.raises(ConfigError, match=match):
+        ShardingConfig.from_value(value)
+    with pytest.raises(ConfigError, match=match):
+        TARModule(tiny_llama()[0], TARConfig(inner_steps=1, tr_every=1), sharding=value)
+
+
+def _saved_tensor_count(model, ids) -> int:
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return count
+
+
+def test_activation_checkpointing_is_applied_and_changes_no_number(bundle_factory):
+    """Same TAR steps with and without activation checkpointing: bit-identical weights (CPU recomputation is
+    deterministic); with it, the decoder layers keep far fewer tensors for backward."""
+    from torch.distributed._composable import checkpoint
+
+    from tar_lightning import AdversaryConfig
+
+    cfg = TARConfig(inner_steps=2, tr_every=1, seed=1,
+                    adversaries=[AdversaryConfig(name="a", data="forget", optimizer="adamw", lr=1e-3)])
+    results, counts = [], []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model, tok = tiny_llama()
+        module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), tokenizer=tok,
+                           sharding={"activation_checkpointing": ac})
+        batches = [bundle_factory(len(tok), cfg.stream_steps(), seed=s) for s in range(2)]
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        assert [checkpoint.state(layer) is not None for layer in model.model.layers] == [ac, ac]
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+        counts.append(_saved_tensor_count(model, batches[0]["forget"]["input_ids"][0]))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert counts[1] < counts[0] / 2, counts

@@ -42,7 +42,7 @@ def _export_main(argv: Sequence[str]) -> int:
         prog="tar-lightning export",
         description="Write a training checkpoint as a Hugging Face folder (weights, config, tokenizer).",
     )
-    parser.add_argument("--ckpt", required=True, help="the .ckpt file written by tar-lightning fit")
+    parser.add_argument("--ckpt", required=True, help="the .ckpt file (or sharded FSDP2 checkpoint folder) written by tar-lightning fit")
     parser.add_argument("--out", required=True, help="the folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this source instead")

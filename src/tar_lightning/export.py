@@ -1,4 +1,10 @@
-"""Turning a training checkpoint into a Hugging Face folder (weights + config + tokenizer)."""
+"""Turning a training checkpoint into a Hugging Face folder (weights + config + tokenizer).
+
+Both kinds of Lightning checkpoint are read: a ``.ckpt`` file (single device, DDP) and the sharded folder that
+``ModelParallelStrategy`` (FSDP2) writes (one ``.distcp`` file per rank, ``.metadata`` and ``meta.pt``), which is
+consolidated here in one process, without a process group: only the weights and the outer optimizer's state
+(needed to move schedule-free weights to their evaluation point) are read.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch
 from tar_lightning.errors import ConfigError, ModelLoadError
 from tar_lightning.models import export_pretrained
 
-__all__ = ["checkpoint_to_model", "export_checkpoint", "tokenizer_files"]
+__all__ = ["checkpoint_to_model", "export_checkpoint", "is_sharded_checkpoint", "tokenizer_files"]
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -22,7 +28,61 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a distributed (sharded, FSDP2) checkpoint folder written by Lightning."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder as one ``.ckpt``-style dict (full tensors, on the CPU)."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    meta_file = path / "meta.pt"
+    if not meta_file.is_file():
+        raise ModelLoadError(f"sharded checkpoint {str(path)!r} has no meta.pt (not written by Lightning's "
+                             "ModelParallelStrategy, or incomplete)")
+    ckpt = _load_checkpoint(meta_file)
+    try:
+        keys = {k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                if k.startswith(("state_dict.", "optimizer_0."))}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"sharded checkpoint {str(path)!r} cannot be read: {e}") from e
+    ckpt["state_dict"] = loaded.get("state_dict", {})
+    optimizer = loaded.get("optimizer_0")
+    if optimizer is not None:
+        ckpt["optimizer_states"] = [_index_keyed(optimizer, ckpt["state_dict"], path)]
+    return ckpt
+
+
+def _index_keyed(optimizer: dict[str, Any], state_dict: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (distributed checkpoints) as torch's index-keyed form, the
+    indices being the order of the model's parameters (that of ``state_dict``, the module's own order)."""
+    groups = optimizer.get("param_groups", [])
+    names = [n for g in groups for n in g.get("params", [])]
+    order = {n: i for i, n in enumerate(k for k in state_dict if k in set(names))}
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ModelLoadError(f"sharded checkpoint {str(path)!r}: optimizer parameters {missing[:3]} are not in "
+                             "its state_dict")
+    return {
+        "state": {order[n]: v for n, v in optimizer.get("state", {}).items() if n in order},
+        "param_groups": [dict(g, params=[order[n] for n in g.get("params", [])]) for g in groups],
+    }
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        if is_sharded_checkpoint(path):
+            return _load_sharded_checkpoint(path)
+        raise ConfigError(f"checkpoint {str(path)!r} is a folder but not a sharded (distributed) checkpoint: "
+                          "expected a .ckpt file or a folder with .metadata, .distcp shards and meta.pt")
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
@@ -66,7 +126,8 @@ def checkpoint_to_model(ckpt_path: str | Path, tokenizer_source: Optional[str] =
     """Rebuild ``(model, tokenizer)`` from a tar_lightning checkpoint, weights at their evaluation point.
 
     Args:
-        ckpt_path: a ``.ckpt`` written by ``Trainer.fit`` with a tar_lightning module.
+        ckpt_path: a ``.ckpt`` written by ``Trainer.fit`` with a tar_lightning module, or the sharded checkpoint
+            folder written under FSDP2 (``ModelParallelStrategy``), consolidated here.
         tokenizer_source: load the tokenizer from here instead of the copy inside the checkpoint.
 
     Raises:

@@ -27,6 +27,11 @@ Lightning's ``StrategyRegistry`` because a registered name is instantiated witho
 the model, which the choice needs. :meth:`TARModule._check_trainer` refuses FSDP1 (and a ModelParallelStrategy
 with tensor parallelism) whatever way the strategy was chosen.
 
+FSDP2 options (mixed-precision policy, activation checkpointing, resharding) are ``TARModule(sharding=...)``, see
+:mod:`tar_lightning.sharding`; ready-made overlays for 1 node x 8 GPUs and 2 nodes x 8 GPUs, Slurm templates
+and the safe requeue callback are in ``recipes/launch/`` and ``callbacks/slurm_requeue.yaml``; the memory and time
+arithmetic for 8B models is in ``docs/SCALING.md``.
+
 Under DDP, Lightning's wrapper still broadcasts buffers at each ``training_step`` call (cheap: rotary tables) and
 the ranks' local losses are logged unsynchronized; the logged ``train/grad_norm`` is the global one.
 

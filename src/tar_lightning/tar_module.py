@@ -32,8 +32,9 @@ from tar_lightning.base_module import (
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
-from tar_lightning.models import ModelSource, decoder_layer_class, frozen_copy
+from tar_lightning.models import ModelSource, frozen_copy
 from tar_lightning.persistent import AdversaryPool
+from tar_lightning.sharding import ShardingConfig, apply_activation_checkpointing, fully_shard_model
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
 from tar_lightning.strategy import (
     average_gradients,
@@ -78,6 +79,8 @@ class TARModule(CausalLMModule):
         reference_model: the frozen model of the representation retain term: ``None`` (a frozen copy of
             ``model`` as given, when ``config.retain_representation``), a source, or a module.
         tokenizer: the tokenizer (taken from the source when ``model`` is a source).
+        sharding: FSDP2 mixed precision and activation checkpointing (:class:`~tar_lightning.sharding.ShardingConfig`
+            or a mapping of its fields; default: bf16 params / fp32 reduce under ``bf16-mixed``, no checkpointing).
 
     Batches are dicts of named streams, each ``{input_ids, attention_mask, labels}`` of shape ``[n, b, L]``
     where n is what :meth:`stream_steps` asks for (:class:`~tar_lightning.data.TARDataModule` builds them).
@@ -101,11 +104,14 @@ class TARModule(CausalLMModule):
         lr_scheduler: Optional[SchedulerFactory] = None,
         reference_model: Union[None, str, ModelSource, nn.Module] = None,
         tokenizer: Any = None,
+        sharding: Optional[ShardingConfig] = None,
     ) -> None:
         cfg = (config if config is not None else TARConfig()).validate()
+        shard_cfg = ShardingConfig.from_value(sharding)
         super().__init__(model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer)
         self.automatic_optimization = False
         self.config = cfg
+        self.sharding = shard_cfg
         reference: Optional[nn.Module] = None
         if self.config.retain_representation:
             source = self.model if reference_model is None else resolve_model(reference_model)[0]
@@ -116,6 +122,7 @@ class TARModule(CausalLMModule):
         self.save_hyperparameters(
             {
                 "config": dataclasses.asdict(self.config),
+                "sharding": dataclasses.asdict(self.sharding),
                 "model_source": model if isinstance(model, str) else None,
             }
         )
@@ -144,30 +151,22 @@ class TARModule(CausalLMModule):
                               f"{mesh['tensor_parallel'].size()}: use tensor_parallel_size=1")
         return mesh["data_parallel"]
 
-    @staticmethod
-    def _fully_shard(model: nn.Module, mesh) -> None:
-        """FSDP2: ``fully_shard`` every decoder layer, then the root (no-op when already sharded).
-
-        No mixed-precision policy yet (parameters, gradients and reductions in the module's dtype).
-        """
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if isinstance(model, FSDPModule):
-            return
-        layer_cls = decoder_layer_class(model)
-        for module in model.modules():
-            if isinstance(module, layer_cls) and not isinstance(module, FSDPModule):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    def _fully_shard(self, model: nn.Module, mesh, *, activation_checkpointing: Optional[bool] = None) -> None:
+        """FSDP2 with this module's :class:`ShardingConfig` (see :func:`tar_lightning.sharding.fully_shard_model`)."""
+        precision = getattr(self._trainer, "precision", None) if self._trainer is not None else None
+        fully_shard_model(model, mesh, self.sharding, precision, activation_checkpointing=activation_checkpointing)
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: shards the policy with FSDP2 (idempotent; otherwise does nothing).
+        """Under ``ModelParallelStrategy``: shards the policy with FSDP2 (idempotent). Under every strategy:
+        activation checkpointing of the decoder layers when ``sharding.activation_checkpointing``.
 
         The frozen reference model is sharded in :meth:`on_fit_start`, after Lightning's precision conversion
         of the policy has fixed the dtype it must match.
         """
         mesh = self._fsdp2_mesh()
         if mesh is None:
+            if self.sharding.activation_checkpointing:
+                apply_activation_checkpointing(self.model)
             return
         bad = [a.name for a in self.config.adversaries if a.method == "lora"]
         if bad:
@@ -186,7 +185,7 @@ class TARModule(CausalLMModule):
                 self.reference_model.to(device=weight.device, dtype=weight.dtype)
                 mesh = self._fsdp2_mesh()
                 if mesh is not None:
-                    self._fully_shard(self.reference_model, mesh)
+                    self._fully_shard(self.reference_model, mesh, activation_checkpointing=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -60,6 +60,19 @@ class RankSlice(Dataset):
         return {name: {k: v[:, rows] for k, v in stream.items()} for name, stream in bundle.items()}
 
 
+class FromGlobalStep(torch.utils.data.Sampler):
+    """Global batch s at outer step s: a resumed run continues where the checkpoint left off."""
+
+    def __init__(self, trainer, n: int):
+        self.trainer, self.n = trainer, n
+
+    def __iter__(self):
+        return iter(range(self.trainer.global_step, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class Data(L.LightningDataModule):
     def __init__(self, batches: list):
         super().__init__()
@@ -67,7 +80,7 @@ class Data(L.LightningDataModule):
 
     def train_dataloader(self):
         ds = RankSlice(self.batches, self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(ds, batch_size=None, shuffle=False)
+        return DataLoader(ds, batch_size=None, sampler=FromGlobalStep(self.trainer, len(ds)))
 
 
 class RecordNorms(L.Callback):
@@ -111,11 +124,15 @@ def main() -> None:
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--data-steps", type=int, default=None, help="global batches in the data (default: --steps)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--outer", choices=["sgd", "adamw"], default="sgd")
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
     ap.add_argument("--representation", action="store_true", help="retain_representation (a reference model)")
     ap.add_argument("--checkpoint", action="store_true", help="also trainer.save_checkpoint(DIR/last.ckpt)")
+    ap.add_argument("--param-dtype", default="auto", help="ShardingConfig.param_dtype (FSDP2 mixed precision)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="ShardingConfig.activation_checkpointing")
+    ap.add_argument("--resume", default=None, help="fit(ckpt_path=...) from this checkpoint")
     ap.add_argument("--no-average", action="store_true", help="negative control: skip the gradient averaging")
     args = ap.parse_args()
     if args.global_batch % args.devices:
@@ -147,8 +164,15 @@ def main() -> None:
     else:
         def outer(p):
             return torch.optim.AdamW(p, lr=1e-3)
-    module = TARModule(model, cfg, optimizer=outer, tokenizer=tok)
-    data = Data(global_batches(len(tok), cfg.stream_steps(), args.steps, args.global_batch, length=12))
+    from tar_lightning.sharding import ShardingConfig
+
+    sharding = ShardingConfig(param_dtype=args.param_dtype, activation_checkpointing=args.activation_checkpointing)
+    module = TARModule(model, cfg, optimizer=outer, tokenizer=tok, sharding=sharding)
+    forward_dtypes = set()
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, inputs: forward_dtypes.add(str(mod.weight.dtype)))
+    data = Data(global_batches(len(tok), cfg.stream_steps(), args.data_steps or args.steps, args.global_batch,
+                               length=12))
     norms = RecordNorms()
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -169,7 +193,7 @@ def main() -> None:
         use_distributed_sampler=False,
         callbacks=[norms],
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     rank = trainer.global_rank
     os.makedirs(args.out, exist_ok=True)
     state = {k: full(v).detach().clone() for k, v in module.model.state_dict().items()}
@@ -184,6 +208,16 @@ def main() -> None:
     torch.save(state, os.path.join(args.out, f"params.rank{rank}.pt"))
     with open(os.path.join(args.out, f"norms.rank{rank}.json"), "w") as f:
         json.dump(norms.norms, f)
+    from torch.distributed._composable import checkpoint
+
+    info = {
+        "forward_dtypes": sorted(forward_dtypes),
+        "param_dtypes": sorted({str(p.dtype) for p in module.model.parameters()}),
+        "activation_checkpointing": [checkpoint.state(layer) is not None for layer in model.model.layers],
+        "global_step": trainer.global_step,
+    }
+    with open(os.path.join(args.out, f"info.rank{rank}.json"), "w") as f:
+        json.dump(info, f)
     # Tear the process group down explicitly: gloo's threads aborting at interpreter exit ("terminate called
     # without an active exception") otherwise fail an already finished run now and then.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
