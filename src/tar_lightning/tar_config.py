@@ -44,6 +44,8 @@ class TARConfig:
         tr_stream: name of the held-out forget stream.
         retain_stream: name of the retain stream.
         dpo_beta: β of the DPO tamper-resistance loss.
+        max_nonfinite_in_a_row: an outer step whose losses or outer gradient are NaN/Inf is skipped (weights
+            restored, no optimizer step); after this many skipped steps in a row training stops with an error.
     """
 
     inner_steps: int = 64
@@ -66,6 +68,7 @@ class TARConfig:
     tr_stream: str = "tr"
     retain_stream: str = "retain"
     dpo_beta: float = 0.1
+    max_nonfinite_in_a_row: int = 5
 
     def validate(self) -> TARConfig:
         """Check every field and every adversary; returns self.
@@ -119,6 +122,9 @@ class TARConfig:
             names.add(adv.name)
         if self.snapshot_device not in (None, "cpu"):
             raise bad("snapshot_device", "expected null (next to the weights) or 'cpu'")
+        value = self.max_nonfinite_in_a_row
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad("max_nonfinite_in_a_row", "expected a positive integer (skipped non-finite steps in a row)")
         return self
 
     # -- derived quantities -------------------------------------------------------------------------------
