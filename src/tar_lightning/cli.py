@@ -101,8 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         TARCLI(args=None if from_command_line else argv)
         return 0
     except argparse.ArgumentError as e:
+        # Argument-parsing errors exit (as argparse/jsonargparse always did), but with one line, no usage dump.
         print(f"tar-lightning: error: {condense_parse_error(str(e))}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     except (TARLightningError, ValueError) as e:
         ours = _our_error(e)
         if ours is None:
