@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from tar_lightning.adversaries.config import sample_adversary
+from tar_lightning.adversaries.config import check_lora_targets, sample_adversary
 from tar_lightning.adversaries.runner import AdversaryRun
 from tar_lightning.base_module import (
     CausalLMModule,
@@ -174,6 +174,7 @@ class TARModule(CausalLMModule):
         self._fully_shard(self.model, mesh)
 
     def on_fit_start(self) -> None:
+        check_lora_targets(self.model, self.config.adversaries)  # a typo fails here, not at a random later step
         if self.reference_model is not None:
             weight = next(self.model.parameters())
             from torch.distributed.fsdp import FSDPModule
