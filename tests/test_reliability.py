@@ -166,6 +166,18 @@ def test_weights_with_nan_are_never_saved(tmp_path):
     assert ckpt.read_bytes() == good
 
 
+def test_lora_targets_matching_no_module_fail_before_training():
+    model, tok = tiny_llama()
+    lora = AdversaryConfig(name="typo", method="lora", lr=1e-3, lora={"rank": 2, "targets": ["q_proj", "v_prj"]})
+    cfg = TARConfig(inner_steps=2, tr_every=1, adversaries=[AdversaryConfig(name="full", lr=1e-3), lora])
+    module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), tokenizer=tok)
+    rec = Recorder()
+    batches = [random_bundle(len(tok), cfg.stream_steps(), seed=0)]
+    with pytest.raises(ConfigError, match=r"'typo'.*\['v_prj'\].*q_proj"):
+        trainer_for(1, [rec]).fit(module, DataLoader(batches, batch_size=None))
+    assert rec.before == []  # no training step ran
+
+
 # ------------------------------------------------------------------------------------------ atomic writes
 class FullDisk:
     """``torch.save`` stand-in: writes part of the real bytes, then fails as a full disk does."""

@@ -146,6 +146,12 @@ class DataSource:
             raise ConfigError(
                 f"data source {self.path!r}: unknown 'synthetic' keys {unknown}; expected some of {list(_SYNTHETIC_KEYS)}"
             )
+        for key, minimum in (("n", 1), ("seed", 0)):
+            value = self.synthetic.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ConfigError(
+                    f"data source {self.path!r}: 'synthetic.{key}' must be an integer >= {minimum}, got {value!r}"
+                )
         if self.is_synthetic:
             domain = self.path[len(SYNTHETIC_PREFIX) :]
             if domain not in SYNTHETIC_DOMAINS:
