@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tar_lightning.checkpoint import load_checkpoint
@@ -54,6 +55,7 @@ def assert_identical(a, b, path="") -> int:
     return 0
 
 
+@pytest.mark.slow  # ~60 s of CPU: 8 tiny fits
 def test_tar_fit_killed_six_times_resumes_bit_identically(tmp_path):
     run_driver("fit.py", "--work", str(tmp_path), "--max-steps", "8", "--kills", ",".join(k for k, _, _ in FIT_KILLS))
     log = json.loads((tmp_path / "log.json").read_text())
