@@ -320,3 +320,13 @@ for path in sorted(pathlib.Path('tar_lightning').rglob('*.py')):
             ok = any(k.arg == 'weights_only' and getattr(k.value, 'value', None) is True for k in node.keywords)
             print(f"{path}:{node.lineno}:{'ok' if ok else 'UNSAFE'}")
 """
+
+
+def test_the_cli_writes_checkpoints_atomically(tmp_path, monkeypatch):
+    from tar_lightning.cli import TARCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["tar-lightning"])
+    cli = TARCLI(args=["--config", str(REPO / "recipes" / "tiny" / "tar.yaml"), "--trainer.logger", "false"],
+                 run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

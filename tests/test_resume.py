@@ -123,3 +123,9 @@ def test_red_team_killed_mid_attack_reruns_to_identical_results(tmp_path):
             assert a[key] == b[key], (a["attack"], a["seed"], key)
     assert ref["aggregate"] == got["aggregate"]
     assert not list((tmp_path / "interrupted" / "runs").glob("*.tmp"))
+    # results hold scores and configurations only: none of the attack's (hazardous-domain) text is written
+    from tar_lightning.data.sources import load_records
+
+    written = "".join(p.read_text() for p in (tmp_path / "interrupted").rglob("*.json"))
+    texts = [r["text"] for r in load_records({"path": "synthetic:forget", "synthetic": {"n": 320, "seed": 1}})]
+    assert len(texts) == 320 and not [t for t in texts if t[:40] in written]
