@@ -32,7 +32,24 @@ class TARCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        # Recipe errors (unknown keys, wrong types) are raised, and main() prints them as one line (exit code 2).
+        parser_kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with :class:`~tar_lightning.checkpoint.AtomicCheckpointIO` added unless the recipe
+        configures a ``CheckpointIO`` plugin itself (checkpoints are written atomically, never with NaN weights)."""
+        from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+        from tar_lightning.checkpoint import AtomicCheckpointIO
+
+        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = kwargs.get("plugins", trainer_config.get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
 
 
 def _export_main(argv: Sequence[str]) -> int:
@@ -83,12 +100,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         TARCLI(args=None if from_command_line else argv)
         return 0
+    except argparse.ArgumentError as e:
+        # Argument-parsing errors exit (as argparse/jsonargparse always did), but with one line, no usage dump.
+        print(f"tar-lightning: error: {condense_parse_error(str(e))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (TARLightningError, ValueError) as e:
         ours = _our_error(e)
         if ours is None:
             raise
         print(f"tar-lightning: error: {ours}", file=sys.stderr)
         return 2
+
+
+_STRUCTURAL = ("Does not validate against", "Subtypes:", "Errors:", "- Problem with given class_path",
+               "- Expected a <class 'NoneType'>", "Given value type:", "Given value:")
+
+
+def condense_parse_error(message: str) -> str:
+    """One line out of jsonargparse's nested recipe error: the key path, the class, and the innermost reason."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "invalid arguments"
+    keys: list[str] = []
+    where = None
+    for line in lines:
+        if line.startswith('Parser key "'):
+            keys.append(line.split('"')[1])
+            continue
+        if line.startswith("- Problem with given class_path"):
+            where = line.split("'")[1] if "'" in line else where
+            continue
+        if line.startswith(_STRUCTURAL):
+            continue
+        reason = line.lstrip("- ")
+        prefix = f"recipe key {'.'.join(keys)!r}" if keys else "recipe"
+        return f"{prefix}{f' ({where})' if where else ''}: {reason}"
+    return lines[0]
 
 
 def _our_error(exc: BaseException) -> Optional[TARLightningError]:

@@ -44,6 +44,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from tar_lightning.adversaries.config import _is_number
 from tar_lightning.base_module import CausalLMModule
 from tar_lightning.errors import ConfigError
 
@@ -82,7 +83,28 @@ def _fields_from(cls, data: Any, where: str):
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {names}")
-    return cls(**dict(data))
+    return cls(**_typed(cls, data, where))
+
+
+def _typed(cls, data: Mapping, where: str) -> dict:
+    """``data`` with every value checked against (and coerced to) the annotation of its field in ``cls``."""
+    import typing
+
+    from tar_lightning.adversaries.config import _coerce
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        tp = hints.get(key)
+        if dataclasses.is_dataclass(tp) or tp is None:
+            out[key] = value
+        elif tp is list or (typing.get_origin(tp) is typing.Union and list in typing.get_args(tp)):
+            if not (value is None and type(None) in typing.get_args(tp)) and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+            out[key] = value
+        else:
+            out[key] = _coerce(value, tp, where, key)
+    return out
 
 
 def _pos_int(value: Any, where: str, minimum: int = 1) -> None:
@@ -150,11 +172,23 @@ class TARStage:
         _pos_num(self.lr, f"{where}.lr")
         if not isinstance(self.run, (list, tuple)):
             raise ConfigError(f"{where}.run must be a list of family names, got {self.run!r}")
+        if self.entropy_positions not in ("attention", "labels", "all"):
+            raise ConfigError(f"{where}.entropy_positions must be 'attention', 'labels' or 'all', "
+                              f"got {self.entropy_positions!r}")
+        if self.clip_grad_norm is not None:
+            _pos_num(self.clip_grad_norm, f"{where}.clip_grad_norm")
+        if not isinstance(self.families, Mapping):
+            raise ConfigError(f"{where}.families must map family names to lists of adversaries, got {self.families!r}")
         for name in self.run:
-            if name not in self.families:
+            if not isinstance(name, str) or name not in self.families:
                 raise ConfigError(f"{where}.run names family {name!r}, not in {where}.families {sorted(self.families)}")
-            if not isinstance(self.families[name], (list, tuple)) or not self.families[name]:
+        for name, family in self.families.items():
+            if not isinstance(family, (list, tuple)) or not family:
                 raise ConfigError(f"{where}.families.{name} must be a non-empty list of adversaries")
+            for i, adversary in enumerate(family):
+                from tar_lightning.adversaries import AdversaryConfig
+
+                AdversaryConfig.from_dict(adversary, where=f"{where}.families.{name}[{i}]").validate()
         if not isinstance(self.options, Mapping):
             raise ConfigError(f"{where}.options must map family names to TARConfig fields, got {self.options!r}")
         from tar_lightning.tar_config import TARConfig
@@ -188,13 +222,24 @@ class RedTeamStage:
 
     def validate(self, where: str = "redteam") -> None:
         if self.during is not None:
-            bad = [m for m in self.during if m not in KnowledgeEvaluator.METRICS]
-            if bad or not isinstance(self.during, (list, tuple)):
+            if not isinstance(self.during, (list, tuple)):
+                raise ConfigError(f"{where}.during must be a list of metric names, got {self.during!r}")
+            bad = [m for m in self.during if not isinstance(m, str) or m not in KnowledgeEvaluator.METRICS]
+            if bad:
                 raise ConfigError(
                     f"{where}.during must list metrics among {list(KnowledgeEvaluator.METRICS)}, got {self.during!r}"
                 )
-        if not isinstance(self.attacks, Mapping) or not self.attacks:
+        if (
+            not isinstance(self.attacks, Mapping)
+            or not self.attacks
+            or not all(isinstance(ids, (list, tuple)) and ids and all(isinstance(i, str) for i in ids)
+                       for ids in self.attacks.values())
+        ):
             raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids, got {self.attacks!r}")
+        _pos_num(self.recovery_threshold, f"{where}.recovery_threshold")
+        if not _is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
+            raise ConfigError(f"{where}.capability_floor must be in (0, 1], got {self.capability_floor!r}")
+        _pos_int(self.unrelated_examples, f"{where}.unrelated_examples")
         _pos_num(self.scale, f"{where}.scale")
         _pos_num(self.lr_multiplier, f"{where}.lr_multiplier")
         _pos_int(self.seeds, f"{where}.seeds")
@@ -247,13 +292,22 @@ class DemoConfig:
         for key, sub in subs.items():
             if key in data:
                 data[key] = _fields_from(sub, data[key], f"{where}: {key}")
-        return cls(**data).validate()
+        return cls(**_typed(cls, data, where)).validate()
 
     def validate(self) -> DemoConfig:
         from tar_lightning.data.knowledge import check_world_kwargs
 
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"model must be 'tiny' or a model source, got {self.model!r}")
+        if not isinstance(self.tiny, Mapping):
+            raise ConfigError(f"tiny must be a mapping of LlamaConfig fields, got {self.tiny!r}")
+        for key, value in self.tiny.items():
+            _pos_int(value, f"tiny.{key}")
+        from transformers import LlamaConfig
+
+        unknown = [k for k in self.tiny if not hasattr(LlamaConfig(), k)]
+        if unknown:
+            raise ConfigError(f"tiny: {unknown[0]!r} is not a LlamaConfig field (e.g. num_hidden_layers, hidden_size)")
         try:
             check_world_kwargs(self.world)
         except ConfigError as err:

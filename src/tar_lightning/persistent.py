@@ -86,6 +86,11 @@ class AdversaryPool:
             (local_tensor(p.detach()) - s.to(p.device)).to(self.device or p.device)
             for p, s in zip(params, start.saved, strict=True)
         ]
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(delta))).all()):
+            # a diverged trajectory (its outer step is skipped by the non-finite guard) is never continued
+            if continued is not None:
+                del self.entries[continued]
+            return
         if continued is not None:
             entry = self.entries[continued]
             entry.delta = delta

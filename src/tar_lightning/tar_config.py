@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.errors import ConfigError
 
 __all__ = ["TARConfig"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 TR_LOSSES = ("max_entropy", "neg_ce", "dpo")
 WEIGHTINGS = ("uniform", "exponential")
@@ -51,6 +56,8 @@ class TARConfig:
         dpo_beta: β of the DPO tamper-resistance loss (paper: 0.1). With ``tr_loss: dpo`` the ``tr_stream`` must be
             a preference stream (``kind: preference``, :mod:`tar_lightning.data.preference`): chosen = refusal,
             rejected = harmful, reference log-probs of the starting model cached by the data module.
+        max_nonfinite_in_a_row: an outer step whose losses or outer gradient are NaN/Inf is skipped (weights
+            restored, no optimizer step); after this many skipped steps in a row training stops with an error.
     """
 
     inner_steps: int = 64
@@ -76,6 +83,19 @@ class TARConfig:
     tr_stream: str = "tr"
     retain_stream: str = "retain"
     dpo_beta: float = 0.1
+    max_nonfinite_in_a_row: int = 5
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "TARConfig") -> TARConfig:
+        """Build and validate a config from plain data (a recipe's ``config:`` mapping).
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones), a value of the wrong type, or an
+                invalid value or combination (see :meth:`validate`).
+        """
+        from tar_lightning.adversaries.config import _build_dataclass
+
+        return _build_dataclass(cls, data, where, "").validate()
 
     def validate(self) -> TARConfig:
         """Check every field and every adversary; returns self.
@@ -96,31 +116,41 @@ class TARConfig:
                 "tr_every",
                 f"must be <= inner_steps={self.inner_steps}, otherwise the tamper-resistance loss is never evaluated",
             )
-        if self.tr_loss not in TR_LOSSES:
+        if not isinstance(self.tr_loss, str) or self.tr_loss not in TR_LOSSES:
             raise bad("tr_loss", f"expected one of {list(TR_LOSSES)}")
-        if self.weighting not in WEIGHTINGS:
+        if not isinstance(self.weighting, str) or self.weighting not in WEIGHTINGS:
             raise bad("weighting", f"expected one of {list(WEIGHTINGS)}")
-        if self.entropy_positions not in ENTROPY_POSITIONS:
+        if not isinstance(self.entropy_positions, str) or self.entropy_positions not in ENTROPY_POSITIONS:
             raise bad("entropy_positions", f"expected one of {list(ENTROPY_POSITIONS)}")
         for key in ("tr_weight", "retain_weight", "representation_weight", "weighting_rate"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_number(value) or value < 0:
                 raise bad(key, "expected a finite number >= 0")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise bad("clip_grad_norm", "expected a positive number or null")
-        if (
-            isinstance(self.dpo_beta, bool)
-            or not isinstance(self.dpo_beta, (int, float))
-            or not math.isfinite(self.dpo_beta)
-            or self.dpo_beta <= 0
-        ):
+        if self.clip_grad_norm is not None and not (_is_number(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise bad("clip_grad_norm", "expected a positive finite number or null")
+        if not _is_number(self.dpo_beta) or self.dpo_beta <= 0:
             raise bad("dpo_beta", "expected a finite number > 0 (the paper uses 0.1)")
+        for key in ("normalize_weights", "retain_representation", "representation_squared"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "expected true or false")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "expected an integer")
+        for key in ("tr_stream", "retain_stream"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise bad(key, "expected the name of a data stream (a non-empty string)")
+        if not isinstance(self.adversaries, (list, tuple)):
+            raise bad("adversaries", "expected a list of adversaries")
         if not self.adversaries:
             raise bad("adversaries", "the train-time adversary family is empty; give at least one adversary")
+        self.adversaries = list(self.adversaries)
         names = set()
         for i, adv in enumerate(self.adversaries):
-            if isinstance(adv, dict):
+            if isinstance(adv, Mapping):
                 adv = self.adversaries[i] = AdversaryConfig.from_dict(adv, where=f"TARConfig.adversaries[{i}]")
+            if not isinstance(adv, AdversaryConfig):
+                raise ConfigError(
+                    f"TARConfig.adversaries[{i}]={adv!r}: expected an adversary (a mapping of AdversaryConfig keys)"
+                )
             adv.validate()
             if adv.warmup_steps >= self.inner_steps and adv.schedule != "constant":
                 raise ConfigError(
@@ -145,8 +175,11 @@ class TARConfig:
                 )
             if all(a.method == "lora" for a in self.adversaries):
                 raise bad("persistent_pool", "only full-parameter trajectories are stored, and every adversary is LoRA")
-        if self.snapshot_device not in (None, "cpu"):
+        if self.snapshot_device is not None and self.snapshot_device != "cpu":
             raise bad("snapshot_device", "expected null (next to the weights) or 'cpu'")
+        value = self.max_nonfinite_in_a_row
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad("max_nonfinite_in_a_row", "expected a positive integer (skipped non-finite steps in a row)")
         return self
 
     # -- derived quantities -------------------------------------------------------------------------------

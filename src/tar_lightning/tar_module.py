@@ -18,9 +18,10 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from tar_lightning.adversaries.config import sample_adversary
+from tar_lightning.adversaries.config import check_lora_targets, sample_adversary
 from tar_lightning.adversaries.runner import AdversaryRun
 from tar_lightning.base_module import (
     CausalLMModule,
@@ -133,6 +134,8 @@ class TARModule(CausalLMModule):
             if cfg.persistent_pool
             else None
         )
+        self._nonfinite_in_a_row = 0  # skipped non-finite outer steps (checkpointed)
+        self._nonfinite_total = 0
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
@@ -177,6 +180,7 @@ class TARModule(CausalLMModule):
         self._fully_shard(self.model, mesh)
 
     def on_fit_start(self) -> None:
+        check_lora_targets(self.model, self.config.adversaries)  # a typo fails here, not at a random later step
         if self.reference_model is not None:
             weight = next(self.model.parameters())
             from torch.distributed.fsdp import FSDPModule
@@ -186,16 +190,6 @@ class TARModule(CausalLMModule):
                 mesh = self._fsdp2_mesh()
                 if mesh is not None:
                     self._fully_shard(self.reference_model, mesh, activation_checkpointing=False)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.adversary_pool is not None:
-            checkpoint["tar_adversary_pool"] = self.adversary_pool.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.adversary_pool is not None and "tar_adversary_pool" in checkpoint:
-            self.adversary_pool.load_state_dict(checkpoint["tar_adversary_pool"], self.trainable_parameters())
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per outer step for each data stream (read by the data module)."""
@@ -324,7 +318,8 @@ class TARModule(CausalLMModule):
                               "set it to 0 or use DDP")
         continued = 0
         for t in range(T):
-            gen = step_generator(cfg.seed, self.global_step, t)
+            # After a skipped (non-finite) step global_step is unchanged: draw fresh trajectories, not the same ones.
+            gen = step_generator(cfg.seed, self.global_step, t + T * self._nonfinite_total)
             index = sample_adversary(cfg.adversaries, gen)
             adversary = cfg.adversaries[index]
             lr = adversary.sample_lr(gen)
@@ -382,23 +377,25 @@ class TARModule(CausalLMModule):
                 for p, g in zip(params, tr_grads.grads, strict=True):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad.add_(g)
-        total_norm = None
-        if cfg.clip_grad_norm is not None or detailed:
-            grads = [p.grad for p in params if p.grad is not None]
-            if sharded:  # the global norm over all shards; scale each rank's local shards by the same factor
-                total_norm = global_norm(grads) if grads else torch.zeros((), device=self.device)
-                if cfg.clip_grad_norm is not None and grads:
-                    coef = torch.clamp(cfg.clip_grad_norm / (total_norm + 1e-6), max=1.0)
-                    torch._foreach_mul_([local_tensor(g) for g in grads], coef)
-            else:
-                total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-                if cfg.clip_grad_norm is not None and grads:
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        # The outer gradient norm is always computed: it is the non-finite guard's check of every gradient.
+        grads = [p.grad for p in params if p.grad is not None]
+        if sharded:  # the global norm over all shards; scale each rank's local shards by the same factor
+            total_norm = global_norm(grads) if grads else torch.zeros((), device=self.device)
+            if cfg.clip_grad_norm is not None and grads:
+                coef = torch.clamp(cfg.clip_grad_norm / (total_norm + 1e-6), max=1.0)
+                torch._foreach_mul_([local_tensor(g) for g in grads], coef)
+        else:
+            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            if cfg.clip_grad_norm is not None and grads:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
+        if self._nonfinite_step(retain, adv_losses, tr_losses, total_norm):
+            optimizer.zero_grad(set_to_none=True)  # the weights are the snapshot's (restored above): skip the update
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
 
         self._log_step(
             retain.detach(), parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs, detailed
@@ -409,6 +406,62 @@ class TARModule(CausalLMModule):
                 on_step=True, on_epoch=False,
             )
         return retain.detach()
+
+    def _nonfinite_step(self, retain: Tensor, adv_losses: Tensor, tr_losses: Tensor, total_norm: Tensor) -> bool:
+        """Whether this outer step saw a NaN/Inf (any rank): then it is counted, logged and must be skipped.
+
+        One host sync per outer step (the flags are reduced on the device first; all-reduced over ranks, so every
+        rank takes the same decision). Raises :class:`~tar_lightning.checkpoint.NonFiniteError` after
+        ``config.max_nonfinite_in_a_row`` skipped steps in a row.
+        """
+        with torch.no_grad():
+            checks = torch.stack([retain.detach().float().sum(), adv_losses.sum(), tr_losses.sum(),
+                                  local_tensor(total_norm).detach().float().to(adv_losses.device)])
+            flag = (~torch.isfinite(checks)).any().float()
+            if data_parallel_world_size() > 1:
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skipped = bool(flag.item())
+        if skipped:
+            self._nonfinite_in_a_row += 1
+            self._nonfinite_total += 1
+            names = ["retain loss", "adversary losses", "tamper-resistance losses", "outer gradient norm"]
+            which = [n for n, ok in zip(names, torch.isfinite(checks).tolist(), strict=True) if not ok]
+            rank_zero_warn(
+                f"TARModule: non-finite {', '.join(which) or 'values on another rank'} at outer step "
+                f"{self.global_step}: update skipped, weights restored ({self._nonfinite_in_a_row} in a row, "
+                f"{self._nonfinite_total} in total)"
+            )
+        else:
+            self._nonfinite_in_a_row = 0
+        self.log("train/nonfinite_skipped", float(skipped), on_step=True, on_epoch=False)
+        self.log("train/nonfinite_total", float(self._nonfinite_total), on_step=True, on_epoch=False)
+        limit = self.config.max_nonfinite_in_a_row
+        if self._nonfinite_in_a_row >= limit:
+            from tar_lightning.checkpoint import NonFiniteError
+
+            raise NonFiniteError(
+                f"TAR training stopped at outer step {self.global_step}: {self._nonfinite_in_a_row} outer steps in "
+                f"a row had NaN/Inf losses or gradients (max_nonfinite_in_a_row={limit}); the weights are those "
+                "before these steps. Lower the adversary or outer learning rates, or set clip_grad_norm"
+            )
+        return skipped
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        from tar_lightning.checkpoint import check_finite
+
+        check_finite(checkpoint.get("state_dict", {}), f"a TARModule checkpoint at step {self.global_step}")
+        checkpoint["tar_nonfinite"] = {"in_a_row": self._nonfinite_in_a_row, "total": self._nonfinite_total}
+        if self.adversary_pool is not None:
+            checkpoint["tar_adversary_pool"] = self.adversary_pool.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("tar_nonfinite", {})
+        self._nonfinite_in_a_row = int(state.get("in_a_row", 0))
+        self._nonfinite_total = int(state.get("total", 0))
+        if self.adversary_pool is not None and "tar_adversary_pool" in checkpoint:
+            self.adversary_pool.load_state_dict(checkpoint["tar_adversary_pool"], self.trainable_parameters())
 
     def _detailed_logging_step(self) -> bool:
         """Whether this step's per-inner-step curves and gradient norms are logged.

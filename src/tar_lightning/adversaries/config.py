@@ -35,6 +35,7 @@ __all__ = [
     "AdversaryConfig",
     "LoRAConfig",
     "SwitchConfig",
+    "check_lora_targets",
     "sample_adversary",
 ]
 
@@ -387,6 +388,27 @@ def sample_adversary(adversaries: list[AdversaryConfig], generator: torch.Genera
             )
         weights.append(float(adversary.probability))
     return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator).item())
+
+
+def check_lora_targets(model: torch.nn.Module, adversaries: list["AdversaryConfig"]) -> None:
+    """Check, before any training, that every listed LoRA target of every LoRA adversary names a module.
+
+    A target matches a module whose name equals it or ends with ``.<target>`` (as peft matches them);
+    ``all-linear`` always matches. Raises :class:`ConfigError` naming the adversary, the targets that match
+    nothing and the linear-layer names that exist.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    for adversary in adversaries:
+        if adversary.method != "lora" or isinstance(adversary.lora.targets, str):
+            continue
+        missing = [t for t in adversary.lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and n})
+            raise ConfigError(
+                f"adversary {adversary.name!r}: lora.targets {missing} match no module of the "
+                f"{type(model).__name__}; linear layers are named {linear} (or use 'all-linear')"
+            )
 
 
 def _is_number(value: Any) -> bool:

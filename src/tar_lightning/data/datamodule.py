@@ -282,6 +282,10 @@ class TARDataModule(lightning.LightningDataModule):
         }
         self.seq_len = _check_int(seq_len, "TARDataModule: 'seq_len'", 2)
         self.batch_size = _check_int(batch_size, "TARDataModule: 'batch_size'", 1)
+        if stream_batch_sizes is not None and not isinstance(stream_batch_sizes, Mapping):
+            raise ConfigError(
+                f"TARDataModule: 'stream_batch_sizes' must map stream names to batch sizes, got {stream_batch_sizes!r}"
+            )
         self.stream_batch_sizes = dict(stream_batch_sizes or {})
         known = set(self.streams) | set(self.val_streams)
         for name, b in self.stream_batch_sizes.items():

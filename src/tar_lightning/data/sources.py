@@ -12,6 +12,7 @@ Every problem a user can cause is raised as :class:`~tar_lightning.errors.DataEr
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import json
 import logging
@@ -145,6 +146,12 @@ class DataSource:
             raise ConfigError(
                 f"data source {self.path!r}: unknown 'synthetic' keys {unknown}; expected some of {list(_SYNTHETIC_KEYS)}"
             )
+        for key, minimum in (("n", 1), ("seed", 0)):
+            value = self.synthetic.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ConfigError(
+                    f"data source {self.path!r}: 'synthetic.{key}' must be an integer >= {minimum}, got {value!r}"
+                )
         if self.is_synthetic:
             domain = self.path[len(SYNTHETIC_PREFIX) :]
             if domain not in SYNTHETIC_DOMAINS:
@@ -321,8 +328,21 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
 def _scan_jsonl(path: Path) -> None:
     """Find the first malformed line of a JSON Lines file and raise with its number."""
+    kinds: dict[str, tuple[str, int]] = {}
     try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -339,6 +359,16 @@ def _scan_jsonl(path: Path) -> None:
                     raise DataError(
                         f"{path}: line {lineno}: expected a JSON object per line, got {type(value).__name__}"
                     )
+                for key, item in value.items():  # a field whose JSON type differs from its first occurrence
+                    if item is None:
+                        continue
+                    kind = _json_kind(item)
+                    first = kinds.setdefault(key, (kind, lineno))
+                    if first[0] != kind:
+                        raise DataError(
+                            f"{path}: line {lineno}: field {key!r} is {kind} here but {first[0]} on line {first[1]}; "
+                            "every record must use the same type for a field"
+                        )
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -621,6 +651,37 @@ def _iter_rows(data: Any, lo: int, hi: int) -> Iterator[dict]:
             yield {k: batch[k][i] for k in keys}
 
 
+def _locate(where: str, row: int) -> str:
+    """``"<file>: line N"`` of record ``row`` (0-based) of a local JSON Lines / CSV file; else ``where`` and the
+    record number (JSON arrays, parquet, hub datasets)."""
+    path = Path(where)
+    try:
+        if path.is_file():
+            fmt = _format_of(path)
+            if fmt == "json" and _json_layout(path)[0] == "jsonl":
+                fmt = "jsonl"
+            if fmt == "jsonl":
+                with _open_text(path) as fh:
+                    seen = -1
+                    for lineno, line in enumerate(fh, start=1):
+                        if line.strip():
+                            seen += 1
+                            if seen == row:
+                                return f"{path}: line {lineno}"
+            if fmt == "csv":
+                with _open_text(path) as fh:
+                    reader = csv.reader(fh)
+                    next(reader, None)  # the header
+                    for i, _ in enumerate(reader):
+                        if i == row:
+                            return f"{path}: line {reader.line_num}"
+            if fmt == "text":
+                return f"{path}: record {row + 1}"
+    except (OSError, UnicodeDecodeError, csv.Error, DataError):
+        pass
+    return f"{where}: record {row + 1}"
+
+
 def load_records(source: Union[DataSource, Mapping, str]) -> list[dict]:
     """Read a data source into a list of records (dicts with all of the source's fields).
 
@@ -669,7 +730,12 @@ def load_records(source: Union[DataSource, Mapping, str]) -> list[dict]:
             continue
         for k, row in enumerate(_iter_rows(data, lo, hi)):
             index = offset - n + lo + k
-            if len(source_text(row, source, index)) < source.min_chars:
+            try:
+                text = source_text(row, source, index)
+            except DataError as e:
+                reason = re.sub(r"^data source .+?: record \d+: ", "", str(e))
+                raise DataError(f"{_locate(_where, lo + k)}: {reason}") from None
+            if len(text) < source.min_chars:
                 dropped += 1
                 continue
             records.append(dict(row))

@@ -136,8 +136,8 @@ def _check_keys(data: Any, valid: Sequence[str], where: str) -> Mapping:
 
 
 def _direction(value: Any, where: str) -> str:
-    value = _DIRECTION_ALIASES.get(value, value)
-    if value not in DIRECTIONS:
+    value = _DIRECTION_ALIASES.get(value, value) if isinstance(value, str) else value
+    if not isinstance(value, str) or value not in DIRECTIONS:
         raise ConfigError(f"{where}: direction must be one of {list(DIRECTIONS)}, got {value!r}")
     return value
 
@@ -606,6 +606,8 @@ class EvaluationSpec:
                 raise ConfigError(f"{where}: evaluation.capability_floor must be in (0, 1], got {floor!r}")
             out.capability_floor = floor
         out.loss_metric = data.get("loss_metric")
+        if out.loss_metric is not None and not isinstance(out.loss_metric, str):
+            raise ConfigError(f"{where}: evaluation.loss_metric must be a metric name, got {out.loss_metric!r}")
         for key in ("batch_size", "limit"):
             value = data.get(key)
             if value is not None and (not _is_int(value) or value < 1):
