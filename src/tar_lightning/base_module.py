@@ -126,6 +126,21 @@ class CausalLMModule(L.LightningModule):
             return names[dataloader_idx]
         return f"dataloader{dataloader_idx}"
 
+    def _fsdp2_mesh(self):
+        """The data-parallel device mesh when the Trainer's strategy is ModelParallelStrategy (FSDP2), else None."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return None
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+            raise ConfigError(f"tar_lightning shards with FSDP2 only; got a tensor-parallel mesh of size "
+                              f"{mesh['tensor_parallel'].size()}: use tensor_parallel_size=1")
+        return mesh["data_parallel"]
+
     # -- checkpoints ------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -139,20 +139,6 @@ class TARModule(CausalLMModule):
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
-    def _fsdp2_mesh(self):
-        """The data-parallel device mesh when the Trainer's strategy is ModelParallelStrategy (FSDP2), else None."""
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            return None
-        mesh = self.device_mesh
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
-            raise ConfigError(f"TARModule shards with FSDP2 only; got a tensor-parallel mesh of size "
-                              f"{mesh['tensor_parallel'].size()}: use tensor_parallel_size=1")
-        return mesh["data_parallel"]
 
     def _fully_shard(self, model: nn.Module, mesh, *, activation_checkpointing: Optional[bool] = None) -> None:
         """FSDP2 with this module's :class:`ShardingConfig` (see :func:`tar_lightning.sharding.fully_shard_model`)."""
@@ -177,6 +163,9 @@ class TARModule(CausalLMModule):
                 f"LoRA adversaries {bad} are not supported under FSDP2 yet (their adapters would be unsharded, "
                 "unaveraged parameters injected into a sharded model); use full-parameter adversaries or DDP"
             )
+        if self.adversary_pool is not None:
+            raise ConfigError("TARConfig.persistent_pool: persistent adversaries are not supported under FSDP2 yet "
+                              "(their stored deltas are not part of sharded checkpoints); set it to 0 or use DDP")
         self._fully_shard(self.model, mesh)
 
     def on_fit_start(self) -> None:
@@ -313,9 +302,6 @@ class TARModule(CausalLMModule):
         tr_diag = torch.zeros(len(self._tr_weights), device=self.device)
         adv_lrs = []
         pool = self.adversary_pool
-        if pool is not None and sharded:
-            raise ConfigError("TARConfig.persistent_pool: persistent adversaries are not supported under FSDP2 yet; "
-                              "set it to 0 or use DDP")
         continued = 0
         for t in range(T):
             # After a skipped (non-finite) step global_step is unchanged: draw fresh trajectories, not the same ones.

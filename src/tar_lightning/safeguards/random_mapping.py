@@ -73,6 +73,15 @@ class RandomMappingModule(CausalLMModule):
         table = random_mapping_table(emb.shape[0], emb.shape[1], seed=table_seed, dtype=emb.dtype)
         self.register_buffer("table", table, persistent=False)
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (the FSDP2 launch overlays): ``fully_shard`` every decoder layer and the
+        root (idempotent); under other strategies nothing."""
+        mesh = self._fsdp2_mesh()
+        if mesh is not None:
+            from tar_lightning.sharding import fully_shard_model
+
+            fully_shard_model(self.model, mesh, trainer_precision=self.trainer.precision)
+
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per step for each data stream (read by the data module)."""
         return {self.retain_stream: 1, self.forget_stream: 1}
