@@ -419,3 +419,23 @@ def test_paper_recipes_parse_under_the_fsdp2_overlays(recipe, overlay):
     if built["tar_config"] is not None:  # the paper's bf16 mixed precision becomes the FSDP2 policy
         sharding = ShardingConfig.from_value(built["model_args"].get("sharding"))
         assert sharding.policy_dtypes(trainer.precision) == (torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/tar/bio_llama3_8b.yaml", "recipes/stage1/bio_llama3_8b.yaml"])
+def test_interpolations_resolve_under_the_fit_subcommand(recipe, tmp_path):
+    """``tar-lightning fit`` nests the config under ``fit.``: interpolations are relative so they resolve there
+    too (an absolute ``${trainer.default_root_dir}`` is not found under the subcommand)."""
+    import subprocess
+
+    root = tmp_path / "root"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tar_lightning.cli", "fit", "--config", recipe, "--config",
+         "recipes/launch/fsdp2_8gpu.yaml", "--trainer.default_root_dir", str(root), "--print_config"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
+    checkpoint = next(c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert checkpoint["init_args"]["dirpath"] == f"{root}/checkpoints"
+    assert "${" not in proc.stdout
