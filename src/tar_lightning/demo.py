@@ -202,6 +202,19 @@ class TARStage:
             unknown = sorted(set(opts) - allowed)
             if unknown:
                 raise ConfigError(f"{where}.options.{name}: unknown TARConfig fields {unknown}; expected some of {sorted(allowed)}")
+            from tar_lightning.adversaries import AdversaryConfig
+
+            base = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
+                        entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
+                        clip_grad_norm=self.clip_grad_norm)
+            advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{name}[{i}]")
+                    for i, a in enumerate(self.families[name])]
+            try:
+                TARConfig(**{**base, **dict(opts)}, adversaries=advs).validate()
+            except ConfigError as err:
+                raise ConfigError(f"{where}.options.{name}: {err}") from None
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{where}.options.{name}: {err}") from None
 
 
 @dataclass
