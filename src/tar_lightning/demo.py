@@ -202,19 +202,25 @@ class TARStage:
             unknown = sorted(set(opts) - allowed)
             if unknown:
                 raise ConfigError(f"{where}.options.{name}: unknown TARConfig fields {unknown}; expected some of {sorted(allowed)}")
-            from tar_lightning.adversaries import AdversaryConfig
-
-            base = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
-                        entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
-                        clip_grad_norm=self.clip_grad_norm)
-            advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{name}[{i}]")
-                    for i, a in enumerate(self.families[name])]
             try:
-                TARConfig(**{**base, **dict(opts)}, adversaries=advs).validate()
+                self.tar_config(name, where=where)
             except ConfigError as err:
                 raise ConfigError(f"{where}.options.{name}: {err}") from None
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{where}.options.{name}: {err}") from None
+
+
+    def tar_config(self, family: str, seed: int = 0, where: str = "tar"):
+        """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options)."""
+        from tar_lightning.adversaries import AdversaryConfig
+        from tar_lightning.tar_config import TARConfig
+
+        advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{family}[{i}]")
+                for i, a in enumerate(self.families[family])]
+        fields = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
+                      entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
+                      clip_grad_norm=self.clip_grad_norm, seed=seed)
+        return TARConfig(**{**fields, **dict(self.options.get(family, {}))}, adversaries=advs).validate()
 
 
 @dataclass
@@ -730,20 +736,11 @@ class _Demo:
         def train():
             import lightning as L
 
-            from tar_lightning import TARConfig, TARModule
-            from tar_lightning.adversaries import AdversaryConfig
+            from tar_lightning import TARModule
             from tar_lightning.data import TARDataModule
 
             L.seed_everything(cfg.seed, verbose=False)
-            advs = [AdversaryConfig.from_dict(dict(a), where=f"tar.families.{family}[{i}]")
-                    for i, a in enumerate(adversaries)]
-            tar_cfg = TARConfig(
-                inner_steps=s.inner_steps, tr_every=s.tr_every, tr_weight=s.tr_weight,
-                entropy_positions=s.entropy_positions, retain_representation=s.retain_representation,
-                clip_grad_norm=s.clip_grad_norm, adversaries=advs, seed=cfg.seed,
-            )
-            if options:
-                tar_cfg = dataclasses.replace(tar_cfg, **options).validate()
+            tar_cfg = s.tar_config(family, seed=cfg.seed)
             module = TARModule(
                 copy.deepcopy(base), tar_cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
                 reference_model=base,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _child import in_child  # noqa: E402  (the script folder is on sys.path)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tar_lightning import AdversaryConfig, RetainLossMonitor, TARConfig, TARDataModule, TARModule
@@ -138,24 +139,6 @@ def run(ckpt_dir: Path, out: Path, max_steps: int, kill_at_forward=None, kill_at
     )
 
 
-def in_child(fn, **kwargs) -> str:
-    """Run ``fn(**kwargs)`` in a forked process (imports are shared, nothing else is); how it ended."""
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            fn(**kwargs)
-            code = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return f"signal:{signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit:{os.WEXITSTATUS(status)}"
 
 
 def last_step(ckpt_dir: Path):

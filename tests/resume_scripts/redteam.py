@@ -18,6 +18,7 @@ import signal
 from pathlib import Path
 
 import torch
+from _child import in_child  # noqa: E402  (the script folder is on sys.path)
 
 from tar_lightning.evaluation.redteam import run_redteam
 from tar_lightning.evaluation.suite import load_suite
@@ -61,23 +62,6 @@ def redteam(out: Path, kill_at=None) -> None:
     (out / "evaluations.txt").write_text(str(evaluator.calls))
 
 
-def in_child(fn, **kwargs) -> str:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(**kwargs)
-            code = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return f"signal:{signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit:{os.WEXITSTATUS(status)}"
 
 
 def finished(out: Path) -> list[str]:
