@@ -62,6 +62,7 @@ def slurm_problem() -> str | None:
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: `pytest -m "not slow"` never asks for Slurm
 def pytest_collection_modifyitems(config, items):
     slurm_items = [item for item in items if item.get_closest_marker("slurm")]
     if not slurm_items:

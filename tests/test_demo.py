@@ -46,7 +46,22 @@ def test_default_yaml_loads_and_every_field_is_commented():
             assert "#" in line, f"uncommented field in {DEFAULT_CONFIG.name}: {line!r}"
 
 
+def test_model_option_selects_its_preset_and_an_explicit_size_wins():
+    config = load_demo_config(overrides={"model": "smollm2-135m-instruct"})
+    assert config.size == "smollm2" and config.model == "smollm2-135m-instruct"
+    assert config.threads == 2 and config.stage0.lr < load_demo_config().stage0.lr  # a pretrained model's LRs
+    assert set(config.tar.run) == {"paper", "extended"}
+    for family in config.tar.run:  # the preset restates every family with its own LRs
+        config.tar.tar_config(family)
+    assert load_demo_config(size="minimal", overrides={"model": "smollm2-135m-instruct"}).size == "minimal"
+    assert load_demo_config(overrides={"model": "some/other-model"}).size == "default"
+
+
 def test_config_errors_name_the_problem(tmp_path):
+    bad_sizes = tmp_path / "bad_sizes.yaml"
+    bad_sizes.write_text("model: tiny\nsizes: [minimal]\n")
+    with pytest.raises(ConfigError, match="bad_sizes.yaml: 'sizes' must map preset names"):
+        load_demo_config(bad_sizes)
     with pytest.raises(ConfigError, match="unknown size"):
         load_demo_config(size="huge")
     with pytest.raises(ConfigError, match="stage0: unknown key 'stepz'"):

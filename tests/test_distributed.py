@@ -45,7 +45,7 @@ def run_script(devices: int, out: Path, outer: str, *extra: str) -> tuple[list[d
     return params, norms
 
 
-@pytest.mark.parametrize("outer", ["sgd", "adamw"])
+@pytest.mark.parametrize("outer", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process(tmp_path, outer):
     (single,), (single_norms,) = run_script(1, tmp_path / "one", outer)
     (rank0, rank1), (norms0, norms1) = run_script(2, tmp_path / "two", outer)
@@ -63,7 +63,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path, outer):
     assert diff < TOLERANCE[outer], diff
 
 
-@pytest.mark.parametrize("outer,representation", [("sgd", False), ("adamw", False), ("sgd", True)])
+@pytest.mark.parametrize(
+    "outer,representation",
+    [("sgd", False), pytest.param("adamw", False, marks=pytest.mark.slow), pytest.param("sgd", True, marks=pytest.mark.slow)],
+)
 def test_fsdp2_two_processes_equal_one_process(tmp_path, outer, representation):
     extra = ("--representation",) if representation else ()
     (single,), (single_norms,) = run_script(1, tmp_path / "one", outer, *extra)
@@ -85,6 +88,7 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, outer, representation):
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
 
 
+@pytest.mark.slow  # 3 two-process runs
 def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_path):
     """2 ranks, FSDP2, AdamW outer: 2 steps -> sharded checkpoint -> resume to 3 steps is bit-identical to 3
     uninterrupted steps (measured max |Δθ| 0.0); `export` consolidates the sharded folder into an HF folder whose
@@ -114,6 +118,7 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
     assert set(full0) - set(exported) <= {"lm_head.weight"}  # tied to the embeddings
 
 
+@pytest.mark.slow
 def test_fsdp2_one_process_equals_single_device(tmp_path):
     """FSDP2 on one rank vs the plain single-device path. Bit-identical on the machine this was first measured on;
     on another CPU (same torch 2.13.0+cpu) 16 of 21 tensors differ by at most 3.7e-9 after 3 AdamW steps and the
@@ -125,6 +130,7 @@ def test_fsdp2_one_process_equals_single_device(tmp_path):
     assert diff < 1e-7, diff
 
 
+@pytest.mark.slow
 def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):
     """ShardingConfig under FSDP2 on 2 ranks: bf16 unsharded params in forward, fp32 sharded (master) params,
     activation checkpointing on every decoder layer; ranks agree bit for bit; close to the fp32 run.

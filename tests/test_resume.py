@@ -101,6 +101,7 @@ REDTEAM_KILLS = [
 ]
 
 
+@pytest.mark.slow  # 5 red-team processes, 4 of them killed
 def test_red_team_killed_mid_attack_reruns_to_identical_results(tmp_path):
     run_driver("redteam.py", "--work", str(tmp_path), "--kills", ",".join(k for k, _, _ in REDTEAM_KILLS))
     log = json.loads((tmp_path / "log.json").read_text())

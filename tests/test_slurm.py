@@ -251,6 +251,7 @@ trainer:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_sbatch_template_runs_the_tiny_recipe_to_completion(slurm_run):
     assert slurm_run["rc"] == 0, slurm_run["out"] + slurm_run["log"][-4000:]
     ckpt_dir = slurm_run["ckpt_dir"]
@@ -262,6 +263,7 @@ def test_sbatch_template_runs_the_tiny_recipe_to_completion(slurm_run):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_sigusr1_requeues_with_restored_weights_and_the_job_resumes(slurm_run):
     log = slurm_run["log"]
     assert slurm_run["rc"] == 0, slurm_run["out"] + log[-4000:]

@@ -366,8 +366,10 @@ def load_demo_config(
 
     Args:
         path: the YAML file (default ``recipes/demo/default.yaml``).
-        size: ``default`` or a preset under the file's ``sizes`` mapping (``minimal``); its values are merged
-            (deeply) over the file's top level.
+        size: ``default`` or a preset under the file's ``sizes`` mapping (``minimal``, ``smollm2``); its values
+            are merged (deeply) over the file's top level. ``None``: the preset whose ``model`` is the
+            ``model`` of ``overrides`` when there is one (``--model smollm2-135m-instruct`` picks ``smollm2``: the
+            tiny model's step counts and learning rates are wrong for a pretrained 135M model), else ``default``.
         overrides: nested values merged last (``{"out": ..., "redteam": {"seeds": 3}}``).
 
     Raises:
@@ -386,6 +388,13 @@ def load_demo_config(
         raise ConfigError(f"demo config {file}: expected a mapping at the top level")
     raw = dict(raw)
     sizes = raw.pop("sizes", {}) or {}
+    if not isinstance(sizes, Mapping) or not all(isinstance(v, Mapping) for v in sizes.values()):
+        raise ConfigError(f"demo config {file}: 'sizes' must map preset names to mappings of demo fields")
+    if size is None and overrides and "model" in overrides:
+        matching = [name for name, preset in sizes.items() if preset.get("model") == overrides["model"]]
+        if matching:
+            size = matching[0]
+            log.info("demo: model %s selects the size preset %r", overrides["model"], size)
     size = size or "default"
     if size != "default":
         if size not in sizes:
@@ -425,6 +434,33 @@ def _threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+#: Lightning messages that say nothing about a single-process CPU demo (our own warnings still show).
+_HARMLESS = (
+    r"The `srun` command is available on your system but is not used",  # the demo is one process by design
+    r".*isinstance\(treespec, LeafSpec\)",  # a deprecation inside Lightning itself
+    r"Total length of `.*` across ranks is zero",  # the streams' empty validation loader
+)
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Drops Lightning's start-up chatter (device lines, the logger tip) and the warnings in :data:`_HARMLESS`."""
+    import warnings
+
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        for pattern in _HARMLESS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
 
 
 def _source(split: str, world: Mapping, **kw: Any):
@@ -1166,5 +1202,5 @@ def run_demo(config: Union[DemoConfig, Mapping, None] = None) -> DemoResult:
         config = load_demo_config()
     elif isinstance(config, Mapping):
         config = DemoConfig.from_dict(config)
-    with _threads(config.threads):
+    with _threads(config.threads), _quiet_lightning():
         return _Demo(config).run()

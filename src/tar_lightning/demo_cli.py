@@ -1,7 +1,7 @@
 """``tar-lightning demo``: the end-to-end demo on the invented knowledge world (see :mod:`tar_lightning.demo`).
 
     tar-lightning demo [--config recipes/demo/default.yaml] [--out runs/demo] [--model tiny|smollm2-135m-instruct]
-                       [--size minimal|default] [--seeds N] [--threads 1] [--no-progress]
+                       [--size default|minimal|smollm2] [--seeds N] [--threads 1] [--no-progress]
 
 Rerunning the same command reuses every finished stage in ``--out``. Exit codes: 0 done, 2 bad configuration,
 1 another library error.
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo YAML (default: recipes/demo/default.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: the config's, runs/demo)")
     p.add_argument("--model", default=None, help="'tiny' (default) or a model source, e.g. smollm2-135m-instruct")
-    p.add_argument("--size", default=None, help="size preset: default (~15 min on 2 CPU cores) or minimal (<1 min)")
+    p.add_argument("--size", default=None, help="size preset: default (~15 min on 2 CPU cores), minimal (<1 min) or smollm2 "
+                   "(chosen by --model smollm2-135m-instruct)")
     p.add_argument("--seeds", type=int, default=None, help="red-team seeds per attack (default: the config's, 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,6 +54,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
         from tar_lightning.demo import load_demo_config, run_demo
 
         config = load_demo_config(args.config, size=args.size, overrides=overrides)
+        print(f"[demo] model {config.model}, size preset {config.size}, output {config.out}", flush=True)
         result = run_demo(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
