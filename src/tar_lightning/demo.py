@@ -204,11 +204,8 @@ class TARStage:
                 raise ConfigError(f"{where}.options.{name}: unknown TARConfig fields {unknown}; expected some of {sorted(allowed)}")
             try:
                 self.tar_config(name, where=where)
-            except ConfigError as err:
+            except (ConfigError, TypeError, ValueError) as err:
                 raise ConfigError(f"{where}.options.{name}: {err}") from None
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"{where}.options.{name}: {err}") from None
-
 
     def tar_config(self, family: str, seed: int = 0, where: str = "tar"):
         """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options)."""

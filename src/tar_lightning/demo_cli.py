@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo YAML (default: recipes/demo/default.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: the config's, runs/demo)")
     p.add_argument("--model", default=None, help="'tiny' (default) or a model source, e.g. smollm2-135m-instruct")
-    p.add_argument("--size", default=None, help="size preset: default (~15 min on 2 CPU cores), minimal (<1 min) or smollm2 "
+    p.add_argument("--size", default=None, help="size preset: default (13.5-30 min on 2 CPU cores), minimal (<1 min) or smollm2 "
                    "(chosen by --model smollm2-135m-instruct)")
     p.add_argument("--seeds", type=int, default=None, help="red-team seeds per attack (default: the config's, 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")

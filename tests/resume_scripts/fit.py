@@ -139,8 +139,6 @@ def run(ckpt_dir: Path, out: Path, max_steps: int, kill_at_forward=None, kill_at
     )
 
 
-
-
 def last_step(ckpt_dir: Path):
     last = ckpt_dir / "last.ckpt"
     if not last.is_file():

@@ -62,8 +62,6 @@ def redteam(out: Path, kill_at=None) -> None:
     (out / "evaluations.txt").write_text(str(evaluator.calls))
 
 
-
-
 def finished(out: Path) -> list[str]:
     runs = out / "runs"
     return sorted(p.stem for p in runs.glob("*.json")) if runs.is_dir() else []
