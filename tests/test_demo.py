@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -36,7 +37,7 @@ def demo_run(tmp_path_factory):
 
 def test_default_yaml_loads_and_every_field_is_commented():
     config = load_demo_config()
-    assert config.size == "default" and config.model == "tiny" and config.threads == 1
+    assert config.size == "default" and config.model == "tiny" and config.threads == 1 and config.workers == 2
     assert config.tar.entropy_positions == "labels" and config.tar.run == ["paper", "extended"]
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert "minimal" in raw["sizes"]
@@ -133,6 +134,35 @@ def test_rerun_skips_finished_stages_and_reruns_only_what_changed(demo_run):
     assert third.cached == ["stage0", "random_mapping", "redteam_no_defense", "redteam_random_mapping"]
 
 
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def test_workers_give_the_same_numbers_and_resume_each_others_work(demo_run, tmp_path):
+    config, first, _ = demo_run
+    assert config.workers == 1
+    out = tmp_path / "workers"
+    parallel = load_demo_config(size="minimal", overrides={"out": str(out), "workers": 2})
+    second = run_demo(parallel)
+    assert sorted(second.ran) == sorted(STAGES + [f"redteam_{d}" for d in DEFENSES]) and second.cached == []
+    # bit-identical: every stage's evaluation, every curve point of every attack, the summary
+    for stage in STAGES:
+        assert second.stages[stage]["metrics"] == first.stages[stage]["metrics"]
+    assert _plain(second.cells) == _plain(first.cells)
+    assert _plain(second.summary) == _plain(first.summary)
+    for defense in DEFENSES:  # the red-team folders hold the same files a one-process run writes
+        assert sorted(p.name for p in (out / "redteam" / defense / "runs").glob("*.json")) == [
+            "d01__seed0.json", "w03__seed0.json"]
+        assert (out / "redteam" / defense / "report.md").is_file()
+    # one process finishes what the workers left (a removed run), and the workers what one process left
+    for workers, attack in ((1, "d01"), (2, "w03")):
+        (out / "redteam" / "tar_paper" / "demo_stage.json").unlink()
+        (out / "redteam" / "tar_paper" / "runs" / f"{attack}__seed0.json").unlink()
+        again = run_demo(dataclasses.replace(parallel, workers=workers))
+        assert again.ran == ["redteam_tar_paper"] and len(again.cached) == len(STAGES) + len(DEFENSES) - 1
+        assert _plain(again.cells) == _plain(first.cells)
+
+
 def test_cli_runs_the_cached_demo_and_rejects_bad_input(demo_run, tmp_path, capsys):
     config, _, _ = demo_run
     # the run above left tar at 1 step in config.out; a fresh folder keeps this test independent of order
@@ -156,6 +186,28 @@ def test_knowledge_evaluator_metrics():
     assert values["forget_loss"] > 0
     assert set(ev(model, tok, only=["forget_B_acc"])) == {"forget_B_acc"}
     assert len(ev.items["forget_B_acc"]) == 6
+    # a full evaluation is remembered per weights: the same weights are not scored again, new weights are
+    computed = []
+    evaluate = ev._evaluate
+    ev._evaluate = lambda *a: computed.append(a[2]) or evaluate(*a)
+    assert ev(model, tok) == values and computed == []
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.5)
+    changed = ev(model, tok)
+    assert changed["forget_loss"] != values["forget_loss"] and computed == [None]
+    ev(model, tok, only=["forget_loss"])  # evaluations of a subset (during attacks) are never remembered
+    assert computed == [None, ["forget_loss"]]
+    # a stage's stored evaluation stands for its exported weights
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    ev.remember(model, tok, values)
+    assert ev(model, tok) == values and computed == [None, ["forget_loss"]]
+    with pytest.raises(ConfigError, match=r"remember: metrics \['retain_loss'\] are missing"):
+        ev.remember(model, tok, {k: v for k, v in values.items() if k != "retain_loss"})
+    del ev._evaluate
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ev))._memo == {}  # worker processes get it without the memo
 
 
 def test_targets_are_computed_from_the_cells_as_specified():

@@ -263,6 +263,26 @@ def test_chat_template_scoring_hand_check(tiny):
     assert res.setting == "letter+chat+system"
 
 
+def test_score_mcq_encodes_a_question_set_once_per_tokenizer(tiny, monkeypatch):
+    import copy
+
+    from tar_lightning.evaluation import mcq
+
+    model, tok = tiny
+    items = [MCQItem(f"Fact {i}: the colour of item {i} is", ["red", "dark green", "blue", "pale yellow"], i % 4, "x")
+             for i in range(6)]
+    first = score_mcq(model, tok, items, variant="raw", batch_size=4)
+    encoded = []
+    build = mcq._build_rows
+    monkeypatch.setattr(mcq, "_build_rows", lambda *a: encoded.append(len(a[1])) or build(*a))
+    again = score_mcq(model, tok, items, variant="raw", batch_size=4)
+    assert encoded == [] and again.records == first.records  # the same questions: encoded rows reused
+    score_mcq(model, tok, items[:2], variant="raw")  # other questions
+    score_mcq(model, copy.deepcopy(tok), items, variant="raw", batch_size=4)  # another tokenizer object
+    score_mcq(model, tok, items, variant="raw", batch_size=4, max_length=8)  # another truncation
+    assert encoded == [2, 6, 6]
+
+
 def test_score_mcq_rejects_bad_arguments(tiny):
     model, tok = tiny
     item = MCQItem("q", ["a", "b"], 0)

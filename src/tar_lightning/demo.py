@@ -24,6 +24,9 @@ bare cloze stem and ``" {choice}"``; a tiny model trained only on fact sentences
 
 Every finished stage is cached under ``out/``: a stage whose configuration (and upstream stages) did not change
 is loaded instead of rerun; red-team runs resume through ``run_redteam``'s own run files.
+
+With ``workers: N`` (default 2) the stages and the attacks run on N processes as a job graph
+(:mod:`tar_lightning.demo_workers`); the numbers are the same as with ``workers: 1`` (everything in this process).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -281,6 +284,7 @@ class DemoConfig:
     seq_len: int = 48
     seed: int = 0
     threads: Optional[int] = 1
+    workers: int = 1
     out: str = "runs/demo"
     progress: bool = True
     eval_batch_size: int = 64
@@ -332,6 +336,7 @@ class DemoConfig:
         _pos_int(self.eval_batch_size, "eval_batch_size")
         if self.threads is not None:
             _pos_int(self.threads, "threads")
+        _pos_int(self.workers, "workers")
         for key in ("mcq_limit", "heldout_limit"):
             if getattr(self, key) is not None:
                 _pos_int(getattr(self, key), key)
@@ -441,18 +446,27 @@ _HARMLESS = (
 )
 
 
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Drops Lightning's start-up chatter (device lines, the logger tip) and the warnings in :data:`_HARMLESS`."""
+def _silence_lightning() -> dict[str, int]:
+    """Drops Lightning's start-up chatter (device lines, the logger tip) and the warnings in :data:`_HARMLESS`
+    (for good: worker processes call this); returns the previous logger levels."""
     import warnings
 
     names = ("lightning.pytorch", "lightning.fabric")
     levels = {n: logging.getLogger(n).level for n in names}
+    for pattern in _HARMLESS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    return levels
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """:func:`_silence_lightning` for the duration of the block."""
+    import warnings
+
     with warnings.catch_warnings():
-        for pattern in _HARMLESS:
-            warnings.filterwarnings("ignore", message=pattern)
-        for n in names:
-            logging.getLogger(n).setLevel(logging.WARNING)
+        levels = _silence_lightning()
         try:
             yield
         finally:
@@ -466,7 +480,7 @@ def _source(split: str, world: Mapping, **kw: Any):
     return DataSource(path=f"knowledge:{split}", knowledge=dict(world), **kw)
 
 
-def _trainer(steps: int, progress: bool, root: Path):
+def _trainer(steps: int, progress: bool, root: Path, callbacks: Sequence[Any] = ()):
     import lightning as L
 
     return L.Trainer(
@@ -480,6 +494,7 @@ def _trainer(steps: int, progress: bool, root: Path):
         log_every_n_steps=max(1, min(50, steps)),
         default_root_dir=str(root),
         num_sanity_val_steps=0,
+        callbacks=list(callbacks),
     )
 
 
@@ -554,6 +569,10 @@ class KnowledgeEvaluator:
     MCQs use the ``raw`` variant of :func:`~tar_lightning.evaluation.mcq.score_mcq` (summed log-probability of
     ``" {choice}"`` after the bare held-out-template stem).
 
+    Every metric is a deterministic function of the weights, so a full evaluation is remembered per weights
+    digest (the last few): the red team's pre-attack evaluation of a defense, identical for each of its attacks,
+    and the stage's own check of the same weights are computed once.
+
     Args:
         world: :func:`~tar_lightning.data.knowledge.build_world` arguments.
         seq_len: tokens per held-out text.
@@ -585,11 +604,46 @@ class KnowledgeEvaluator:
         retain = [r["text"] for r in knowledge_records("retain", w)]
         self.retain_texts = retain[:heldout_limit] if heldout_limit else retain
         self.seq_len, self.batch_size = seq_len, batch_size
+        self._memo: dict[tuple, tuple[Any, dict[str, float]]] = {}
         self.fingerprint = "KnowledgeEvaluator(" + _hash(
             [dict(world), seq_len, mcq_limit, heldout_limit, "raw"]
         ) + ")"
 
+    MEMO_SIZE = 8
+
+    def __getstate__(self) -> dict:  # sent to red-team worker processes without the memo (it holds tokenizers)
+        return {**self.__dict__, "_memo": {}}
+
     def __call__(self, model: Any, tokenizer: Any, only: Optional[Sequence[str]] = None) -> dict[str, float]:
+        from tar_lightning.evaluation.redteam import _fingerprint
+
+        if only is not None:  # the red team's evaluations during attacks: new weights every time
+            return self._evaluate(model, tokenizer, only)
+        key = (_fingerprint(model), id(tokenizer), len(tokenizer))
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            return dict(hit[1])
+        out = self._evaluate(model, tokenizer, None)
+        self._remember(key, tokenizer, out)
+        return out
+
+    def remember(self, model: Any, tokenizer: Any, metrics: Mapping[str, float]) -> None:
+        """Records ``metrics`` as this evaluator's full evaluation of these weights (a stage's stored
+        evaluation, read back with the weights it exported, in place of scoring them again)."""
+        from tar_lightning.evaluation.redteam import _fingerprint
+
+        missing = set(self.METRICS) - set(metrics)
+        if missing:
+            raise ConfigError(f"KnowledgeEvaluator.remember: metrics {sorted(missing)} are missing")
+        self._remember((_fingerprint(model), id(tokenizer), len(tokenizer)), tokenizer,
+                       {k: float(metrics[k]) for k in self.METRICS})
+
+    def _remember(self, key: tuple, tokenizer: Any, metrics: Mapping[str, float]) -> None:
+        self._memo[key] = (tokenizer, dict(metrics))
+        while len(self._memo) > self.MEMO_SIZE:
+            self._memo.pop(next(iter(self._memo)))
+
+    def _evaluate(self, model: Any, tokenizer: Any, only: Optional[Sequence[str]]) -> dict[str, float]:
         from tar_lightning.evaluation.heldout import heldout_metrics
         from tar_lightning.evaluation.mcq import score_mcq
 
@@ -651,13 +705,29 @@ class DemoResult:
 
 # ------------------------------------------------------------------------------------------------ the run
 class _Demo:
-    def __init__(self, config: DemoConfig) -> None:
+    """The stages of one demo configuration.
+
+    Args:
+        config: the configuration.
+        say: where progress lines go (default: printed); worker processes send them to the parent.
+        train_callbacks: ``(stage name, steps) -> Lightning callbacks`` added to a stage's trainer.
+    """
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        say: Optional[Callable[[str], None]] = None,
+        train_callbacks: Optional[Callable[[str, int], Sequence[Any]]] = None,
+    ) -> None:
         self.cfg = config
         self.out = Path(os.path.expanduser(config.out)).absolute()
         self.result = DemoResult(config=config, out_dir=self.out)
         self.evaluator = KnowledgeEvaluator(
             config.world, config.seq_len, config.eval_batch_size, config.mcq_limit, config.heldout_limit
         )
+        self.say = say or (lambda text: print(text, flush=True))
+        self.train_callbacks = train_callbacks or (lambda name, steps: [])
+        self._suite = None
 
     # -- models ----------------------------------------------------------------------------------------
     def fresh_model(self):
@@ -674,25 +744,71 @@ class _Demo:
     def _model_key(self) -> dict:
         return {"model": self.cfg.model, "tiny": dict(self.cfg.tiny) if self.cfg.model == "tiny" else None}
 
-    def stage(self, name: str, key: Any, train) -> tuple[Any, Any, str]:
+    def keys(self) -> dict[str, tuple[dict, str]]:
+        """Stage name -> (key, hash) for every training stage; a stage's key holds its parent's hash, so a
+        change anywhere upstream reruns everything below it."""
+        cfg = self.cfg
+        out: dict[str, tuple[dict, str]] = {}
+
+        def add(name: str, key: dict) -> str:
+            out[name] = (key, _hash(key))
+            return out[name][1]
+
+        h0 = add("stage0", {"stage": 0, **self._model_key(), "world": cfg.world, "seq_len": cfg.seq_len,
+                            "seed": cfg.seed, "config": dataclasses.asdict(cfg.stage0)})
+        h1 = add("random_mapping", {"stage": 1, "parent": h0, "config": dataclasses.asdict(cfg.random_mapping)})
+        s = cfg.tar
+        for family in s.run:
+            key = {"stage": 2, "parent": h1, "family": family, "adversaries": s.families[family],
+                   "config": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("run", "families", "options")}}
+            options = dict(s.options.get(family, {}))
+            if options:
+                key["options"] = options
+            add(f"tar_{family}", key)
+        return out
+
+    def defenses(self) -> dict[str, str]:
+        """Defense -> the training stage whose model it is, in report order."""
+        return {"no_defense": "stage0", "random_mapping": "random_mapping",
+                **{f"tar_{f}": f"tar_{f}" for f in self.cfg.tar.run}}
+
+    def cached_stage(self, name: str) -> Optional[dict]:
+        """The metadata of stage ``name`` when ``out/name`` holds a finished run of its current key."""
+        folder = self.out / name
+        meta = _read_json(folder / "stage.json")
+        if meta is not None and meta.get("hash") == self.keys()[name][1] and (folder / "model" / "config.json").is_file():
+            return meta
+        return None
+
+    def load_stage(self, name: str) -> tuple[Any, Any]:
+        """The model and tokenizer a finished stage exported to ``out/name/model``."""
+        from tar_lightning.evaluation.redteam import quiet_hf_progress
+        from tar_lightning.models import load_model
+
+        with quiet_hf_progress():
+            model, tok = load_model(str(self.out / name / "model"), dtype="float32")
+        model.train()
+        meta = _read_json(self.out / name / "stage.json") or {}
+        if meta.get("evaluator") == self.evaluator.fingerprint and isinstance(meta.get("metrics"), Mapping):
+            with contextlib.suppress(ConfigError):  # a stage written before a metric existed is scored again
+                self.evaluator.remember(model, tok, meta["metrics"])
+        return model, tok
+
+    def stage(self, name: str, train) -> tuple[Any, Any, str]:
         """Runs ``train() -> (model, tokenizer)`` unless ``out/name`` holds a finished run of the same key."""
         from tar_lightning.evaluation.redteam import quiet_hf_progress
-        from tar_lightning.models import export_pretrained, load_model
+        from tar_lightning.models import export_pretrained
 
+        key, h = self.keys()[name]
         folder = self.out / name
-        meta_path = folder / "stage.json"
-        h = _hash(key)
-        meta = _read_json(meta_path)
-        if meta is not None and meta.get("hash") == h and (folder / "model" / "config.json").is_file():
-            with quiet_hf_progress():
-                model, tok = load_model(str(folder / "model"), dtype="float32")
-            model.train()
+        meta = self.cached_stage(name)
+        if meta is not None:
+            model, tok = self.load_stage(name)
             self.result.stages[name] = {**meta, "cached": True}
             self.result.cached.append(name)
             log.info("demo: stage %s is cached in %s", name, folder)
             return model, tok, h
-        if meta_path.exists():
-            meta_path.unlink()
+        (folder / "stage.json").unlink(missing_ok=True)
         start = time.perf_counter()
         model, tok = train()
         wall = time.perf_counter() - start
@@ -701,18 +817,16 @@ class _Demo:
         model.train()
         with quiet_hf_progress():
             export_pretrained(model, tok, folder / "model", overwrite=True)
-        meta = {"hash": h, "key": key, "metrics": metrics, "wall_time_s": wall}
-        _write_json(meta_path, meta)
+        meta = {"hash": h, "key": key, "metrics": metrics, "evaluator": self.evaluator.fingerprint, "wall_time_s": wall}
+        _write_json(folder / "stage.json", meta)
         self.result.stages[name] = {**meta, "cached": False}
         self.result.ran.append(name)
-        print(f"[demo] {name}: {_fmt_metrics(metrics)} ({wall:.0f} s)", flush=True)
+        self.say(f"[demo] {name}: {_fmt_metrics(metrics)} ({wall:.0f} s)")
         return model, tok, h
 
     # -- stages ------------------------------------------------------------------------------------------
     def stage0(self):
         cfg, s = self.cfg, self.cfg.stage0
-        key = {"stage": 0, **self._model_key(), "world": cfg.world, "seq_len": cfg.seq_len, "seed": cfg.seed,
-               "config": dataclasses.asdict(s)}
 
         def train():
             import lightning as L
@@ -726,15 +840,16 @@ class _Demo:
                 streams={"forget": _source("forget_all", cfg.world), "retain": _source("retain", cfg.world)},
                 seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed, tokenizer=tok,
             )
-            print(f"[demo] stage 0: teaching both domains ({s.steps} steps)", flush=True)
-            _trainer(s.steps, cfg.progress, self.out / "stage0").fit(module, data)
+            self.say(f"[demo] stage 0: teaching both domains ({s.steps} steps)")
+            _trainer(s.steps, cfg.progress, self.out / "stage0", self.train_callbacks("stage0", s.steps)).fit(
+                module, data
+            )
             return module.model, tok
 
-        return self.stage("stage0", key, train)
+        return self.stage("stage0", train)
 
-    def stage_rm(self, base, tok, parent: str):
+    def stage_rm(self, base, tok):
         cfg, s = self.cfg, self.cfg.random_mapping
-        key = {"stage": 1, "parent": parent, "config": dataclasses.asdict(s)}
 
         def train():
             import lightning as L
@@ -751,20 +866,15 @@ class _Demo:
                 streams={"forget": _source("forget_all", cfg.world), "retain": _source("retain", cfg.world)},
                 seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 1, tokenizer=tok,
             )
-            print(f"[demo] stage 1: random mapping ({s.steps} steps)", flush=True)
-            _trainer(s.steps, cfg.progress, self.out / "random_mapping").fit(module, data)
+            self.say(f"[demo] stage 1: random mapping ({s.steps} steps)")
+            callbacks = self.train_callbacks("random_mapping", s.steps)
+            _trainer(s.steps, cfg.progress, self.out / "random_mapping", callbacks).fit(module, data)
             return module.model, tok
 
-        return self.stage("random_mapping", key, train)
+        return self.stage("random_mapping", train)
 
-    def stage_tar(self, family: str, base, tok, parent: str):
+    def stage_tar(self, family: str, base, tok):
         cfg, s = self.cfg, self.cfg.tar
-        adversaries = s.families[family]
-        options = dict(s.options.get(family, {}))
-        key = {"stage": 2, "parent": parent, "family": family, "adversaries": adversaries,
-               "config": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("run", "families", "options")}}
-        if options:
-            key["options"] = options
 
         def train():
             import lightning as L
@@ -790,15 +900,21 @@ class _Demo:
                 streams={k: v for k, v in streams.items() if k in needed},
                 seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 2, tokenizer=tok,
             )
-            print(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={s.inner_steps})",
-                  flush=True)
-            _trainer(s.steps, cfg.progress, self.out / f"tar_{family}").fit(module, data)
+            self.say(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={s.inner_steps})")
+            callbacks = self.train_callbacks(f"tar_{family}", s.steps)
+            _trainer(s.steps, cfg.progress, self.out / f"tar_{family}", callbacks).fit(module, data)
             return module.model, tok
 
-        return self.stage(f"tar_{family}", key, train)
+        return self.stage(f"tar_{family}", train)
 
     # -- red team ------------------------------------------------------------------------------------------
     def suite(self):
+        """The demo's red-team suite (built once)."""
+        if self._suite is None:
+            self._suite = self._build_suite()
+        return self._suite
+
+    def _build_suite(self):
         from tar_lightning.evaluation.suite import EvaluationSpec, ScoreSpec, Suite, load_suite
 
         cfg, r = self.cfg, self.cfg.redteam
@@ -846,27 +962,42 @@ class _Demo:
         )
         return suite.scaled(r.scale, max_steps=r.max_steps, max_batch_size=r.max_batch_size)
 
-    def redteam(self, defense: str, model, tok, parent: str) -> dict:
+    def _redteam_key(self, defense: str) -> tuple[dict, str]:
+        parent = self.keys()[self.defenses()[defense]][1]
+        key = {"stage": 3, "parent": parent, "suite": self.suite().to_dict(), "evaluator": self.evaluator.fingerprint}
+        return key, _hash(key)
+
+    def cached_redteam(self, defense: str) -> Optional[dict]:
+        """The red team of ``defense`` when ``out/redteam/defense`` holds a finished one of its current key."""
+        meta = _read_json(self.out / "redteam" / defense / "demo_stage.json")
+        if meta is not None and meta.get("hash") == self._redteam_key(defense)[1]:
+            return meta
+        return None
+
+    def redteam(self, defense: str, model, tok, compute_s: Optional[float] = None) -> dict:
+        """Stage 3 for one defense: every attack × seed (finished run files in its folder are reused).
+
+        ``compute_s``: the runs were computed elsewhere (worker processes) in this many seconds; this call only
+        collects them."""
         from tar_lightning.evaluation.redteam import run_redteam
 
         suite = self.suite()
         folder = self.out / "redteam" / defense
-        key = {"stage": 3, "parent": parent, "suite": suite.to_dict(), "evaluator": self.evaluator.fingerprint}
-        h = _hash(key)
+        h = self._redteam_key(defense)[1]
         name = f"redteam_{defense}"
-        meta = _read_json(folder / "demo_stage.json")
-        if meta is not None and meta.get("hash") == h:
+        meta = self.cached_redteam(defense)
+        if meta is not None:
             self.result.stages[name] = {"hash": h, "wall_time_s": meta["wall_time_s"], "cached": True}
             self.result.cached.append(name)
             return meta
-        print(f"[demo] stage 3: red team on {defense} ({len(suite.attacks)} attacks x {len(suite.seeds)} seeds)",
-              flush=True)
+        if compute_s is None:
+            self.say(f"[demo] stage 3: red team on {defense} ({len(suite.attacks)} attacks x {len(suite.seeds)} seeds)")
         start = time.perf_counter()
         res = run_redteam(
             model, suite, out_dir=folder, tokenizer=tok, evaluator=self.evaluator, device="cpu",
-            progress=self.cfg.progress,
+            progress=self.cfg.progress and compute_s is None,
         )
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - start if compute_s is None else compute_s
         meta = {
             "hash": h,
             "wall_time_s": wall,
@@ -887,24 +1018,37 @@ class _Demo:
     def run(self) -> DemoResult:
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        m0, tok, h0 = self.stage0()
-        self._tokenizer = tok
-        rm, tok, h1 = self.stage_rm(m0, tok, h0)
-        defenses = {"no_defense": (m0, h0), "random_mapping": (rm, h1)}
-        for family in self.cfg.tar.run:
-            m, _, h = self.stage_tar(family, rm, tok, h1)
-            defenses[f"tar_{family}"] = (m, h)
-        reds = {}
-        for defense, (model, h) in defenses.items():
-            model.eval()
-            reds[defense] = self.redteam(defense, model, tok, h)
-        self.collect(defenses, reds)
+        if self.cfg.workers > 1:
+            from tar_lightning.demo_workers import run_stages_in_workers
+
+            reds = run_stages_in_workers(self)
+
+            def model_of(defense: str) -> tuple[Any, Any]:
+                return self.load_stage(self.defenses()[defense])
+        else:
+            defenses, reds = self._run_in_process()
+            model_of = defenses.__getitem__
+        self.collect(reds, model_of)
         self.result.targets = demo_targets(self.result)
         self.result.wall_time_s = time.perf_counter() - start
         self.write()
         return self.result
 
-    def collect(self, defenses: Mapping, reds: Mapping) -> None:
+    def _run_in_process(self) -> tuple[dict, dict]:
+        m0, tok, _ = self.stage0()
+        rm, tok, _ = self.stage_rm(m0, tok)
+        defenses = {"no_defense": (m0, tok), "random_mapping": (rm, tok)}
+        for family in self.cfg.tar.run:
+            m, _, _ = self.stage_tar(family, rm, tok)
+            defenses[f"tar_{family}"] = (m, tok)
+        reds = {}
+        for defense, (model, _) in defenses.items():
+            model.eval()
+            reds[defense] = self.redteam(defense, model, tok)
+        return defenses, reds
+
+    def collect(self, reds: Mapping, model_of: Callable[[str], tuple[Any, Any]]) -> None:
+        """Fills cells and summary from the red-team metadata; ``model_of(defense) -> (model, tokenizer)``."""
         stage_of = {"no_defense": "stage0", "random_mapping": "random_mapping"}
         suite_of = {a: suite for suite, ids in self.cfg.redteam.attacks.items() for a in ids}
         for defense, meta in reds.items():
@@ -934,9 +1078,9 @@ class _Demo:
             stage = self.result.stages.get(stage_of.get(defense, defense), {})
             before = stage.get("metrics", {})
             if stage and "retain_loss" not in before:  # a stage cached by a version without this metric
-                model, _ = defenses[defense]
+                model, tok = model_of(defense)
                 with torch.no_grad():
-                    before.update(self.evaluator(model, self._tokenizer, only=["retain_loss"]))
+                    before.update(self.evaluator(model, tok, only=["retain_loss"]))
             self.result.summary[defense] = {
                 "before": before.get(SAFETY),
                 "before_A": before.get("forget_A_acc"),

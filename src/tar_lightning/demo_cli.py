@@ -1,7 +1,8 @@
 """``tar-lightning demo``: the end-to-end demo on the invented knowledge world (see :mod:`tar_lightning.demo`).
 
     tar-lightning demo [--config recipes/demo/default.yaml] [--out runs/demo] [--model tiny|smollm2-135m-instruct]
-                       [--size default|minimal|smollm2] [--seeds N] [--threads 1] [--no-progress]
+                       [--size default|minimal|smollm2] [--seeds N] [--threads 1] [--workers 2]
+                       [--no-progress]
 
 Rerunning the same command reuses every finished stage in ``--out``. Exit codes: 0 done, 2 bad configuration,
 1 another library error.
@@ -26,10 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo YAML (default: recipes/demo/default.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: the config's, runs/demo)")
     p.add_argument("--model", default=None, help="'tiny' (default) or a model source, e.g. smollm2-135m-instruct")
-    p.add_argument("--size", default=None, help="size preset: default (13.5-30 min on 2 CPU cores), minimal (<1 min) or smollm2 "
+    p.add_argument("--size", default=None, help="size preset: default (~15 min on 2 CPU cores), minimal (<1 min) or smollm2 "
                    "(chosen by --model smollm2-135m-instruct)")
     p.add_argument("--seeds", type=int, default=None, help="red-team seeds per attack (default: the config's, 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the config's, 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running independent stages and attacks at once (default: the config's, 2; "
+                   "the numbers do not depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -46,6 +50,8 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
         overrides["model"] = args.model
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     if args.seeds is not None:
         overrides["redteam"] = {"seeds": args.seeds}
     if args.no_progress:

@@ -51,7 +51,7 @@ import json
 import logging
 import math
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -786,6 +786,36 @@ def _build_rows(
     return rows
 
 
+#: Recent question encodings, most recent last: ``key -> (tokenizer, rows)``. Rows depend only on the tokenizer and
+#: the texts, and evaluators score the same questions again after every few attack steps, so they are encoded once.
+_ROWS_CACHE: OrderedDict[tuple, tuple[Any, list[_Row]]] = OrderedDict()
+_ROWS_CACHE_SIZE = 8
+
+
+def _rows_for(
+    tokenizer: Any,
+    contexts: list[str],
+    conts: list[list[str]],
+    max_len: int,
+    add_special_tokens: bool,
+) -> list[_Row]:
+    """:func:`_build_rows`, reusing the rows of an earlier call with the same tokenizer object and texts."""
+    try:
+        vocab = len(tokenizer)  # tokens added to the same tokenizer object change the key
+    except TypeError:
+        vocab = None
+    key = (id(tokenizer), vocab, max_len, add_special_tokens, tuple(contexts), tuple(tuple(c) for c in conts))
+    hit = _ROWS_CACHE.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        _ROWS_CACHE.move_to_end(key)
+        return hit[1]
+    rows = _build_rows(tokenizer, contexts, conts, max_len, add_special_tokens)
+    _ROWS_CACHE[key] = (tokenizer, rows)  # holding the tokenizer keeps its id from being reused
+    while len(_ROWS_CACHE) > _ROWS_CACHE_SIZE:
+        _ROWS_CACHE.popitem(last=False)
+    return rows
+
+
 def _supports_logits_to_keep(model: Any) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -819,14 +849,22 @@ def _run_rows(model: Any, rows: list[_Row], n_choices: list[int], batch_size: in
         logits = model(**kwargs).logits
         passes += 1
         offset = width - logits.shape[1]  # position p is logits[:, p - offset]
+        # One log-softmax over the vocabulary of every kept position and one gather of every (row, position,
+        # token) read; the sum of each choice's tokens is then taken per group of equal-length choices.
+        logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        by_length: dict[int, tuple[list[tuple[int, int]], list[int], list[int], list[int]]] = {}
         for b, row in enumerate(chunk):
-            lo = min(g[2][0] for g in row.gathers)
-            hi = max(g[2][-1] for g in row.gathers) + 1
-            logp = F.log_softmax(logits[b, lo - offset : hi - offset], dim=-1, dtype=torch.float32)
             for q, j, positions, tokens in row.gathers:
-                pos = torch.tensor(positions, device=logp.device) - lo
-                tok = torch.tensor(tokens, device=logp.device)
-                scores[q][j] = float(logp[pos, tok].sum())
+                keys, bs, ps, ts = by_length.setdefault(len(tokens), ([], [], [], []))
+                keys.append((q, j))
+                bs.extend([b] * len(tokens))
+                ps.extend(p - offset for p in positions)
+                ts.extend(tokens)
+        for m, (keys, bs, ps, ts) in by_length.items():
+            index = [torch.tensor(x, device=logp.device) for x in (bs, ps, ts)]
+            sums = logp[index[0], index[1], index[2]].view(len(keys), m).sum(dim=1).tolist()
+            for (q, j), value in zip(keys, sums, strict=True):
+                scores[q][j] = value
     return scores, passes
 
 
@@ -914,7 +952,7 @@ def score_mcq(
         for it in items
     ]
     conts = [continuations(it, variant, chat_template) for it in items]
-    rows = _build_rows(tokenizer, contexts, conts, max_len, add_special_tokens)
+    rows = _rows_for(tokenizer, contexts, conts, max_len, add_special_tokens)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
