@@ -149,6 +149,12 @@ class _Bars:
             )
         bar.update(done - bar.n)
 
+    def finish(self, key: str) -> None:
+        """Stops the clock of a finished bar (it stays on screen)."""
+        bar = self.bars.get(key)
+        if bar is not None:
+            bar.close()  # idempotent; a closed bar ignores later updates
+
     def write(self, text: str) -> None:
         if self.bars:
             from tqdm import tqdm
@@ -269,6 +275,7 @@ def run_stages_in_workers(demo) -> dict:
         if job.fn is _stage_job:
             demo.result.stages[job.name] = {**out["meta"], "cached": out["cached"]}
             (demo.result.cached if out["cached"] else demo.result.ran).append(job.name)
+            bars.finish(job.name)
         elif job.fn is _attack_job:
             red_runs[job.defense] += out["runs"]
             red_compute[job.defense] += out["wall_time_s"]
@@ -276,6 +283,7 @@ def run_stages_in_workers(demo) -> dict:
                         red_total[job.defense], "run")
         else:
             reds[job.defense] = out
+            bars.finish(f"red:{job.defense}")
             name = f"redteam_{job.defense}"
             demo.result.stages[name] = {"hash": out["hash"], "wall_time_s": out["wall_time_s"], "cached": False}
             demo.result.ran.append(name)
