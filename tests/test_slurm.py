@@ -4,16 +4,25 @@ In-process tests (always run): a real SIGUSR1 sent from inside the adversary's i
 hold the weights an uninterrupted run has at that global step (restored, not attacked), and resuming from it must
 end bit-identical to the uninterrupted run.
 
+The SIGUSR1 handler restarts an interrupted system call (a C-level read(2) blocked when the signal arrives
+returns its data, not EINTR), and every rank of a two-process run destroys its process group before it exits
+(after ``tar-lightning fit`` returns; at exit for ``Trainer.fit`` with SlurmRequeue).
+
 Tests marked ``slurm`` submit recipes/launch/slurm_1node_8gpu.sbatch, scaled to 1 node x 2 CPU tasks (DDP on
-gloo), to the one-node Slurm of ``.ci/slurm.sh up`` (tests/conftest.py deselects them when no Slurm answers).
+gloo), to the one-node Slurm of ``.ci/slurm.sh up`` (tests/conftest.py deselects them when no Slurm answers), and
+decide from Slurm's record of the job (``scontrol show job``: JobState, Restarts, ExitCode), with a deadline on
+every wait; and start two-rank ``tar-lightning fit`` runs with srun, every task of which must exit 0.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,13 +160,104 @@ def test_unknown_signal_is_a_clear_error():
     assert SlurmRequeue(signum=10).signum == signal.SIGUSR1
 
 
+#: the read(2) system call number, as /proc/<pid>/task/<tid>/syscall shows it
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63}
+
+
+def _thread_in_read(tid: int) -> bool:
+    fields = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
+    return bool(fields) and fields[0] == str(_READ_SYSCALL[platform.machine()])
+
+
+def _signal_pending(tid: int, signum: int) -> bool:
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    pending = int(re.search(r"^SigPnd:\s*([0-9a-f]+)", status, flags=re.M).group(1), 16)
+    return bool(pending >> (signum - 1) & 1)
+
+
+def _wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() not in _READ_SYSCALL,
+                    reason="reads the blocked system call from Linux's /proc")
+def test_sigusr1_does_not_interrupt_a_blocking_system_call(tmp_path):
+    """Slurm's warning signal arriving while a rank is blocked in a system call (a socket read of a collective, a
+    checkpoint write) must restart that call, not fail it with EINTR: a C-level read(2) on a pipe, in the main
+    thread, gets SIGUSR1 and must still return the bytes written after the signal was handled."""
+    import ctypes
+    import threading
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    requeue = SlurmRequeue(requeue=False)
+    previous = signal.getsignal(signal.SIGUSR1)
+    requeue.setup(trainer, None, "fit")
+    libc = ctypes.CDLL(None, use_errno=True)
+    read_fd, write_fd = os.pipe()
+    main_tid, main_ident = threading.get_native_id(), threading.get_ident()
+    errors: list[BaseException] = []
+
+    def signal_then_write() -> None:
+        try:
+            _wait_for(lambda: _thread_in_read(main_tid), "the main thread to block in read(2)")
+            signal.pthread_kill(main_ident, signal.SIGUSR1)
+            _wait_for(lambda: not _signal_pending(main_tid, signal.SIGUSR1), "SIGUSR1 to be delivered")
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+        finally:
+            os.write(write_fd, b"restart!")
+
+    helper = threading.Thread(target=signal_then_write)
+    try:
+        helper.start()
+        buf = ctypes.create_string_buffer(8)
+        n = libc.read(read_fd, buf, 8)
+        errno = ctypes.get_errno()
+        helper.join()
+    finally:
+        requeue.teardown(trainer, None, "fit")
+        os.close(read_fd)
+        os.close(write_fd)
+    assert not errors, errors
+    assert n == 8 and buf.raw == b"restart!", f"read(2) returned {n} (errno {errno}: {os.strerror(errno)})"
+    assert requeue.flag  # the handler still ran (once the call returned)
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
+#: the templates' SIGUSR1 warning margin, as docs/SCALING.md (Slurm) derives it
+WARNING_MARGIN_S = 480
+
+
+def test_sbatch_warning_margin_is_the_one_scaling_md_derives():
+    """docs/SCALING.md's arithmetic: 1.5 x (one outer step + two sharded saves of the fp32 weights and outer
+    optimizer state at the stated filesystem bandwidth + exit), rounded up to a minute, is the templates' margin."""
+    text = (REPO / "docs" / "SCALING.md").read_text(encoding="utf-8")
+    section = text[text.index("## Slurm"):]
+    step_s = int(re.search(r"outer step: t_step = (\d+) s", section).group(1))
+    state_gb = float(re.search(r"state saved: S = ([\d.]+) GB", section).group(1))
+    bandwidth = float(re.search(r"bandwidth: B = ([\d.]+) GB/s", section).group(1))
+    exit_s = int(re.search(r"exit: t_exit = (\d+) s", section).group(1))
+    need = 1.5 * (step_s + 2 * state_gb / bandwidth + exit_s)
+    assert WARNING_MARGIN_S == 60 * -(-int(need) // 60), need
+    assert f"SIGUSR1@{WARNING_MARGIN_S}" in section
+    # the saved state: fp32 weights (4 bytes/param) + schedule-free AdamW's two fp32 buffers (8) of Llama-3-8B
+    assert abs(state_gb - 12 * 8.030261248) < 0.1
+
+
 def test_sbatch_templates_match_the_overlays():
     for name, nodes, overlay in (("slurm_1node_8gpu.sbatch", 1, "fsdp2_8gpu.yaml"),
                                  ("slurm_2node_8gpu.sbatch", 2, "fsdp2_2node.yaml")):
         text = (REPO / "recipes" / "launch" / name).read_text()
         directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.M))
         assert directives["nodes"] == str(nodes) and directives["ntasks-per-node"] == "8", name
-        assert directives["gpus-per-node"] == "8" and directives["signal"] == "SIGUSR1@120", name
+        assert directives["gpus-per-node"] == "8" and directives["signal"] == f"SIGUSR1@{WARNING_MARGIN_S}", name
+        # whole nodes: every rank's share of the fp32 state passes through host memory
+        assert directives["mem"] == "0" and "exclusive" in directives, name
         assert "requeue" in directives and directives["open-mode"] == "append", name
         assert f"recipes/launch/{overlay}" in text and "callbacks/slurm_requeue.yaml" in text, name
         assert re.search(r"^srun .*fit .*--ckpt_path last$", text, flags=re.M), name
@@ -168,19 +268,133 @@ def test_sbatch_templates_match_the_overlays():
         assert trainer["strategy"]["init_args"]["data_parallel_size"] == 8 * nodes, overlay
 
 
+# ------------------------------------------------------------------------------------ process-group shutdown
+#: Run as ``python SCRIPT OUT MODE`` by 2 processes (Lightning's DDP launcher re-runs it for rank 1, or srun runs
+#: it twice); each rank writes OUT/<mode>_rank<r>.json saying whether its process group is still initialized.
+_EXIT_SCRIPT = """
+import atexit, json, os, sys
+
+import torch
+import torch.distributed as dist
+
+out, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))
+torch.set_num_threads(1)
+if mode == "cli":
+    from tar_lightning.cli import main
+
+    rc = main(["fit", "--config", "recipes/tiny/tar.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--trainer.max_steps", "1", "--trainer.default_root_dir", os.path.join(out, f"run_{mode}"),
+               "--trainer.logger", "false", "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "false",
+               "--trainer.enable_progress_bar", "false"])
+    state = {"rc": rc, "initialized": dist.is_initialized()}
+else:  # Trainer.fit with SlurmRequeue: the process group outlives fit and is destroyed when the process exits
+    import lightning as L
+
+    from tar_lightning import AdversaryConfig, DataSource, TARConfig, TARDataModule, TARModule
+    from tar_lightning.callbacks import SlurmRequeue
+
+    cfg = TARConfig(inner_steps=2, tr_every=1, adversaries=[AdversaryConfig(name="a", data="forget", lr=1e-3)])
+    module = TARModule("tiny-llama", cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    data = TARDataModule(streams={"retain": DataSource("synthetic:retain", synthetic={"n": 16}),
+                                  "forget": DataSource("synthetic:forget", synthetic={"n": 16}),
+                                  "tr": DataSource("synthetic:forget", synthetic={"n": 16, "seed": 1})},
+                         seq_len=16, batch_size=2, seed=0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=os.path.join(out, f"run_{mode}"), callbacks=[SlurmRequeue(requeue=False)])
+    trainer.fit(module, data)
+    after_fit = dist.is_initialized()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit, before it tears the rest down
+    state = {"rc": 0, "initialized_after_fit": after_fit, "initialized": dist.is_initialized()}
+with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as fh:
+    json.dump(state, fh)
+"""
+
+
+def _exit_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    for key in list(env):
+        if (key.startswith(("SLURM_", "PL_")) and key != "SLURM_CONF") or key in (
+                "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+            del env[key]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cli", "trainer"])
+def test_every_rank_destroys_its_process_group(tmp_path, mode):
+    """Two DDP ranks (gloo): after ``tar-lightning fit`` returns, and when a ``Trainer.fit`` process with
+    SlurmRequeue exits, no process group is left for the interpreter's shutdown (where gloo aborts: rc 134)."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode], cwd=REPO, env=_exit_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    states = [json.loads((tmp_path / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, state in enumerate(states):
+        assert state["rc"] == 0, (rank, state)
+        if mode == "trainer":
+            assert state["initialized_after_fit"], (rank, state)  # fit keeps it (a later trainer.test needs it)
+        assert not state["initialized"], (rank, state)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_rank_srun_exits_are_all_clean(tmp_path):
+    """``tar-lightning fit`` on 2 ranks started by srun, several times: every task exits 0 (without the shutdown,
+    gloo aborted about one two-rank exit in three here: ``terminate called without an active exception``)."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    results = []
+    for attempt in range(4):
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        proc = subprocess.run(
+            ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+             f"--job-name=tar-exit-{os.getpid()}", sys.executable, str(script), str(out), "cli"],
+            cwd=REPO, env=_exit_env(), capture_output=True, text=True, timeout=900,
+        )
+        results.append(proc.returncode)
+        assert proc.returncode == 0, (attempt, results, proc.stdout[-2000:] + proc.stderr[-4000:])
+        for rank in (0, 1):
+            state = json.loads((out / f"cli_rank{rank}.json").read_text())
+            assert state == {"rc": 0, "initialized": False}, (attempt, rank, state)
+    assert results == [0] * 4
+
+
 # ------------------------------------------------------------------------------------------- real Slurm
 MAX_STEPS = 8
 
 
+#: job states after which a job never runs again by itself (scontrol's JobState)
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+#: deadlines of the waits (seconds): generous for a loaded 2-core machine, finite so that a stuck job fails the test
+DEADLINE_START, DEADLINE_REQUEUE, DEADLINE_FINISH = 900, 600, 900
+
+
 def _scontrol_job(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    """``scontrol show job``'s fields (JobState, Restarts, ExitCode, ...). The job stays listed MinJobAge (600 s,
+    .ci/slurm.sh) after it ends; Slurm accounting is off there, so ``sacct`` cannot be asked."""
+    proc = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"scontrol show job {job} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     """One job of the tiny TAR recipe through our sbatch template (1 node x 2 CPU tasks, DDP on gloo), sent
-    SIGUSR1 once step 2 is checkpointed; it requeues itself and the requeued run resumes and finishes."""
+    SIGUSR1 once step 2 is checkpointed; it requeues itself and the requeued run resumes and finishes.
+
+    The outcome is read from Slurm's own record of the job (``scontrol show job``: JobState, Restarts, ExitCode),
+    never from ``sbatch --wait``'s exit code (which across a requeue reports one of the runs, not the job), and
+    every wait has a deadline after which the job is cancelled and the test fails with the job's log."""
     tmp = tmp_path_factory.mktemp("slurm")
     ckpt_dir = tmp / "checkpoints"
     overlay = tmp / "ci_overlay.yaml"
@@ -209,51 +423,67 @@ trainer:
         env.pop(key, None)
     log = tmp / "job.out"
     start = time.monotonic()
-    proc = subprocess.Popen(
-        ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
          "--cpus-per-task=1", "--time=30", f"--output={log}", f"--chdir={REPO}", str(TEMPLATE)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, capture_output=True, text=True, timeout=120,
     )
+    assert submitted.returncode == 0, f"sbatch failed ({submitted.returncode}): {submitted.stderr}"
+    job = submitted.stdout.strip().split(";")[0]
+    assert job.isdigit(), submitted.stdout
 
     def job_log() -> str:
         return log.read_text() if log.exists() else "(no job output)"
 
-    def alive_or_fail(what: str) -> None:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"sbatch ended (rc {proc.returncode}) while waiting for {what}:\n{out}{err}\n{job_log()[-4000:]}")
+    def wait(what: str, seconds: float, done) -> dict[str, str]:
+        """Polls scontrol until ``done(info)``; fails (cancelling the job) past the deadline or when the job
+        ended for good before that."""
+        deadline = time.monotonic() + seconds
+        while True:
+            info = _scontrol_job(job)
+            if done(info):
+                return info
+            ended = info.get("JobState") in TERMINAL
+            if ended or time.monotonic() > deadline:
+                subprocess.run(["scancel", "--full", "--signal=KILL", job], capture_output=True, timeout=60)
+                why = f"the job ended ({info.get('JobState')})" if ended else f"no {what} within {seconds} s"
+                pytest.fail(f"slurm job {job}: {why} while waiting for {what}; JobState={info.get('JobState')} "
+                            f"Restarts={info.get('Restarts')} ExitCode={info.get('ExitCode')} "
+                            f"Reason={info.get('Reason')}\n{job_log()[-4000:]}")
+            time.sleep(0.5)
 
-    job = ""
-    while not job:
-        alive_or_fail("the job id")
-        job = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout.strip()
-        time.sleep(0.2)
-    while not (ckpt_dir / "step=2.ckpt").exists():
-        alive_or_fail("step=2.ckpt")
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    # SlurmRequeue saves last.ckpt at the next outer-step boundary and requeues: the job goes back to PENDING
-    while True:
-        alive_or_fail("the requeue")
-        info = _scontrol_job(job)
-        if info.get("JobState") == "PENDING" and info.get("Restarts") == "1":
-            break
-        time.sleep(0.2)
-    requeue_ckpt = tmp / "requeue.ckpt"
-    shutil.copyfile(ckpt_dir / "last.ckpt", requeue_ckpt)  # before the requeued run overwrites it
-    first_run_files = sorted(p.name for p in ckpt_dir.iterdir())
-    # Slurm holds a requeued batch job ~2 min before it may start again; release it now
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    out, err = proc.communicate()
-    return {"rc": proc.returncode, "out": out + err, "log": job_log(), "ckpt_dir": ckpt_dir,
+    try:
+        wait("step=2.ckpt", DEADLINE_START, lambda info: (ckpt_dir / "step=2.ckpt").exists())
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=60)
+        # SlurmRequeue saves last.ckpt at the next outer-step boundary and requeues: the job goes back to PENDING
+        requeued = wait("the requeue", DEADLINE_REQUEUE,
+                        lambda info: info.get("JobState") == "PENDING" and info.get("Restarts") == "1")
+        requeue_ckpt = tmp / "requeue.ckpt"
+        shutil.copyfile(ckpt_dir / "last.ckpt", requeue_ckpt)  # before the requeued run overwrites it
+        first_run_files = sorted(p.name for p in ckpt_dir.iterdir())
+        # Slurm holds a requeued batch job ~2 min before it may start again; release it now
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
+        final = wait("the end of the job", DEADLINE_FINISH, lambda info: info.get("JobState") in TERMINAL)
+    finally:
+        if _scontrol_job(job).get("JobState") not in TERMINAL:  # an error above: leave no job behind
+            subprocess.run(["scancel", "--full", "--signal=KILL", job], capture_output=True, timeout=60)
+    return {"final": final, "requeued": requeued, "log": job_log(), "ckpt_dir": ckpt_dir,
             "requeue_ckpt": requeue_ckpt, "first_run_files": first_run_files, "job": job,
             "seconds": time.monotonic() - start}
+
+
+def _assert_completed_once_requeued(run: dict) -> None:
+    final = run["final"]
+    summary = (f"slurm job {run['job']}: JobState={final.get('JobState')} Restarts={final.get('Restarts')} "
+               f"ExitCode={final.get('ExitCode')}")
+    assert (final.get("JobState"), final.get("Restarts"), final.get("ExitCode")) == ("COMPLETED", "1", "0:0"), (
+        summary + "\n" + run["log"][-4000:])
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_sbatch_template_runs_the_tiny_recipe_to_completion(slurm_run):
-    assert slurm_run["rc"] == 0, slurm_run["out"] + slurm_run["log"][-4000:]
+    _assert_completed_once_requeued(slurm_run)
     ckpt_dir = slurm_run["ckpt_dir"]
     assert (ckpt_dir / f"step={MAX_STEPS}.ckpt").is_file()
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
@@ -266,7 +496,7 @@ def test_sbatch_template_runs_the_tiny_recipe_to_completion(slurm_run):
 @pytest.mark.slow
 def test_sigusr1_requeues_with_restored_weights_and_the_job_resumes(slurm_run):
     log = slurm_run["log"]
-    assert slurm_run["rc"] == 0, slurm_run["out"] + log[-4000:]
+    _assert_completed_once_requeued(slurm_run)
     saved = re.findall(r"SlurmRequeue: SIGUSR1 received; saved (\S+) at global_step (\d+)", log)
     assert len(saved) == 1, log[-4000:]
     path, step = saved[0][0], int(saved[0][1])

@@ -3,7 +3,10 @@ train/eval modes of schedule-free optimizers), validation losses, and export met
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
@@ -15,7 +18,17 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, mean_entropy
 from tar_lightning.models import ModelSource, load_model
 
-__all__ = ["CausalLMModule", "ModelArg", "OptimizerFactory", "SchedulerFactory", "resolve_model"]
+__all__ = [
+    "CausalLMModule",
+    "ModelArg",
+    "OptimizerFactory",
+    "SchedulerFactory",
+    "checkpoint_hyperparameters",
+    "plain_hyperparameter",
+    "read_checkpoint",
+    "reshard_fsdp",
+    "resolve_model",
+]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -23,16 +36,87 @@ ModelArg = Union[str, ModelSource, nn.Module]
 
 
 def resolve_model(model: ModelArg, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """A model argument (source string, :class:`ModelSource` or module) as ``(module, tokenizer)``."""
-    if isinstance(model, (str, ModelSource)):
+    """A model argument (source string, :class:`ModelSource` or a mapping of its fields, module) as
+    ``(module, tokenizer)``."""
+    if isinstance(model, Mapping):
+        model = _model_source_from_mapping(model)
+    if isinstance(model, (str, os.PathLike, ModelSource)):
         loaded, tok = load_model(model)
         return loaded, tokenizer if tokenizer is not None else tok
     if isinstance(model, nn.Module):
         return model, tokenizer
     raise ConfigError(
-        f"model: expected a model source (hub id, folder, .gguf, alias), a ModelSource or an nn.Module, "
-        f"got {type(model).__name__}"
+        f"model: expected a model source (hub id, folder, .gguf, alias), a ModelSource (or a mapping of its fields) "
+        f"or an nn.Module, got {type(model).__name__}"
     )
+
+
+def _model_source_from_mapping(value: Mapping[str, Any]) -> ModelSource:
+    names = [f.name for f in dataclasses.fields(ModelSource)]
+    unknown = sorted(set(value) - set(names))
+    if unknown or "source" not in value:
+        problem = f"unknown keys {unknown}" if unknown else "no 'source'"
+        raise ConfigError(f"model: a mapping of ModelSource fields with {problem}; expected 'source' and any of {names}")
+    return ModelSource(**value)
+
+
+def plain_hyperparameter(value: Any) -> Any:
+    """``value`` as plain data a constructor accepts back (what a module records in its checkpoints).
+
+    Numbers, strings, ``None`` and booleans stay; paths become strings; dataclasses (:class:`ModelSource`,
+    ``TARConfig``, ``ShardingConfig``) become mappings of their fields; mappings and sequences are converted
+    item by item. Anything else (an ``nn.Module``, an optimizer factory, a tokenizer) cannot be rebuilt from data
+    and becomes ``None``.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain_hyperparameter({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, Mapping):
+        return {str(k): plain_hyperparameter(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_hyperparameter(v) for v in value]
+    return None
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """A checkpoint as one dict on the CPU: a ``.ckpt`` file (``weights_only``), or a sharded FSDP2 checkpoint
+    folder consolidated in this process (``.metadata`` read with the restricted unpickler).
+
+    Raises:
+        ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
+    """
+    from tar_lightning.export import _load_checkpoint
+
+    return _load_checkpoint(Path(os.path.expanduser(os.fspath(path))))
+
+
+def _read_hparams_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """A YAML file of constructor arguments (plain data only: ``yaml.safe_load``)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"hparams_file {os.fspath(path)!r}: cannot be read as YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"hparams_file {os.fspath(path)!r}: expected a mapping of constructor arguments, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def checkpoint_hyperparameters(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The ``hyper_parameters`` a checkpoint (file or sharded folder) was saved with, without reading a sharded
+    checkpoint's weights (they live in the shards; the hyperparameters in its ``meta.pt``)."""
+    from tar_lightning.checkpoint import load_checkpoint
+    from tar_lightning.export import is_sharded_checkpoint
+
+    path = Path(os.path.expanduser(os.fspath(path)))
+    ckpt = load_checkpoint(path / "meta.pt" if is_sharded_checkpoint(path) else path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    return dict(hparams) if isinstance(hparams, Mapping) else {}
 
 
 def schedule_free_adamw(lr: float, warmup_steps: int) -> OptimizerFactory:
@@ -44,6 +128,23 @@ def schedule_free_adamw(lr: float, warmup_steps: int) -> OptimizerFactory:
         return schedulefree.AdamWScheduleFree(params, lr=lr, warmup_steps=warmup_steps)
 
     return build
+
+
+def reshard_fsdp(module: nn.Module) -> int:
+    """Reshards every FSDP2 module in ``module`` (freeing unsharded parameters; the sharded ones are registered
+    again); returns how many were FSDP modules. A no-op without FSDP2.
+
+    FSDP2 keeps a module unsharded after a forward that is not followed by a backward (a no-grad forward of the
+    root, whose ``reshard_after_forward`` is off); its ``parameters()`` are then temporary full tensors.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            n += 1
+    return n
 
 
 class CausalLMModule(L.LightningModule):
@@ -94,6 +195,12 @@ class CausalLMModule(L.LightningModule):
             if callable(fn):
                 fn()
 
+    def on_fit_start(self) -> None:
+        # Resuming under ModelParallelStrategy (FSDP2), torch.distributed.checkpoint first initialises the fresh
+        # optimizer's state with a zero-LR step, which a schedule-free optimizer refuses in eval mode (its initial
+        # mode). A fresh optimizer holds no state yet: switching it to train mode leaves the weights unchanged.
+        self._set_optimizer_mode(train=True)
+
     def on_train_start(self) -> None:
         self._set_optimizer_mode(train=True)
 
@@ -102,9 +209,14 @@ class CausalLMModule(L.LightningModule):
         self._set_optimizer_mode(train=False)
 
     def on_validation_start(self) -> None:
+        reshard_fsdp(self)  # a stale unsharded copy must not hide the evaluation point set next
         self._set_optimizer_mode(train=False)
 
     def on_validation_end(self) -> None:
+        # After the callbacks' validation hooks (MCQValidation scores in on_validation_epoch_end): no-grad forwards
+        # leave FSDP2's root group unsharded, and its temporary full tensors would be what the next training step
+        # takes for the parameters (and would hide the optimizer's switch back to the training point).
+        reshard_fsdp(self)
         # Validation inside fit() (trainer.training is False here): back to the training point before the next step.
         if self.trainer.state.fn == TrainerFn.FITTING:
             self._set_optimizer_mode(train=True)
@@ -153,3 +265,73 @@ class CausalLMModule(L.LightningModule):
                 self._tokenizer_files = tokenizer_files(self.tokenizer)
             meta["tokenizer_files"] = self._tokenizer_files
         checkpoint["tar_lightning"] = meta
+
+    def save_init_hyperparameters(self, **init_args: Any) -> None:
+        """Record the constructor's arguments in checkpoints, so that ``load_from_checkpoint`` and
+        ``tar-lightning fit|validate --ckpt_path PATH`` rebuild this module.
+
+        Built by ``tar-lightning`` (LightningCLI): the CLI's own configuration of the module (class path and
+        arguments as plain data, optimizer factories included), which Lightning re-instantiates. Otherwise
+        ``init_args`` as plain data (:func:`plain_hyperparameter`): an argument given as a Python object that data
+        cannot describe (a module, an optimizer factory) is recorded as ``None``; pass it again to
+        ``load_from_checkpoint`` (the model is rebuilt from the checkpoint itself when it is not given).
+        """
+        # Lightning's record of the arguments LightningCLI instantiates a module with (plain data, restorable by
+        # its trusted instantiator); None when the module is built in Python.
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
+        else:
+            self.save_hyperparameters({k: plain_hyperparameter(v) for k, v in init_args.items()})
+
+    @classmethod
+    def _restore_kwargs(cls, ckpt: dict[str, Any], path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The constructor arguments ``load_from_checkpoint`` adds to the recorded ones: the model rebuilt from
+        the checkpoint's own metadata (architecture and tokenizer) when it was given as a module."""
+        hparams = ckpt.get("hyper_parameters") or {}
+        if "_instantiator" in hparams or kwargs.get("model") is not None or hparams.get("model") is not None:
+            return kwargs
+        from tar_lightning.models import model_from_checkpoint_metadata
+
+        model, tokenizer = model_from_checkpoint_metadata(ckpt.get("tar_lightning"), path)
+        extra = {"model": model}
+        if kwargs.get("tokenizer") is None:
+            extra["tokenizer"] = tokenizer
+        return {**kwargs, **extra}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Union[str, os.PathLike],
+        map_location: Any = None,
+        hparams_file: Optional[Union[str, os.PathLike]] = None,
+        strict: Optional[bool] = None,
+        **kwargs: Any,
+    ):
+        """This module with the weights of a checkpoint: a ``.ckpt`` file, or a sharded FSDP2 checkpoint folder
+        (consolidated in this one process). Nothing in the file is unpickled but tensors and plain data.
+
+        Args:
+            checkpoint_path: the file or folder.
+            map_location: where to put the module afterwards (a device or its name; default: the CPU).
+            hparams_file: a YAML file of constructor arguments to use instead of the recorded ones.
+            strict: as ``torch.nn.Module.load_state_dict``.
+            **kwargs: constructor arguments overriding the recorded ones (e.g. ``model=`` a module, an optimizer).
+
+        Raises:
+            ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
+        """
+        from lightning.pytorch.core.saving import _load_state
+
+        path = os.fspath(checkpoint_path)
+        ckpt = read_checkpoint(path)
+        if hparams_file is not None:
+            ckpt[cls.CHECKPOINT_HYPER_PARAMS_KEY] = _read_hparams_file(hparams_file)
+        kwargs = cls._restore_kwargs(ckpt, path, kwargs)
+        ckpt.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+        ckpt[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
+        # Lightning's own restoration: recorded arguments (a LightningCLI record only through its allow-listed
+        # instantiator), configure_model, on_load_checkpoint, load_state_dict.
+        module = _load_state(cls, ckpt, strict=strict, **kwargs)
+        return module.to(map_location) if map_location is not None else module

@@ -5,19 +5,112 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 from tar_lightning.errors import TARLightningError
 
-__all__ = ["TARCLI", "main"]
+__all__ = ["RunFolderGuard", "TARCLI", "main", "previous_run_files"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EXTRA_SUBCOMMANDS = ("demo", "export", "evaluate", "redteam")
 
 
-class TARCLI(LightningCLI):
+class RunFolderGuard:
+    """The ``--overwrite`` option of ``fit|validate|test`` and the check behind it (a mix-in of :class:`TARCLI`).
+
+    A run started into a folder that already holds a previous run (``*.ckpt`` entries in a ``ModelCheckpoint``'s
+    folder, or the ``config.yaml`` this run would write) is refused before anything is written, with one line
+    naming the two ways on: ``--ckpt_path last`` (resume that run) and ``--overwrite`` (start a new run there:
+    the previous run's checkpoints are deleted and its config.yaml replaced). Any ``--ckpt_path`` counts as
+    resuming; it cannot be combined with ``--overwrite``. Checkpoint folders are the ``ModelCheckpoint``
+    ``dirpath`` values and, without a logger, ``<default_root_dir>/checkpoints`` (a logger's versioned folder is
+    new for every run).
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from jsonargparse import ActionYesNo
+
+        parser.add_argument(
+            "--overwrite", action=ActionYesNo, default=False,
+            help="start a new run in a folder that holds a previous run: delete its checkpoints and replace its "
+                 "config.yaml (without it such a run is refused; resume it with --ckpt_path last instead)",
+        )
+        super().add_arguments_to_parser(parser)
+
+    def before_fit(self) -> None:
+        self._guard_run_folder(checkpoints=True)
+
+    def before_validate(self) -> None:
+        self._guard_run_folder(checkpoints=False)
+
+    def before_test(self) -> None:
+        self._guard_run_folder(checkpoints=False)
+
+    def _guard_run_folder(self, checkpoints: bool) -> None:
+        import shutil
+
+        from tar_lightning.errors import ConfigError
+
+        config = self.config[self.subcommand]
+        overwrite, ckpt_path = bool(config.get("overwrite")), config.get("ckpt_path")
+        if overwrite and ckpt_path:
+            raise ConfigError(f"--overwrite with --ckpt_path {ckpt_path}: choose one (--ckpt_path resumes a run, "
+                              "--overwrite starts a new one)")
+        if ckpt_path:
+            return
+        previous = previous_run_files(self.trainer, checkpoints=checkpoints)
+        if not previous:
+            return
+        if not overwrite:
+            shown = ", ".join(str(p) for p in previous[:3]) + (f" (+{len(previous) - 3} more)" if len(previous) > 3 else "")
+            raise ConfigError(f"the run folder holds a previous run ({shown}): resume it with --ckpt_path last, "
+                              "or pass --overwrite to start a new run there (its checkpoints are deleted), or "
+                              "choose another --trainer.default_root_dir")
+        if self.trainer.is_global_zero:
+            for path in previous:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.suffix == ".ckpt":
+                    path.unlink(missing_ok=True)
+            # config.yaml is replaced by Lightning's SaveConfigCallback when the run starts
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            rank_zero_info(f"--overwrite: deleted {sum(p.suffix == '.ckpt' for p in previous)} checkpoint(s) of "
+                           "the previous run in this folder")
+
+
+def previous_run_files(trainer, checkpoints: bool = True) -> list[Path]:
+    """What of a previous run lies where ``trainer`` would write: the ``*.ckpt`` entries (files, sharded folders,
+    links) of its checkpoint folders (with ``checkpoints``) and the ``config.yaml`` LightningCLI would write."""
+    import os
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    found: list[Path] = []
+    if checkpoints:
+        folders = []
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.dirpath is not None:
+                    folders.append(Path(cb.dirpath))
+                elif not trainer.loggers:
+                    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+        for folder in dict.fromkeys(folders):
+            if folder.is_dir():
+                found += sorted(p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith("."))
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback) and cb.save_to_log_dir and trainer.log_dir is not None:
+            config = Path(os.path.join(trainer.log_dir, cb.config_filename))
+            if config.is_file():
+                found.append(config)
+    return found
+
+
+class TARCLI(RunFolderGuard, LightningCLI):
     """LightningCLI in subclass mode with OmegaConf interpolation (``${data.init_args.seq_len}``) in recipes,
     resolved after every --config file and command-line override is merged (parser mode ``omegaconf+``).
 
@@ -50,6 +143,33 @@ class TARCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path PATH``: the module is rebuilt with the arguments recorded in the checkpoint (what
+        LightningCLI does for files), here also for sharded FSDP2 checkpoint folders (read from their ``meta.pt``,
+        not their shards) and for checkpoints of modules built in Python (their plain recorded arguments, applied
+        to the recipe's class), read safely (``weights_only``; a bad file is our one-line error)."""
+        from tar_lightning.base_module import checkpoint_hyperparameters
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).exists():  # "last", "best", ...: resolved by the Trainer
+            return
+        hparams = checkpoint_hyperparameters(ckpt_path)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        else:  # written outside the CLI: plain arguments of the recipe's class, None where nothing was recorded
+            class_path = self.config[subcommand].get("model.class_path")
+            recorded = {k: v for k, v in hparams.items() if v is not None}
+            if class_path is None or not recorded:
+                return
+            hparams = {"class_path": class_path, "dict_kwargs": recorded}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 
 def _export_main(argv: Sequence[str]) -> int:
@@ -98,7 +218,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        TARCLI(args=None if from_command_line else argv)
+        try:
+            TARCLI(args=None if from_command_line else argv)
+        finally:
+            # gloo left to the interpreter's shutdown often aborts a rank at exit (rc 134), failing a Slurm job
+            from tar_lightning.callbacks.slurm import close_process_group
+
+            close_process_group()
         return 0
     except argparse.ArgumentError as e:
         # Argument-parsing errors exit (as argparse/jsonargparse always did), but with one line, no usage dump.

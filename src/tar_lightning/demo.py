@@ -414,10 +414,9 @@ def _hash(value: Any) -> str:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    from tar_lightning.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value, indent=1, default=str), what="demo file")
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -531,6 +530,8 @@ class KnowledgeLMModule(CausalLMModule):
         super().__init__(model, tokenizer=tokenizer)
         self.lr, self.steps, self.warmup_steps, self.weight_decay = lr, steps, warmup_steps, weight_decay
         self.streams = tuple(streams)
+        self.save_init_hyperparameters(model=model, tokenizer=tokenizer, lr=lr, steps=steps,
+                                       warmup_steps=warmup_steps, weight_decay=weight_decay, streams=self.streams)
 
     def stream_steps(self) -> dict[str, int]:
         return {s: 1 for s in self.streams}
@@ -996,6 +997,7 @@ class _Demo:
         res = run_redteam(
             model, suite, out_dir=folder, tokenizer=tok, evaluator=self.evaluator, device="cpu",
             progress=self.cfg.progress and compute_s is None,
+            overwrite=True,  # the demo keys its folders itself: a changed defense replaces its old red team
         )
         wall = time.perf_counter() - start if compute_s is None else compute_s
         meta = {

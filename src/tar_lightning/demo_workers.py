@@ -105,6 +105,7 @@ def _attack_job(defense: str, stage: str, attack: str) -> dict:
     res = run_redteam(
         model, demo.suite().select([attack]), out_dir=demo.out / "redteam" / defense, tokenizer=tok,
         evaluator=demo.evaluator, device="cpu", progress=False, report=False,
+        overwrite=True,  # the demo keys its folders itself: a changed defense replaces its old red team
     )
     return {"runs": len(res.runs), "computed": len(res.computed), "wall_time_s": time.perf_counter() - start}
 

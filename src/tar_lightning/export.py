@@ -1,9 +1,11 @@
 """Turning a training checkpoint into a Hugging Face folder (weights + config + tokenizer).
 
 Both kinds of Lightning checkpoint are read: a ``.ckpt`` file (single device, DDP) and the sharded folder that
-``ModelParallelStrategy`` (FSDP2) writes (one ``.distcp`` file per rank, ``.metadata`` and ``meta.pt``), which is
-consolidated here in one process, without a process group: only the weights and the outer optimizer's state
-(needed to move schedule-free weights to their evaluation point) are read.
+:class:`~tar_lightning.strategy.FSDP2Strategy` (or Lightning's ``ModelParallelStrategy``) writes under FSDP2 (one
+``.distcp`` file per rank, ``.metadata`` and ``meta.pt``), which is consolidated here in one process, without a
+process group: only the weights and the outer optimizer's state (needed to move schedule-free weights to their
+evaluation point) are read. Nothing in either kind of checkpoint is unpickled beyond tensors and plain data
+(:mod:`tar_lightning.checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,25 +37,20 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as one ``.ckpt``-style dict (full tensors, on the CPU)."""
-    import warnings
+    """A sharded checkpoint folder as one ``.ckpt``-style dict (full tensors, on the CPU).
 
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    Nothing is unpickled beyond data: ``.metadata`` goes through the restricted unpickler, ``meta.pt`` and DCP's
+    non-tensor items through ``weights_only`` loading (:mod:`tar_lightning.checkpoint`).
+    """
+    from tar_lightning.checkpoint import load_sharded_state, read_dcp_metadata
 
     meta_file = path / "meta.pt"
     if not meta_file.is_file():
         raise ModelLoadError(f"sharded checkpoint {str(path)!r} has no meta.pt (not written by Lightning's "
                              "ModelParallelStrategy, or incomplete)")
+    keys = {k for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(("state_dict.", "optimizer_0."))}
     ckpt = _load_checkpoint(meta_file)
-    try:
-        keys = {k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
-                if k.startswith(("state_dict.", "optimizer_0."))}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"sharded checkpoint {str(path)!r} cannot be read: {e}") from e
+    loaded = load_sharded_state(path, keys)
     ckpt["state_dict"] = loaded.get("state_dict", {})
     optimizer = loaded.get("optimizer_0")
     if optimizer is not None:

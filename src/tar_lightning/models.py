@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from tar_lightning.checkpoint import apply_umask
 from tar_lightning.errors import ConfigError, ModelLoadError, TARLightningError
 
 __all__ = [
@@ -51,8 +52,11 @@ __all__ = [
     "decoder_layers",
     "ensure_pad_token",
     "export_pretrained",
+    "freeze",
     "frozen_copy",
     "load_model",
+    "meta_copy",
+    "model_from_checkpoint_metadata",
     "model_cache_dir",
     "packaged_gguf_path",
     "resolve_dtype",
@@ -248,6 +252,13 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in params)
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with every parameter frozen (in place); returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every parameter frozen.
 
@@ -260,10 +271,36 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     Returns:
         The frozen copy.
     """
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
+    return freeze(copy.deepcopy(model))
+
+
+def meta_copy(
+    model: nn.Module, *, param_dtype: torch.dtype | None = None, buffer_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A copy of ``model``'s structure whose parameters and buffers live on the meta device (no memory, no values).
+
+    Same classes, config and parameter names, tied parameters still tied; nothing is copied from the tensors but
+    their shapes. Materialise it with ``to_empty`` (after ``fully_shard``, only the local shards are allocated)
+    and fill in the values.
+
+    Args:
+        model: the model (not sharded: call it before ``fully_shard``); left untouched.
+        param_dtype: dtype of the floating-point parameters (default: each keeps its own).
+        buffer_dtype: dtype of the floating-point buffers (default: each keeps its own).
+
+    Returns:
+        The meta-device copy, frozen and in eval mode.
+    """
+
+    def on_meta(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return torch.empty_like(t, device="meta", dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(on_meta(p, param_dtype), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = on_meta(b, buffer_dtype)
+    return freeze(copy.deepcopy(model, memo))
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -669,6 +706,7 @@ def _convert_alias(alias: str, gguf_path: Path, folder: Path, marker: dict[str, 
             json.dump(done, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
+        apply_umask(tmp, recursive=True)  # mkdtemp/safetensors write private (0700/0600) entries
         _install_dir(tmp, folder)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -921,7 +959,9 @@ def load_model(source: str | ModelSource, dtype: str | torch.dtype | None = None
             if reserved in overrides:
                 raise ConfigError(f"tiny model: {reserved!r} is not a config field; set ModelSource.{reserved}")
         model, tok = tiny_model(arch, seed=spec.seed, tokenizer=tok, **overrides)
-        model.to(torch_dtype)
+        with torch.no_grad():  # as from_pretrained(dtype=...): parameters in the dtype, computed buffers (rotary
+            for p in model.parameters():  # frequencies) kept in float32
+                p.data = p.data.to(torch_dtype)
         model.eval()
     elif kind == "alias":
         folder = _alias_folder(spec.source)
@@ -955,6 +995,44 @@ def load_model(source: str | ModelSource, dtype: str | torch.dtype | None = None
             len(tok), spec.source, rows,
         )
     return model, tok
+
+
+def model_from_checkpoint_metadata(meta: Any, where: str = "checkpoint") -> tuple[nn.Module, Any]:
+    """The architecture (freshly initialised weights, eval mode) and tokenizer a tar_lightning checkpoint
+    describes in its ``tar_lightning`` metadata (``hf_config``, ``tokenizer_files``); load its weights afterwards.
+
+    Args:
+        meta: the checkpoint's ``tar_lightning`` entry.
+        where: the checkpoint's path, for messages.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is ``None`` when the checkpoint holds none.
+
+    Raises:
+        ModelLoadError: no metadata (not written by a tar_lightning module), or a config transformers rejects.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("hf_config"), Mapping):
+        raise ModelLoadError(
+            f"checkpoint {where!r} was not written by a tar_lightning module (no 'tar_lightning' metadata with the "
+            "model's config): pass the model to load it into"
+        )
+    hf_config = dict(meta["hf_config"])
+    try:
+        config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        model = AutoModelForCausalLM.from_config(config)
+    except _LOAD_ERRORS as err:
+        raise ModelLoadError(f"checkpoint {where!r}: cannot build its model from its config: {_first_line(err)}") from err
+    model.eval()
+    tokenizer = None
+    files = meta.get("tokenizer_files")
+    if files:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(data)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -1041,6 +1119,7 @@ def export_pretrained(
                 config.use_cache = use_cache
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        apply_umask(tmp, recursive=True)  # mkdtemp/safetensors write private (0700/0600) entries
         _install_dir(tmp, out)
     except TARLightningError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,9 +10,10 @@ contrastive divergence applied to the adversary.
 
 Only full-parameter trajectories are stored (a LoRA trajectory's adapters are discarded, its base delta is
 zero). A continued trajectory keeps the adversary and LR it was sampled with and trains on the adversary's own
-data (a retain→forget switch already happened). Deltas are rank-local (the same on every data-parallel rank,
-whose weights are identical) and live on ``device`` (``"cpu"`` keeps accelerator memory free: each entry is
-one copy of the trainable weights).
+data (a retain→forget switch already happened). Deltas are rank-local: the same on every data-parallel rank
+under DDP (whose weights are identical), each rank's own shards under FSDP2 (so each rank checkpoints its own
+part). They live on ``device`` (``"cpu"`` keeps accelerator memory free: each entry is one copy of the trainable
+weights, or of this rank's shards). A schedule-free adversary's delta is taken at its evaluation point.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from tar_lightning.errors import ConfigError
 from tar_lightning.snapshot import ParameterSnapshot, local_tensor
 
 __all__ = ["AdversaryPool", "PoolEntry"]
+
+
+def _shard_groups(params: Sequence[Tensor]) -> list:
+    """The process groups over which ``params`` (FSDP2 ``DTensor`` s) are sharded; empty for plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    return [mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)]
 
 
 @dataclass
@@ -86,7 +96,10 @@ class AdversaryPool:
             (local_tensor(p.detach()) - s.to(p.device)).to(self.device or p.device)
             for p, s in zip(params, start.saved, strict=True)
         ]
-        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(delta))).all()):
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(delta))).all().to(torch.int32)
+        for group in _shard_groups(params):  # FSDP2: every rank checked its shards; all take the same decision
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=group)
+        if not bool(finite):
             # a diverged trajectory (its outer step is skipped by the non-finite guard) is never continued
             if continued is not None:
                 del self.entries[continued]
@@ -117,10 +130,16 @@ class AdversaryPool:
     def load_state_dict(self, state: dict[str, Any], like: Sequence[Tensor]) -> None:
         """Restore entries; ``like`` (the trainable parameters) gives each delta its device and dtype."""
         entries = []
-        for e in state.get("entries", []):
-            delta = [
-                d.to(device=self.device or local_tensor(p.detach()).device, dtype=local_tensor(p.detach()).dtype)
-                for d, p in zip(e["delta"], like, strict=True)
-            ]
+        like = [local_tensor(p.detach()) for p in like]
+        for i, e in enumerate(state.get("entries", [])):
+            if len(e["delta"]) != len(like) or any(
+                tuple(d.shape) != tuple(p.shape) for d, p in zip(e["delta"], like, strict=True)
+            ):
+                raise ConfigError(
+                    f"checkpointed adversary pool entry {i}: its {len(e['delta'])} deltas do not match the "
+                    f"{len(like)} trainable parameters (or their local shards) of this run; a pool saved with a "
+                    "different model, set of trainable parameters or number of FSDP2 ranks cannot be resumed"
+                )
+            delta = [d.to(device=self.device or p.device, dtype=p.dtype) for d, p in zip(e["delta"], like, strict=True)]
             entries.append(PoolEntry(delta=delta, adversary=int(e["adversary"]), lr=float(e["lr"]), steps=int(e["steps"])))
         self.entries = entries

@@ -117,11 +117,14 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 
 def fully_shard_model(model: nn.Module, mesh, config: Optional[ShardingConfig] = None,
-                      trainer_precision: Any = None, *, activation_checkpointing: Optional[bool] = None) -> None:
+                      trainer_precision: Any = None, *, activation_checkpointing: Optional[bool] = None,
+                      inference_only: bool = False) -> None:
     """FSDP2: (activation checkpointing,) ``fully_shard`` on every decoder layer, then the root.
 
     No-op on a model that is already sharded. ``activation_checkpointing`` overrides the config's (the frozen
-    reference model never needs it).
+    reference model never needs it). ``inference_only``: a model that never runs a backward (the frozen
+    reference) frees every unsharded parameter after its forward, the root's included (FSDP2 keeps the root's
+    by default, for the backward that follows a training forward).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -132,7 +135,8 @@ def fully_shard_model(model: nn.Module, mesh, config: Optional[ShardingConfig] =
         apply_activation_checkpointing(model)
     param_dtype, reduce_dtype = config.policy_dtypes(trainer_precision)
     # None is FSDP2's default: reshard the layers after forward, keep the root (used again first in backward)
-    kwargs = {"mesh": mesh, "reshard_after_forward": None if config.reshard_after_forward else False,
+    reshard = True if inference_only else None if config.reshard_after_forward else False
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard,
               "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     for layer in _layers(model):
         if not isinstance(layer, FSDPModule):

@@ -152,10 +152,20 @@ class TARConfig:
                     f"TARConfig.adversaries[{i}]={adv!r}: expected an adversary (a mapping of AdversaryConfig keys)"
                 )
             adv.validate()
-            if adv.warmup_steps >= self.inner_steps and adv.schedule != "constant":
+            schedule_free = adv.optimizer == "schedule_free_adamw"
+            if adv.warmup_steps >= self.inner_steps and (adv.schedule != "constant" or schedule_free):
+                warmup = "the schedule-free optimizer's internal warmup, " if schedule_free else ""
                 raise ConfigError(
-                    f"TARConfig.adversaries[{i}] ({adv.name!r}): warmup_steps={adv.warmup_steps} must be < "
-                    f"inner_steps={self.inner_steps}, the length of a train-time attack"
+                    f"TARConfig.adversaries[{i}] ({adv.name!r}): warmup_steps={adv.warmup_steps} ({warmup}optimizer "
+                    f"{adv.optimizer!r}) must be < inner_steps={self.inner_steps}, the length of a train-time attack"
+                )
+            if adv.method == "lora" and adv.lora.quantize_base is not None:
+                raise ConfigError(
+                    f"TARConfig.adversaries[{i}] ({adv.name!r}): lora.quantize_base={adv.lora.quantize_base!r} is not "
+                    "supported in a train-time adversary: TAR attacks the weights it trains in place, and its "
+                    "tamper-resistance gradient, snapshot and restore belong to those full-precision weights; a "
+                    "quantized copy of the base has neither. Set lora.quantize_base: null here (QLoRA attacks are "
+                    "for the red team's test-time suites)"
                 )
             if adv.name in names:
                 raise ConfigError(f"TARConfig.adversaries[{i}].name={adv.name!r}: adversary names must be unique")

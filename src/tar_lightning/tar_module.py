@@ -12,14 +12,15 @@ One training batch is one outer step (TAR_METHOD.md, "Stage 2")::
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from tar_lightning.adversaries.config import check_lora_targets, sample_adversary
 from tar_lightning.adversaries.runner import AdversaryRun
@@ -33,11 +34,13 @@ from tar_lightning.base_module import (
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
-from tar_lightning.models import ModelSource, frozen_copy
+from tar_lightning.models import ModelSource, freeze, frozen_copy, meta_copy
 from tar_lightning.persistent import AdversaryPool
 from tar_lightning.sharding import ShardingConfig, apply_activation_checkpointing, fully_shard_model
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
 from tar_lightning.strategy import (
+    RANK_LOCAL_KEY,
+    FSDP2Strategy,
     average_gradients,
     check_strategy,
     data_parallel_world_size,
@@ -73,12 +76,13 @@ class TARModule(CausalLMModule):
         model: the model to make tamper-resistant (usually a stage-1 safeguarded checkpoint): a source string
             (hub id, local HF folder, ``.gguf`` file, ``smollm2-135m-instruct``, ``tiny``), a
             :class:`~tar_lightning.models.ModelSource`, or an ``nn.Module``.
-        config: TAR hyperparameters.
+        config: TAR hyperparameters (a :class:`TARConfig` or a mapping of its fields).
         optimizer: builds the outer optimizer from the parameters; schedule-free AdamW (lr 2e-5, 32 warmup)
             by default. Its ``train()``/``eval()`` modes, when it has them, are handled here.
         lr_scheduler: optional outer LR schedule, stepped once per outer step.
         reference_model: the frozen model of the representation retain term: ``None`` (a frozen copy of
-            ``model`` as given, when ``config.retain_representation``), a source, or a module.
+            ``model`` as given, when ``config.retain_representation``), a source, or a module. Built when the
+            module is first configured (:meth:`_setup_reference`); under FSDP2 only as shards in the compute dtype.
         tokenizer: the tokenizer (taken from the source when ``model`` is a source).
         sharding: FSDP2 mixed precision and activation checkpointing (:class:`~tar_lightning.sharding.ShardingConfig`
             or a mapping of its fields; default: bf16 params / fp32 reduce under ``bf16-mixed``, no checkpointing).
@@ -89,12 +93,17 @@ class TARModule(CausalLMModule):
     Raises:
         ConfigError: invalid config; ``Trainer(gradient_clip_val=...)``, ``accumulate_grad_batches > 1`` or
             fp16 mixed precision (use ``config.clip_grad_norm``; accumulation is not supported; use bf16);
-            a batch lacking a stream the config needs; LoRA adversaries under FSDP2 (``ModelParallelStrategy``,
-            which must have ``tensor_parallel_size=1``).
+            a batch lacking a stream the config needs; a ``ModelParallelStrategy`` with tensor parallelism;
+            ``persistent_pool`` on several FSDP2 ranks with checkpoints under a strategy that cannot store each
+            rank's deltas (use :class:`tar_lightning.strategy.FSDP2Strategy`).
 
     Under ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` applies ``fully_shard`` to every decoder
-    layer and the root, the reference model is sharded the same way in :meth:`on_fit_start`, FSDP averages the
-    gradients itself, and the clip norm is the global one over all shards.
+    layer and the root, the reference model is built as shards the same way (:meth:`_setup_reference`), FSDP averages the
+    gradients itself, and the clip norm is the global one over all shards. LoRA adversaries inject their adapters
+    into the sharded model as plain (replicated) tensors, initialised alike on every rank, whose gradients are
+    averaged over the ranks before each adversary step; the persistent pool keeps each rank's shards of the deltas
+    (checkpointed per rank under ``checkpoint["tar_rank_local"]``). Validation reshards the model afterwards, and
+    every outer step checks that the trainable parameters are sharded ``DTensor`` s.
     """
 
     def __init__(
@@ -107,25 +116,27 @@ class TARModule(CausalLMModule):
         tokenizer: Any = None,
         sharding: Optional[ShardingConfig] = None,
     ) -> None:
+        if isinstance(config, Mapping):  # the plain form checkpoints record
+            config = TARConfig.from_dict(config, "TARModule.config")
         cfg = (config if config is not None else TARConfig()).validate()
         shard_cfg = ShardingConfig.from_value(sharding)
         super().__init__(model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer)
         self.automatic_optimization = False
         self.config = cfg
         self.sharding = shard_cfg
-        reference: Optional[nn.Module] = None
-        if self.config.retain_representation:
-            source = self.model if reference_model is None else resolve_model(reference_model)[0]
-            reference = frozen_copy(source)
-        # Deliberately not a registered submodule: it is frozen, never trained, never checkpointed, and stays in
-        # eval mode whatever mode Lightning puts the module in. on_fit_start moves it next to the policy.
-        object.__setattr__(self, "reference_model", reference)
-        self.save_hyperparameters(
-            {
-                "config": dataclasses.asdict(self.config),
-                "sharding": dataclasses.asdict(self.sharding),
-                "model_source": model if isinstance(model, str) else None,
-            }
+        # The reference model is built once the strategy is known (_setup_reference, from configure_model, before
+        # any checkpoint is restored into the policy). Until then: what it is made from. Neither is a registered
+        # submodule: the reference is frozen, never trained, never checkpointed, and stays in eval mode whatever
+        # mode Lightning puts the module in.
+        object.__setattr__(self, "reference_model", None)
+        object.__setattr__(self, "_reference_source", reference_model)
+        # A copy of the policy as given needs its structure only (meta device, no memory): under FSDP2 its values
+        # come from the policy's shards; otherwise it is a deep copy taken at configure_model.
+        skeleton = meta_copy(self.model) if cfg.retain_representation and reference_model is None else None
+        object.__setattr__(self, "_reference_skeleton", skeleton)
+        self.save_init_hyperparameters(
+            model=model, config=cfg, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            reference_model=reference_model, tokenizer=tokenizer, sharding=shard_cfg,
         )
         self._tr_weights = self.config.tr_weights()
         self._tr_points = set(self.config.tr_points())
@@ -140,45 +151,167 @@ class TARModule(CausalLMModule):
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
 
-    def _fully_shard(self, model: nn.Module, mesh, *, activation_checkpointing: Optional[bool] = None) -> None:
+    def _fully_shard(self, model: nn.Module, mesh, *, activation_checkpointing: Optional[bool] = None,
+                     inference_only: bool = False) -> None:
         """FSDP2 with this module's :class:`ShardingConfig` (see :func:`tar_lightning.sharding.fully_shard_model`)."""
         precision = getattr(self._trainer, "precision", None) if self._trainer is not None else None
-        fully_shard_model(model, mesh, self.sharding, precision, activation_checkpointing=activation_checkpointing)
+        fully_shard_model(model, mesh, self.sharding, precision, activation_checkpointing=activation_checkpointing,
+                          inference_only=inference_only)
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shards the policy with FSDP2 (idempotent). Under every strategy:
         activation checkpointing of the decoder layers when ``sharding.activation_checkpointing``.
 
-        The frozen reference model is sharded in :meth:`on_fit_start`, after Lightning's precision conversion
-        of the policy has fixed the dtype it must match.
+        Then builds the frozen reference model (:meth:`_setup_reference`).
         """
         mesh = self._fsdp2_mesh()
         if mesh is None:
             if self.sharding.activation_checkpointing:
                 apply_activation_checkpointing(self.model)
+            self._setup_reference(None)  # the frozen reference model (see _setup_reference)
             return
-        bad = [a.name for a in self.config.adversaries if a.method == "lora"]
-        if bad:
-            raise ConfigError(
-                f"LoRA adversaries {bad} are not supported under FSDP2 yet (their adapters would be unsharded, "
-                "unaveraged parameters injected into a sharded model); use full-parameter adversaries or DDP"
-            )
-        if self.adversary_pool is not None:
-            raise ConfigError("TARConfig.persistent_pool: persistent adversaries are not supported under FSDP2 yet "
-                              "(their stored deltas are not part of sharded checkpoints); set it to 0 or use DDP")
+        if self.adversary_pool is not None and self._trainer.checkpoint_callbacks:
+            self._check_pool_checkpointing()
         self._fully_shard(self.model, mesh)
+        self._setup_reference(mesh)  # the frozen reference model, sharded like the policy (see _setup_reference)
+
+    def _check_pool_checkpointing(self) -> None:
+        """Under FSDP2 with several ranks, the persistent pool's deltas are rank-local shards: a checkpoint must
+        store each rank's part, which only :class:`tar_lightning.strategy.FSDP2Strategy` does (Lightning's
+        ``ModelParallelStrategy`` writes everything but the DCP shards from rank 0 alone).
+
+        Raises:
+            ConfigError: when a checkpoint would silently lose the other ranks' deltas.
+        """
+        if data_parallel_world_size() <= 1 or isinstance(self._trainer.strategy, FSDP2Strategy):
+            return
+        raise ConfigError(
+            f"TARConfig.persistent_pool={self.config.persistent_pool} under {type(self._trainer.strategy).__name__} "
+            f"with {data_parallel_world_size()} ranks: the stored adversary deltas are sharded like the weights and "
+            "this strategy saves non-weight checkpoint entries from rank 0 only, so a checkpoint would lose the other "
+            "ranks' shards. Use strategy tar_lightning.strategy.FSDP2Strategy (what the recipes/launch/fsdp2_*.yaml "
+            "overlays set), or persistent_pool: 0"
+        )
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         check_lora_targets(self.model, self.config.adversaries)  # a typo fails here, not at a random later step
-        if self.reference_model is not None:
+        if self.reference_model is not None and self._fsdp2_mesh() is None:
+            # Single device / DDP: next to the policy, in its dtype (Lightning's precision conversion is done now).
             weight = next(self.model.parameters())
-            from torch.distributed.fsdp import FSDPModule
+            self.reference_model.to(device=weight.device, dtype=weight.dtype)
 
-            if not isinstance(self.reference_model, FSDPModule):
-                self.reference_model.to(device=weight.device, dtype=weight.dtype)
-                mesh = self._fsdp2_mesh()
-                if mesh is not None:
-                    self._fully_shard(self.reference_model, mesh, activation_checkpointing=False)
+    # -- the frozen reference model of the representation retain term ----------------------------------------
+
+    def _setup_reference(self, mesh) -> None:
+        """Builds the frozen reference model (once; nothing to do without ``config.retain_representation``).
+
+        Called from :meth:`configure_model`, before Lightning restores any checkpoint into the policy, so a copy
+        of the policy holds its starting weights (on resume, those of the source it was built from again).
+
+        - Without FSDP2 (``mesh`` is None): a deep copy of the policy (``reference_model=None``), the given module
+          copied, or the given source loaded; :meth:`on_fit_start` moves it next to the policy, in its dtype.
+        - Under FSDP2: the reference never exists as a full copy in the module's dtype. Its structure is built on
+          the meta device and sharded like the policy (same mesh and mixed-precision policy, no activation
+          checkpointing), then only the local shards are allocated, on the policy's device, in the compute
+          dtype (:meth:`_reference_dtypes`), and filled: from the policy's own local shards, cast
+          (``reference_model=None``; the policy is sharded already), or from the given source loaded directly in
+          the compute dtype (or the given module), each rank taking its shard.
+        """
+        if not self.config.retain_representation or self.reference_model is not None:
+            return
+        source = self._reference_source
+        if mesh is not None:
+            reference = self._sharded_reference(mesh, source)
+        elif source is None:
+            reference = frozen_copy(self.model)
+        elif isinstance(source, nn.Module):
+            reference = frozen_copy(source)
+        else:  # loaded for this purpose alone: nothing else holds it, no copy needed
+            reference = freeze(resolve_model(source)[0])
+        object.__setattr__(self, "reference_model", reference)
+        object.__setattr__(self, "_reference_source", None)
+        object.__setattr__(self, "_reference_skeleton", None)
+
+    def _reference_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """``(parameter dtype, buffer dtype)`` of the FSDP2 reference model.
+
+        Parameters: the compute dtype, i.e. the FSDP2 ``MixedPrecisionPolicy`` param dtype when one is set (bf16
+        under ``bf16-mixed``), else the policy's dtype after Lightning's precision conversion (which runs after
+        :meth:`configure_model`: bf16 under ``bf16-true``). Buffers (rotary frequencies): the latter. Either way
+        the reference computes exactly what a copy of the policy cast to the policy's dtype and all-gathered in
+        the compute dtype computes.
+        """
+        trainer = self._trainer
+        precision = getattr(trainer, "precision", None)
+        param_dtype, _ = self.sharding.policy_dtypes(precision)
+        policy_dtype = local_tensor(next(self.model.parameters())).dtype
+        probe = nn.Linear(1, 1, device="meta", dtype=policy_dtype)
+        plugin = getattr(trainer, "precision_plugin", None)
+        module_dtype = plugin.convert_module(probe).weight.dtype if plugin is not None else policy_dtype
+        return param_dtype or module_dtype, module_dtype
+
+    def _sharded_reference(self, mesh, source: Any) -> nn.Module:
+        """The FSDP2 reference model (see :meth:`_setup_reference`)."""
+        from torch.distributed.tensor import DTensor
+
+        from tar_lightning.base_module import _model_source_from_mapping
+        from tar_lightning.models import load_model
+
+        param_dtype, buffer_dtype = self._reference_dtypes()
+        if source is None:
+            values, template = self.model, self._reference_skeleton  # the policy (sharded) and its structure
+        else:
+            if isinstance(source, nn.Module):
+                values = source
+            else:
+                spec = _model_source_from_mapping(source) if isinstance(source, Mapping) else source
+                values = freeze(load_model(spec, dtype=param_dtype)[0])
+            template = values
+        reference = meta_copy(template, param_dtype=param_dtype, buffer_dtype=buffer_dtype)
+        self._fully_shard(reference, mesh, activation_checkpointing=False, inference_only=True)
+        reference.to_empty(device=local_tensor(next(self.model.parameters())).device)
+        rank, world = mesh.get_local_rank(), mesh.size()
+        given = dict(values.named_parameters())
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                value = given[name].detach()
+                if isinstance(value, DTensor):  # the policy's shard of the same parameter (same mesh and layout)
+                    shard = value.to_local()
+                else:  # a full tensor: this rank's row block (FSDP2 shards dim 0 like torch.chunk)
+                    blocks = torch.chunk(value, world, dim=0)
+                    shard = blocks[rank] if rank < len(blocks) else value[:0]
+                param.to_local().copy_(shard)
+            buffers = dict(values.named_buffers())
+            for name, buffer in reference.named_buffers():
+                buffer.copy_(buffers[name])
+        return reference
+
+    @classmethod
+    def _restore_kwargs(cls, ckpt: dict[str, Any], path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        hparams = ckpt.get("hyper_parameters") or {}
+        rebuilt = "_instantiator" not in hparams and kwargs.get("model") is None and hparams.get("model") is None
+        config = kwargs.get("config", hparams.get("config")) or {}
+        wants = config.get("retain_representation") if isinstance(config, Mapping) else config.retain_representation
+        if rebuilt and wants and kwargs.get("reference_model", hparams.get("reference_model")) is None:
+            raise ConfigError(
+                f"checkpoint {path!r}: this TARModule was built from an in-memory model, so its representation "
+                "reference (a copy of the starting weights) is not recorded and the model would be rebuilt from the "
+                "trained weights; pass model= (the starting model) or reference_model= to load_from_checkpoint"
+            )
+        return super()._restore_kwargs(ckpt, path, kwargs)
+
+    def _require_reference(self) -> bool:
+        """Whether the retain loss has a representation term; its reference model must have been built."""
+        if not self.config.retain_representation:
+            return False
+        if self.reference_model is None:
+            raise ConfigError(
+                "TARModule: config.retain_representation needs the frozen reference model, which configure_model() "
+                "builds (Lightning calls it when fit starts); call module.configure_model() before using the module "
+                "outside a Trainer"
+            )
+        return True
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per outer step for each data stream (read by the data module)."""
@@ -240,7 +373,7 @@ class TARModule(CausalLMModule):
 
     def retain_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """λ-free retain loss at the current weights: CE (+ representation distance to the reference)."""
-        want_hidden = self.reference_model is not None
+        want_hidden = self._require_reference()
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -282,17 +415,44 @@ class TARModule(CausalLMModule):
                     f"(inner_steps × trajectories); let the data module read stream_steps() from the module"
                 )
 
+    def _check_sharded_state(self) -> None:
+        """Under FSDP2, every trainable parameter must be a sharded ``DTensor`` when an outer step starts.
+
+        The snapshot, the TR buffer, the adversary optimizers and the persistent pool keep references to the
+        tensors :meth:`trainable_parameters` returns. An FSDP2 module left unsharded (a no-grad forward of the root
+        that no backward followed) registers temporary full tensors instead, which the next backward frees: the
+        restore would then write into freed memory. Validation reshards (``reshard_fsdp``); this is the check that
+        nothing else left the model unsharded. Costs one ``isinstance`` per parameter, no device work.
+        """
+        if self._fsdp2_mesh() is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        bad = [
+            name for name, p in self.model.named_parameters()
+            if p.requires_grad and not (isinstance(p, DTensor) and all(pl.is_shard() for pl in p.placements))
+        ]
+        if bad:
+            raise RuntimeError(
+                f"TARModule: outer step {self.global_step} under FSDP2 found {len(bad)} trainable parameters that are "
+                f"not sharded DTensors (first: {bad[:3]}): an FSDP module was left unsharded, e.g. by a no-grad "
+                "forward of the model outside validation. Call tar_lightning.base_module.reshard_fsdp(model) after "
+                "such a forward"
+            )
+
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         cfg = self.config
         self._check_batch(batch)
         optimizer = self.optimizers()
+        self._check_sharded_state()
         params = self.trainable_parameters()
         K, T = cfg.inner_steps, cfg.trajectories
         # Under DDP the wrapper's reducer is never armed (self.model is called directly, no manual_backward):
         # gradients are averaged here, so every rank takes the same adversary and outer steps. Under FSDP2
         # (DTensor parameters) every backward reduce-scatters (averages) the gradients itself: nothing to do here.
         sharded = has_sharded_parameters(params)
-        distributed = data_parallel_world_size() > 1 and not sharded
+        world = data_parallel_world_size()
+        distributed = world > 1 and not sharded
 
         snapshot = ParameterSnapshot(params, device=cfg.snapshot_device)
         tr_grads = GradientBuffer(params)
@@ -326,16 +486,20 @@ class TARModule(CausalLMModule):
             with AdversaryRun(
                 self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params, seed=init_seed
             ) as run:
-                if distributed:
+                # What no wrapper reduces is averaged before every adversary step: every trainable tensor under
+                # DDP; under FSDP2 the LoRA adapters (replicated plain tensors, same init on every rank by
+                # init_seed), while FSDP reduce-scatters the sharded parameters' gradients itself.
+                replicated = [p for p in run.trainable if not isinstance(p, DTensor)] if world > 1 else []
+                if replicated:
                     run.optimizer.register_step_pre_hook(
-                        lambda opt, args, kwargs, run=run: average_gradients([p.grad for p in run.trainable])
+                        lambda opt, args, kwargs, ps=replicated: average_gradients([p.grad for p in ps])
                     )
                 e = 0
                 for k in range(K):
                     stream = run.stream_for_step(k)
                     adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / T
-                    if k in self._tr_points:
-                        with run.base_gradients():
+                    if k in self._tr_points:  # scored where the attacker evaluates (schedule-free: x, not y)
+                        with run.evaluation_point(), run.base_gradients():
                             tr_grads.swap_in()
                             loss, diag = self.tr_loss(tr_batch)
                             (loss * (cfg.tr_weight * self._tr_weights[e] / T)).backward()
@@ -343,8 +507,10 @@ class TARModule(CausalLMModule):
                         tr_losses[e] += loss.detach().float() / T
                         tr_diag[e] += diag.float() / T
                         e += 1
-            if pool is not None and adversary.method != "lora":
-                pool.record(params, snapshot, continued=resume_from, adversary=index, lr=lr, steps=K, replace=slot)
+                if pool is not None and adversary.method != "lora":
+                    with run.evaluation_point():
+                        pool.record(params, snapshot, continued=resume_from, adversary=index, lr=lr, steps=K,
+                                    replace=slot)
             snapshot.restore()
         del snapshot
 
@@ -439,15 +605,24 @@ class TARModule(CausalLMModule):
         check_finite(checkpoint.get("state_dict", {}), f"a TARModule checkpoint at step {self.global_step}")
         checkpoint["tar_nonfinite"] = {"in_a_row": self._nonfinite_in_a_row, "total": self._nonfinite_total}
         if self.adversary_pool is not None:
-            checkpoint["tar_adversary_pool"] = self.adversary_pool.state_dict()
+            if has_sharded_parameters(self.trainable_parameters()):  # each rank's deltas are its own shards
+                self._check_pool_checkpointing()  # also for a trainer.save_checkpoint(...) without a callback
+                checkpoint.setdefault(RANK_LOCAL_KEY, {})["adversary_pool"] = self.adversary_pool.state_dict()
+            else:  # the same on every rank
+                checkpoint["tar_adversary_pool"] = self.adversary_pool.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("tar_nonfinite", {})
         self._nonfinite_in_a_row = int(state.get("in_a_row", 0))
         self._nonfinite_total = int(state.get("total", 0))
-        if self.adversary_pool is not None and "tar_adversary_pool" in checkpoint:
-            self.adversary_pool.load_state_dict(checkpoint["tar_adversary_pool"], self.trainable_parameters())
+        if self.adversary_pool is not None:
+            local = checkpoint.get(RANK_LOCAL_KEY)
+            state = local.get("adversary_pool") if isinstance(local, dict) else None
+            if state is None:
+                state = checkpoint.get("tar_adversary_pool")
+            if state is not None:
+                self.adversary_pool.load_state_dict(state, self.trainable_parameters())
 
     def _detailed_logging_step(self) -> bool:
         """Whether this step's per-inner-step curves and gradient norms are logged.

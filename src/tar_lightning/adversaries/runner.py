@@ -31,6 +31,34 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return causal_lm_loss(out.logits, batch["labels"])
 
 
+@contextlib.contextmanager
+def _sharded_weights_hidden(model: nn.Module) -> Iterator[None]:
+    """Within the block, the FSDP2-sharded (``DTensor``) weights of ``model``'s linear layers are replaced by empty
+    placeholders of the same device and dtype.
+
+    peft sizes a LoRA adapter from the *local* shape of a ``DTensor`` weight unless the mesh is named ``fsdp``
+    (it takes other meshes for tensor parallelism); FSDP2 layers compute the full projection, which their
+    ``in_features``/``out_features`` give, and that is what peft uses for a plain weight. The real parameters are
+    put back unchanged (the same objects FSDP manages), with the ``requires_grad`` peft gave the placeholders.
+    """
+    from torch.distributed.tensor import DTensor
+
+    hidden = []
+    for module in model.modules():
+        weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
+        if isinstance(weight, DTensor):
+            module._parameters["weight"] = nn.Parameter(
+                torch.empty(0, device=weight.device, dtype=weight.dtype), requires_grad=weight.requires_grad
+            )
+            hidden.append((module, weight))
+    try:
+        yield
+    finally:
+        for module, weight in hidden:
+            weight.requires_grad_(module._parameters["weight"].requires_grad)
+            module._parameters["weight"] = weight
+
+
 class AdversaryRun:
     """One adversary applied to ``model`` in place for ``steps`` optimizer steps.
 
@@ -108,12 +136,29 @@ class AdversaryRun:
                 if self.seed is not None:
                     stack.enter_context(torch.random.fork_rng(devices=self._devices()))
                     torch.manual_seed(self.seed)
+                stack.enter_context(_sharded_weights_hidden(self.model))
                 self._lora_model = LoraModel(self.model, lora_cfg, LORA_ADAPTER_NAME)
         except ValueError as e:
             raise ConfigError(
                 f"adversary {self.config.name!r}: LoRA targets {spec.targets!r} cannot be applied: {e}"
             ) from e
+        self._check_adapter_shapes()
         return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    def _check_adapter_shapes(self) -> None:
+        """Every adapter must be sized for its base layer's full (unsharded) projection."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and LORA_ADAPTER_NAME in module.lora_A:
+                base = module.get_base_layer()
+                a, b = module.lora_A[LORA_ADAPTER_NAME].weight, module.lora_B[LORA_ADAPTER_NAME].weight
+                want = (getattr(base, "in_features", a.shape[1]), getattr(base, "out_features", b.shape[0]))
+                if (a.shape[1], b.shape[0]) != want:
+                    raise ConfigError(
+                        f"adversary {self.config.name!r}: the LoRA adapter of {name} maps {a.shape[1]} -> "
+                        f"{b.shape[0]} features, its layer {want[0]} -> {want[1]} (peft sized it from a shard)"
+                    )
 
     def _devices(self) -> list[int]:
         return sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
@@ -140,6 +185,25 @@ class AdversaryRun:
                 p.requires_grad_(False)
             for p in self.trainable:
                 p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def evaluation_point(self) -> Iterator[None]:
+        """Within the block the weights are the adversary's evaluation point.
+
+        A schedule-free optimizer (``schedule_free_adamw``) trains at an interpolation y of its iterates and
+        evaluates at their average x: the attack's result is x, reached with ``optimizer.eval()``; ``train()``
+        moves back to y afterwards. Other optimizers have one point: nothing happens. Used by TAR to score the
+        tamper-resistance loss where the attacker would evaluate, and to record persistent deltas there.
+        """
+        opt = self.optimizer
+        swap = opt is not None and callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+        if swap:
+            opt.eval()
+        try:
+            yield
+        finally:
+            if swap:
+                opt.train()
 
     # -- stepping ---------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """``SlurmRequeue``: checkpoint and requeue on Slurm's warning signal, only at a safe point of a TAR outer step.
 
-Slurm sends ``SIGUSR1`` (``#SBATCH --signal=SIGUSR1@120``: 120 s before the time limit) to the job's tasks.
+Slurm sends ``SIGUSR1`` (``#SBATCH --signal=SIGUSR1@480``: 480 s before the time limit, sized in
+docs/SCALING.md) to the job's tasks.
 Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves a checkpoint *inside the signal handler*,
 i.e. wherever the main thread happens to be: in TAR that is usually the adversary's inner loop, so the
 checkpoint would hold attacked weights. This callback instead:
@@ -16,6 +17,11 @@ checkpoint would hold attacked weights. This callback instead:
 Outside Slurm (no ``SLURM_JOB_ID``) it saves and stops without requeueing (``kill -USR1 <pid>`` is then a way
 to stop a run at the next outer-step boundary with a resumable checkpoint).
 
+Every process of the run destroys the ``torch.distributed`` process group when it exits
+(:func:`close_process_group`, registered with :mod:`atexit` at ``setup``): left to the interpreter's shutdown,
+gloo's background threads are torn down in undefined order and a rank often aborts (``terminate called without an
+active exception``, exit code 134), which fails the Slurm job after a run that went well.
+
 Lightning's auto-requeue must be off (``trainer.plugins: SLURMEnvironment(auto_requeue=false)``, as in
 ``recipes/launch/*.yaml``); :meth:`setup` refuses a run where it is on. A signal arriving before ``setup`` (while
 the model loads) still has the default action (the process ends; the job is not requeued).
@@ -23,6 +29,7 @@ the model loads) still has the default action (the process ends; the job is not 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -35,7 +42,32 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from tar_lightning.errors import ConfigError
 
-__all__ = ["SlurmRequeue"]
+__all__ = ["SlurmRequeue", "close_process_group"]
+
+
+def close_process_group() -> bool:
+    """Destroys the default ``torch.distributed`` process group if one is initialized; returns whether it did.
+
+    Local (no collective, no barrier), so it is safe on the error path and when other ranks already exited. Call
+    it when the process is done with distributed work (``tar-lightning fit|validate|test`` calls it before
+    returning); :class:`SlurmRequeue` also registers it with :mod:`atexit`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
+_AT_EXIT_REGISTERED = False
+
+
+def _close_process_group_at_exit() -> None:
+    global _AT_EXIT_REGISTERED
+    if not _AT_EXIT_REGISTERED:
+        atexit.register(close_process_group)
+        _AT_EXIT_REGISTERED = True
 
 
 def _slurm_job_id() -> Optional[str]:
@@ -100,7 +132,10 @@ class SlurmRequeue(Callback):
             )
         self.flag = False
         self._previous = signal.signal(self.signum, self._handler)
+        # restart system calls the signal interrupts (a blocking read/write/collective must not fail with EINTR)
+        signal.siginterrupt(self.signum, False)
         self._installed = True
+        _close_process_group_at_exit()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._installed:

@@ -514,10 +514,9 @@ def reference_logprobs(
     finally:
         model.train(was_training)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"chosen": c, "rejected": r}, tmp)
-        os.replace(tmp, path)
+        from tar_lightning.checkpoint import atomic_save
+
+        atomic_save({"chosen": c, "rejected": r}, path)
         log.info("%s: reference log-probs of %d pairs computed and cached in %s", source.label(), len(c), path)
     return c, r, path
 

@@ -144,9 +144,9 @@ def _run(args: argparse.Namespace) -> int:
             "system_prompt": args.system_prompt,
             "tasks": results,
         }
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, args.out)
+        from tar_lightning.checkpoint import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(payload, indent=1), what="evaluation results")
         print(f"wrote {args.out}")
     return 0
 

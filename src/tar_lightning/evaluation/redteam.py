@@ -896,6 +896,7 @@ class _Runner:
             "seed": task.seed,
             "run_seed": task.run_seed,
             "config_hash": task.config_hash,
+            "model": task.config["model"],
             "config": task.config["attack"],
             "device": str(self.handle.device),
             "wall_time_s": time.perf_counter() - start,
@@ -941,18 +942,10 @@ def _bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit
 
 # ------------------------------------------------------------------------------------------ files
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """A result file, atomically and with the umask's permissions (the library's one atomic writer)."""
+    from tar_lightning.checkpoint import atomic_write_text
+
+    atomic_write_text(path, text, what="red-team result")
 
 
 def _json(value: Any) -> str:
@@ -976,6 +969,50 @@ def _json_default(value: Any) -> Any:
 def _hash(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _describe_model(identity: Mapping[str, Any]) -> str:
+    if "source" in identity:
+        return f"{identity['source']} ({identity.get('dtype')})"
+    return f"a {identity.get('module')} module (weights {identity.get('weights')})"
+
+
+#: what ``write_results`` writes for the folder as a whole (replaced when its runs are another model's)
+_SUMMARY_FILES = ("results.json", "results.csv", "report.md")
+
+
+def _claim_out_dir(out: Path, identity: Mapping[str, Any], overwrite: bool) -> None:
+    """Refuses an output folder holding red-team results of another model (its run files or results.json name a
+    different model identity); with ``overwrite`` deletes them instead. Results of the same model are kept
+    (resumed); run files that name no model (older versions) are left to the configuration-hash check."""
+    identity = json.loads(_json(identity))  # as the files hold it (tuples are lists)
+    found: dict[Path, Any] = {}
+    runs = sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    for path in runs + [out / "results.json"]:
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: _load_finished reports it and runs it again
+        model = record.get("summary", {}).get("model") if path.name == "results.json" else record.get("model")
+        if isinstance(model, dict) and model != identity:
+            found[path] = model
+    if not found:
+        return
+    if not overwrite:
+        first = next(iter(found.values()))
+        raise ConfigError(
+            f"{out} holds red-team results of another model ({_describe_model(first)}, {len(found)} file(s), "
+            f"e.g. {next(iter(found))}), not of {_describe_model(identity)}: choose another --out, or pass "
+            "--overwrite (overwrite=True) to replace them"
+        )
+    for path in found:
+        path.unlink(missing_ok=True)
+    if out / "results.json" in found:
+        for name in _SUMMARY_FILES:
+            (out / name).unlink(missing_ok=True)
+    log.info("red team: removed %d result file(s) of another model from %s (overwrite)", len(found), out)
 
 
 def _load_finished(path: Path, config_hash: str) -> Optional[dict]:
@@ -1099,6 +1136,7 @@ def run_redteam(
     resume: bool = True,
     progress: bool = True,
     report: bool = True,
+    overwrite: bool = False,
 ) -> RedTeamResult:
     """Runs every attack × seed of a suite on fresh copies of ``model`` and writes results and a report.
 
@@ -1122,13 +1160,15 @@ def run_redteam(
         resume: reuse finished runs from ``out_dir/runs`` whose configuration hash matches.
         progress: show progress bars (attack, seed, step).
         report: write report.md and the PNG plots (results.json / results.csv are always written).
+        overwrite: replace results of another model found in ``out_dir`` (without it they are refused with a
+            :class:`ConfigError`; results of the same model are always kept and resumed).
 
     Returns:
         The :class:`RedTeamResult`.
 
     Raises:
         ConfigError: a bad suite, attack id, data override, scale, or an evaluator without the required
-            metrics.
+            metrics; ``out_dir`` holds results of another model (without ``overwrite``).
         ModelLoadError: the model source cannot be loaded.
         DataError: a data regime cannot be read.
     """
@@ -1149,6 +1189,7 @@ def run_redteam(
 
     handle = _ModelHandle(model, tokenizer, device_list[0], out)
     try:
+        _claim_out_dir(out, handle.identity, overwrite)
         data_cache = _DataCache(suite.data, handle.tokenizer, suite.seq_len)
         if evaluator is None:
             evaluator = build_evaluator(suite)

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest for tiny models on a shared machine)")
     parser.add_argument("--no-resume", action="store_true", help="recompute runs whose result files exist")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of another model found in --out (without it such an --out is "
+                             "refused; results of the same model are resumed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -130,6 +133,7 @@ def redteam_main(argv: Optional[Sequence[str]] = None) -> int:
             devices=devices,
             resume=not args.no_resume,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except TARLightningError as err:
         print(f"tar-lightning redteam: error: {err}", file=sys.stderr)

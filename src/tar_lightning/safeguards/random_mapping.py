@@ -67,7 +67,11 @@ class RandomMappingModule(CausalLMModule):
         self.forget_weight = forget_weight
         self.retain_weight = retain_weight
         self.table_seed = table_seed
-        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", "tokenizer"])
+        self.save_init_hyperparameters(
+            model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer,
+            forget_stream=forget_stream, retain_stream=retain_stream, forget_weight=forget_weight,
+            retain_weight=retain_weight, table_seed=table_seed,
+        )
         emb = self.model.get_input_embeddings().weight
         # In the model's dtype: for large vocabularies the table is as big as the embedding matrix.
         table = random_mapping_table(emb.shape[0], emb.shape[1], seed=table_seed, dtype=emb.dtype)
