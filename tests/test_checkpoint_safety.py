@@ -346,3 +346,23 @@ def test_export_of_a_periodic_sharded_checkpoint_is_the_trained_model(tmp_path, 
     for k, v in exported.items():
         assert torch.equal(v, expected[k]), k
     assert _mode(out) == 0o755 and all(_mode(p) == 0o644 for p in out.iterdir())
+
+
+def test_optimizer_mode_switches_leave_no_empty_state_for_dcp():
+    """schedule-free train()/eval() read ``optimizer.state[p]`` (a defaultdict) and leave an empty entry per
+    parameter; torch.distributed.checkpoint then takes the optimizer for initialised and its template for a resume
+    holds no per-parameter state, so none of the checkpoint's moments are loaded (found by the rehearsal test)."""
+    import schedulefree
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from tar_lightning.base_module import _drop_empty_state
+
+    lin = torch.nn.Linear(3, 2)
+    opt = schedulefree.AdamWScheduleFree(lin.parameters(), lr=1e-3)
+    opt.train()
+    assert len(opt.state) == 2 and not any(opt.state.values())  # what the library leaves behind
+    assert not any(get_optimizer_state_dict(lin, opt)["state"].values())  # ... and what DCP then makes of it
+    _drop_empty_state(opt)
+    assert len(opt.state) == 0
+    template = get_optimizer_state_dict(lin, opt)["state"]
+    assert sorted(template) == ["bias", "weight"] and sorted(template["weight"]) == ["exp_avg_sq", "z"]

@@ -191,7 +191,7 @@ def test_sharded_checkpoint_folder_explicit_ckpt_path_and_load_from_checkpoint(t
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 1
 
     module = TARModule.load_from_checkpoint(last)
-    from tar_lightning.base_module import read_checkpoint
+    from tar_lightning.export import read_checkpoint
 
     assert_same_state(module, read_checkpoint(last)["state_dict"])
     assert module.config.retain_representation and module.reference_model is not None

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, mean_entropy
 from tar_lightning.models import ModelSource, load_model
+from tar_lightning.snapshot import ParameterSnapshot
 
 __all__ = [
     "CausalLMModule",
@@ -25,7 +26,6 @@ __all__ = [
     "SchedulerFactory",
     "checkpoint_hyperparameters",
     "plain_hyperparameter",
-    "read_checkpoint",
     "reshard_fsdp",
     "resolve_model",
 ]
@@ -79,18 +79,6 @@ def plain_hyperparameter(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain_hyperparameter(v) for v in value]
     return None
-
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """A checkpoint as one dict on the CPU: a ``.ckpt`` file (``weights_only``), or a sharded FSDP2 checkpoint
-    folder consolidated in this process (``.metadata`` read with the restricted unpickler).
-
-    Raises:
-        ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
-    """
-    from tar_lightning.export import _load_checkpoint
-
-    return _load_checkpoint(Path(os.path.expanduser(os.fspath(path))))
 
 
 def _read_hparams_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -147,6 +135,15 @@ def reshard_fsdp(module: nn.Module) -> int:
     return n
 
 
+def _drop_empty_state(optimizer: torch.optim.Optimizer) -> None:
+    """Remove the empty per-parameter entries that reading ``optimizer.state[p]`` (a defaultdict) leaves behind,
+    as schedule-free ``train()``/``eval()`` do for parameters without state. An optimizer with such entries looks
+    initialised to ``torch.distributed.checkpoint``, which then loads none of a checkpoint's optimizer state into
+    it (silently)."""
+    for p in [p for p, state in optimizer.state.items() if not state]:
+        del optimizer.state[p]
+
+
 class CausalLMModule(L.LightningModule):
     """Base of the library's LightningModules around a causal LM.
 
@@ -194,6 +191,16 @@ class CausalLMModule(L.LightningModule):
             fn = getattr(opt, "train" if train else "eval", None)
             if callable(fn):
                 fn()
+                _drop_empty_state(opt)
+
+    def _schedule_free_training_point(self) -> bool:
+        """Whether the optimizers keep a training point apart from the evaluation point right now (schedule-free
+        optimizers in train mode that have taken a step: their ``eval()`` moves the weights)."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return False
+        groups = [g for opt in self.trainer.optimizers for g in opt.param_groups]
+        return (all("train_mode" in g for g in groups) and any(g["train_mode"] for g in groups)
+                and any(opt.state for opt in self.trainer.optimizers))
 
     def on_fit_start(self) -> None:
         # Resuming under ModelParallelStrategy (FSDP2), torch.distributed.checkpoint first initialises the fresh
@@ -210,6 +217,15 @@ class CausalLMModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         reshard_fsdp(self)  # a stale unsharded copy must not hide the evaluation point set next
+        # Validation inside fit() with a schedule-free optimizer: eval() moves the weights to x and train() back to
+        # y, a round trip that is not exact in floating point (a few elements change by an ulp), so a validation
+        # pass would perturb training and a run resumed from a checkpoint taken before a validation would drift
+        # from the uninterrupted one. The training point is kept instead (one copy of the trainable weights, on
+        # ``config.snapshot_device`` when the module has one, for the length of the validation) and restored.
+        self._training_point = None
+        if self.trainer.state.fn == TrainerFn.FITTING and self._schedule_free_training_point():
+            device = getattr(getattr(self, "config", None), "snapshot_device", None)
+            self._training_point = ParameterSnapshot(self.trainable_parameters(), device=device)
         self._set_optimizer_mode(train=False)
 
     def on_validation_end(self) -> None:
@@ -219,7 +235,14 @@ class CausalLMModule(L.LightningModule):
         reshard_fsdp(self)
         # Validation inside fit() (trainer.training is False here): back to the training point before the next step.
         if self.trainer.state.fn == TrainerFn.FITTING:
-            self._set_optimizer_mode(train=True)
+            point, self._training_point = getattr(self, "_training_point", None), None
+            if point is None:
+                self._set_optimizer_mode(train=True)
+            else:  # back to the training point bit for bit; the optimizers' mode flag follows
+                point.restore()
+                for opt in self.trainer.optimizers:
+                    for group in opt.param_groups:
+                        group["train_mode"] = True
 
     # -- validation: held-out LM loss and predictive entropy per validation stream ----------------------------
 
@@ -325,6 +348,8 @@ class CausalLMModule(L.LightningModule):
         from lightning.pytorch.core.saving import _load_state
 
         path = os.fspath(checkpoint_path)
+        from tar_lightning.export import read_checkpoint
+
         ckpt = read_checkpoint(path)
         if hparams_file is not None:
             ckpt[cls.CHECKPOINT_HYPER_PARAMS_KEY] = _read_hparams_file(hparams_file)

@@ -10,7 +10,7 @@ evaluation point) are read. Nothing in either kind of checkpoint is unpickled be
 
 from __future__ import annotations
 
-import pickle
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +20,7 @@ import torch
 from tar_lightning.errors import ConfigError, ModelLoadError
 from tar_lightning.models import export_pretrained
 
-__all__ = ["checkpoint_to_model", "export_checkpoint", "is_sharded_checkpoint", "tokenizer_files"]
+__all__ = ["checkpoint_to_model", "export_checkpoint", "is_sharded_checkpoint", "read_checkpoint", "tokenizer_files"]
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -49,7 +49,7 @@ def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"sharded checkpoint {str(path)!r} has no meta.pt (not written by Lightning's "
                              "ModelParallelStrategy, or incomplete)")
     keys = {k for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(("state_dict.", "optimizer_0."))}
-    ckpt = _load_checkpoint(meta_file)
+    ckpt = read_checkpoint(meta_file)
     loaded = load_sharded_state(path, keys)
     ckpt["state_dict"] = loaded.get("state_dict", {})
     optimizer = loaded.get("optimizer_0")
@@ -74,7 +74,16 @@ def _index_keyed(optimizer: dict[str, Any], state_dict: dict[str, Any], path: Pa
     }
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint as one dict on the CPU: a ``.ckpt`` file (``weights_only``), or a sharded FSDP2 checkpoint
+    folder consolidated in this process (``.metadata`` read with the restricted unpickler).
+
+    Raises:
+        ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
+    """
+    from tar_lightning.checkpoint import load_checkpoint
+
+    path = Path(os.path.expanduser(os.fspath(path)))
     if path.is_dir():
         if is_sharded_checkpoint(path):
             return _load_sharded_checkpoint(path)
@@ -82,14 +91,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
                           "expected a .ckpt file or a folder with .metadata, .distcp shards and meta.pt")
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        # Our checkpoints hold only tensors and plain containers: never unpickle arbitrary objects.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ModelLoadError(
-            f"checkpoint {str(path)!r} cannot be read as a tar_lightning checkpoint with weights_only loading "
-            f"(truncated, corrupted, or holding arbitrary Python objects): {e}"
-        ) from e
+    return load_checkpoint(path)  # tensors and plain containers only: never arbitrary objects
 
 
 def _to_eval_point(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> None:
@@ -130,18 +132,12 @@ def checkpoint_to_model(ckpt_path: str | Path, tokenizer_source: Optional[str] =
     Raises:
         ConfigError / ModelLoadError: missing, unreadable or foreign checkpoints.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from tar_lightning.models import model_from_checkpoint_metadata
 
     path = Path(ckpt_path)
-    ckpt = _load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get("tar_lightning")
-    if not isinstance(meta, dict) or "hf_config" not in meta:
-        raise ModelLoadError(
-            f"checkpoint {str(path)!r} was not written by a tar_lightning module (no 'tar_lightning' metadata)"
-        )
-    hf_config = dict(meta["hf_config"])
-    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
-    model = AutoModelForCausalLM.from_config(config)
+    model, tokenizer = model_from_checkpoint_metadata(meta, str(path))
     prefix = meta.get("model_prefix", "model.")
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -158,12 +154,7 @@ def checkpoint_to_model(ckpt_path: str | Path, tokenizer_source: Optional[str] =
             _to_eval_point(model, opt_state)
     if tokenizer_source is not None:
         tokenizer = load_tokenizer(tokenizer_source)
-    elif meta.get("tokenizer_files"):
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in meta["tokenizer_files"].items():
-                (Path(tmp) / name).write_bytes(data)
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
-    else:
+    elif tokenizer is None:
         raise ModelLoadError(f"checkpoint {str(path)!r} holds no tokenizer; pass --tokenizer SOURCE")
     return model, tokenizer
 

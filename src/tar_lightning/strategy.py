@@ -345,6 +345,26 @@ def recover_interrupted_save(path: Path) -> Path:
     return path
 
 
+def _check_optimizer_state_loaded(path: Path, key: str, loaded: dict[str, Any]) -> None:
+    """DCP loads only what the template asks for: an optimizer whose template lacks some of the checkpoint's
+    per-parameter state (e.g. one that looked initialised) would resume with fresh moments, silently.
+
+    Raises:
+        ModelLoadError: naming the first entries of the checkpoint's optimizer state that were not loaded.
+    """
+    from tar_lightning.checkpoint import read_dcp_metadata
+
+    prefix = f"{key}.state."
+    saved = {k[len(prefix):] for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(prefix)}
+    got = {f"{fqn}.{name}" for fqn, state in loaded.get("state", {}).items() for name in state}
+    missing = sorted(saved - got)
+    if missing:
+        raise ModelLoadError(
+            f"sharded checkpoint {str(path)!r}: {len(missing)} entries of the optimizer state ({key}) were not "
+            f"loaded, e.g. {missing[:3]}: the optimizer does not match the one that wrote the checkpoint"
+        )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2) with sharded checkpoints that are all-or-nothing and safe to
     load. Same arguments, plus ``check_finite``.
@@ -518,6 +538,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 key = f"optimizer_{idx}"
                 optim_state = {key: get_optimizer_state_dict(module, optimizer)}
                 dcp_load(optim_state, storage_reader=safe_dcp_reader(path), planner=safe_load_planner())
+                _check_optimizer_state_loaded(path, key, optim_state[key])
                 set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                          options=StateDictOptions(cpu_offload=True))
         checkpoint = load_checkpoint(meta_file)
