@@ -219,6 +219,6 @@ def test_paper_run_life_rehearsed_on_cpu(tmp_path):
 
     wall = time.monotonic() - start
     print(f"\nrehearsal wall time: {wall:.1f} s")
-    # TamperProbe attacked a copy of the sharded weights during both runs
+    # TamperProbe attacked the sharded weights in place (restored bit-exactly) during both runs
     for root in (reference, interrupted):
         assert "probe/forget_loss" in metric_names(root), sorted(metric_names(root))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from tar_lightning.adversaries.config import AdversaryConfig
@@ -18,23 +18,45 @@ from tar_lightning.data.sources import DataSource, as_source, load_records
 from tar_lightning.data.tokenize import TokenPool, tokenize_records
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
+from tar_lightning.snapshot import ParameterSnapshot
+from tar_lightning.strategy import average_gradients, data_parallel_world_size, has_sharded_parameters
 
 __all__ = ["TamperProbe"]
 
 _DEFAULT_ATTACK = {"name": "probe", "data": "forget", "optimizer": "adamw", "lr": 2e-5}
 
 
-class TamperProbe(L.Callback):
-    """Every ``every_n_steps`` outer steps, attacks a deep copy of the weights and logs how much it recovered.
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is (partly) FSDP2-sharded: no rank holds all of its weights, nor can copy them."""
+    from torch.distributed.fsdp import FSDPModule
 
-    The probe runs at the end of a training batch (TAR has restored the weights by then), on a copy of
-    ``pl_module.model``: the live model, its gradients and the global random state are untouched, and the copy
-    is freed afterwards. The attack goes through :class:`~tar_lightning.adversaries.AdversaryRun`, the runner
-    of TAR's inner loop and of the red team, on seeded shuffled batches
-    (:class:`~tar_lightning.evaluation.redteam.AttackBatches`).
+    return has_sharded_parameters(list(model.parameters())) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+class TamperProbe(L.Callback):
+    """Every ``every_n_steps`` outer steps, attacks the weights and logs how much the attack recovered.
+
+    The probe runs at the end of a training batch (TAR has restored the weights by then). The attack goes through
+    :class:`~tar_lightning.adversaries.AdversaryRun`, the runner of TAR's inner loop and of the red team, on seeded
+    shuffled batches (:class:`~tar_lightning.evaluation.redteam.AttackBatches`). The live model's weights,
+    gradients, train/eval mode and the global random state are the same after a probe as before it.
+
+    - Plain parameters (one device, DDP): rank 0 attacks a deep copy of ``pl_module.model``, freed afterwards;
+      the other ranks do not probe.
+    - Sharded parameters (FSDP2 ``DTensor`` shards, where no rank can copy the model): every rank probes, in
+      lockstep, the live model in place. Each rank snapshots its shards of the trainable parameters
+      (:class:`~tar_lightning.snapshot.ParameterSnapshot`, on ``pl_module.config.snapshot_device`` when the
+      module has one), the attack trains the sharded model (FSDP averages the sharded gradients; replicated
+      trainable tensors such as LoRA adapters, initialised alike on every rank from the probe's seed, are
+      averaged before each step), and the snapshot is written back bit-exactly, ``.grad`` is put back as it was
+      and every FSDP module is resharded (what the next outer step requires). Held-out losses are token-weighted
+      over all ranks' examples and the attack losses averaged over ranks, so every rank holds the same metrics;
+      MCQ scoring and the ``evaluator`` run on every rank (they must run the same forwards on every rank: these
+      are collectives) and rank 0's values are logged.
 
     Logged to the trainer's loggers at the probed steps (rank 0 only; the latest values are also in
-    ``trainer.callback_metrics``), with ``<p>`` = ``prefix``:
+    ``trainer.callback_metrics``: on rank 0, and on every rank under sharded parameters), with ``<p>`` =
+    ``prefix``:
 
     - ``<p>/forget_loss_before`` and ``<p>/forget_loss``: token-weighted mean next-token CE on the held-out
       examples before and after the attack;
@@ -46,6 +68,10 @@ class TamperProbe(L.Callback):
     Where the data comes from: a *name* (``attack["data"]``, ``eval_data``) is looked up in ``sources``, then
     among the data module's streams (its tokenized pools / sources); when neither has it, the stream of the
     current training batch is used (its micro-batches; the held-out examples are fixed at the first probe).
+    Under data parallelism that batch is the rank's own slice of the global batch: a rank-0-only probe (DDP) then
+    evaluates and attacks rank 0's rows only; a sharded probe evaluates the union of the ranks' held-out rows and
+    attacks with every rank's rows at once (the rank-averaged gradient, which is the global batch's gradient when
+    the ranks hold equal token counts). Sources and data-module streams are read whole by every rank.
 
     Args:
         every_n_steps: probe when ``global_step`` is a multiple of this (after the outer step).
@@ -126,7 +152,6 @@ class TamperProbe(L.Callback):
         self._eval_batches: Optional[list[dict[str, torch.Tensor]]] = None
         self._pools: dict[str, TokenPool] = {}
         self._mcq_items: Any = None
-        self._warned = False
 
     # -- data ---------------------------------------------------------------------------------------------
     def _seq_len(self, trainer: L.Trainer) -> int:
@@ -193,7 +218,11 @@ class TamperProbe(L.Callback):
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @staticmethod
-    def _heldout_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    def _heldout_loss(
+        model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, across_ranks: bool = False
+    ) -> float:
+        """Token-weighted mean next-token CE on ``batches``; ``across_ranks``: over every rank's batches (every
+        rank must then call this, with the same number of batches)."""
         total, count = 0.0, 0
         was_training = model.training
         model.eval()
@@ -205,6 +234,10 @@ class TamperProbe(L.Callback):
                 total += float(causal_lm_loss(logits, b["labels"])) * n
                 count += n
         model.train(was_training)
+        if across_ranks and data_parallel_world_size() > 1:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         return total / max(count, 1)
 
     def _mcq_acc(self, model: nn.Module, tokenizer: Any) -> Optional[float]:
@@ -219,26 +252,56 @@ class TamperProbe(L.Callback):
         return float(score_mcq(model, tokenizer, self._mcq_items, **options).accuracy)
 
     # -- the probe ----------------------------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _in_place(pl_module: L.LightningModule) -> Iterator[nn.Module]:
+        """The live, sharded model to attack in place; on exit its trainable shards, ``.grad`` and train/eval mode
+        are as they were on entry and every FSDP module is resharded. Every rank must enter it together."""
+        from tar_lightning.base_module import reshard_fsdp
+
+        live: nn.Module = pl_module.model
+        reshard_fsdp(live)  # the snapshot must hold the sharded parameters, not FSDP's temporary full tensors
+        params = [p for p in live.parameters() if p.requires_grad]
+        device = getattr(getattr(pl_module, "config", None), "snapshot_device", None)
+        snapshot = ParameterSnapshot(params, device=device)
+        grads = [p.grad for p in params]
+        was_training = live.training
+        for p in params:
+            p.grad = None
+        try:
+            yield live
+        finally:
+            # no-grad forwards (the evaluations) leave the root unsharded: reshard before writing the shards back
+            reshard_fsdp(live)
+            snapshot.restore()
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            live.train(was_training)
+            del snapshot
+
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping) -> dict[str, float]:
-        """Runs one probe and returns its metrics (also appended to ``history``)."""
+        """Runs one probe and returns its metrics (also appended to ``history``).
+
+        Under sharded (FSDP2) parameters every rank must call this at the same step (it runs collectives).
+        """
         from tar_lightning.evaluation.redteam import AttackBatches, _seeded, evaluation_mode, run_seed
 
         live: nn.Module = pl_module.model
         tokenizer = getattr(pl_module, "tokenizer", None)
-        if any(hasattr(p, "full_tensor") for p in live.parameters()):
-            if not self._warned:
-                rank_zero_warn("TamperProbe: sharded (DTensor) parameters are not supported; the probe is skipped")
-                self._warned = True
-            return {}
+        sharded = _is_sharded(live)
+        world = data_parallel_world_size() if sharded else 1
         device = next(live.parameters()).device
         adv = self.adversary
         step = int(trainer.global_step)
         seed = run_seed(self.seed, adv.name, step)
         streams = [adv.data] + ([adv.switch.retain_stream] if adv.switch else [])
-        with _seeded(seed):
-            model = copy.deepcopy(live)
-            for p in model.parameters():
-                p.grad = None
+        with _seeded(seed), (self._in_place(pl_module) if sharded else contextlib.nullcontext(None)) as target:
+            if target is None:
+                model = copy.deepcopy(live)
+                for p in model.parameters():
+                    p.grad = None
+            else:
+                model = target
             held_out = self._held_out(trainer, tokenizer, batch)
             pools = {}
             in_batch = {}
@@ -269,21 +332,36 @@ class TamperProbe(L.Callback):
                 return batches.next(stream)
 
             metrics: dict[str, float] = {}
-            metrics["forget_loss_before"] = self._heldout_loss(model, held_out, device)
+            metrics["forget_loss_before"] = self._heldout_loss(model, held_out, device, across_ranks=sharded)
             acc = self._mcq_acc(model, tokenizer)
             if acc is not None:
                 metrics["mcq_acc_before"] = acc
             gen = torch.Generator().manual_seed(seed)
             lr = adv.sample_lr(gen)
             switch = adv.switch_point(self.steps, gen)
+            if sharded:
+                from tar_lightning.base_module import reshard_fsdp
+
+                # the evaluation's no-grad forwards left the root unsharded: the attack's optimizer must hold the
+                # sharded parameters (the ones the snapshot restores)
+                reshard_fsdp(model)
             model.train()
-            run = AdversaryRun(model, adv, lr=lr, steps=self.steps, switch_point=switch)
+            run = AdversaryRun(
+                model, adv, lr=lr, steps=self.steps, switch_point=switch, seed=seed if sharded else None
+            )
+            # FSDP averages the sharded parameters' gradients; replicated trainable tensors (LoRA adapters) are
+            # averaged here, so every rank takes the same step.
+            replicated = [p for p in run.trainable if not hasattr(p, "full_tensor")] if world > 1 else []
+            if replicated:
+                run.optimizer.register_step_pre_hook(
+                    lambda opt, args, kwargs, ps=replicated: average_gradients([p.grad for p in ps])
+                )
             losses = []
             try:
                 for k in range(self.steps):
                     losses.append(run.step(next_batch(run.stream_for_step(k))))
                 with evaluation_mode(model, run.optimizer):
-                    metrics["forget_loss"] = self._heldout_loss(model, held_out, device)
+                    metrics["forget_loss"] = self._heldout_loss(model, held_out, device, across_ranks=sharded)
                     acc = self._mcq_acc(model, tokenizer)
                     if acc is not None:
                         metrics["mcq_acc"] = acc
@@ -293,8 +371,12 @@ class TamperProbe(L.Callback):
             finally:
                 run.close()
             metrics["forget_loss_drop"] = metrics["forget_loss_before"] - metrics["forget_loss"]
-            metrics["attack_loss_first"] = float(losses[0])
-            metrics["attack_loss_last"] = float(losses[-1])
+            first_last = torch.stack([losses[0], losses[-1]]).double()
+            if world > 1:  # each rank's loss on its own batch: their mean (the rank-averaged objective)
+                torch.distributed.all_reduce(first_last)
+                first_last /= world
+            metrics["attack_loss_first"] = float(first_last[0])
+            metrics["attack_loss_last"] = float(first_last[1])
             del run, model
         self.history.append({"step": step, **metrics})
         return metrics
@@ -304,18 +386,18 @@ class TamperProbe(L.Callback):
             return
         if not force and (trainer.global_step == 0 or trainer.global_step % self.every_n_steps != 0):
             return
-        if trainer.global_rank != 0:
+        # Sharded parameters: every rank probes (in place, in lockstep); otherwise rank 0 probes a copy.
+        if trainer.global_rank != 0 and not _is_sharded(pl_module.model):
             return
         metrics = self.probe(trainer, pl_module, batch)
-        if not metrics:
-            return
         named = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
-        # Straight to the loggers (as LearningRateMonitor does): values logged through pl_module.log from a
-        # callback that logs only every N steps would be repeated in the rows of the steps in between. The step
-        # is the one Lightning logs this batch's training metrics under.
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=step)
+        if trainer.global_rank == 0:
+            # Straight to the loggers (as LearningRateMonitor does): values logged through pl_module.log from a
+            # callback that logs only every N steps would be repeated in the rows of the steps in between. The step
+            # is the one Lightning logs this batch's training metrics under.
+            step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=step)
         # Latest values, for ModelCheckpoint(monitor="probe/forget_loss") and the progress bar's callers.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
 

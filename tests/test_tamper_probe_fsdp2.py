@@ -1,0 +1,98 @@
+"""TamperProbe under FSDP2: every rank probes the live sharded model in place and in lockstep.
+
+The runs are tests/dist_scripts/tamper_probe_fsdp2.py (a TAR fit with two probes: a full-parameter attack on the
+training batch's rows with MCQ scoring after every outer step, and a LoRA attack on the same rows evaluated on a
+synthetic source every 2 steps) on one process (the deep-copy path) and on 2 gloo CPU processes under Lightning's
+ModelParallelStrategy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import free_port
+from test_fsdp2_core import write_mcq
+
+SCRIPT = Path(__file__).resolve().parent / "dist_scripts" / "tamper_probe_fsdp2.py"
+METRICS = ("forget_loss_before", "forget_loss", "forget_loss_drop", "attack_loss_first", "attack_loss_last")
+
+
+def run_probe_script(devices: int, out: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
+        env.pop(key, None)
+    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--steps", "3", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    params = [torch.load(out / f"params.rank{r}.pt") for r in range(devices)]
+    records = [json.loads((out / f"probe.rank{r}.json").read_text()) for r in range(devices)]
+    return params, records
+
+
+@pytest.mark.slow  # one 1-process and two 2-process runs (~50 s)
+def test_tamper_probe_under_fsdp2_logs_the_single_process_metrics_and_leaves_training_untouched(tmp_path):
+    """Before: under FSDP2 the probe was skipped with a warning and logged nothing.
+
+    Measured (this machine, torch 2.13 CPU): the FSDP2 probe metrics differ from the one-process probe's by at most
+    3.0e-6 (full-parameter probe) and 7.2e-7 (LoRA probe), from the float reduction order of the sharded training
+    and attack, hence ``abs=5e-5``; without averaging the LoRA adapters' gradients over ranks the LoRA probe's
+    losses differ by 1.7e-3. The MCQ accuracies are equal; the final weights equal those of the same FSDP2 run
+    without probes bit for bit (and those of the one-process run within 8.5e-6)."""
+    mcq = write_mcq(tmp_path / "mcq.json")
+    (single,), (one,) = run_probe_script(1, tmp_path / "one", "--probe", "--mcq", str(mcq))
+    (probed0, probed1), (rec0, rec1) = run_probe_script(
+        2, tmp_path / "probed", "--strategy", "fsdp2", "--probe", "--mcq", str(mcq))
+    (plain0, plain1), _ = run_probe_script(2, tmp_path / "plain", "--strategy", "fsdp2")
+
+    # (3) the fit went on after every probe (probes after outer steps 1 and 2 were followed by training steps)
+    assert rec0["global_step"] == rec1["global_step"] == 3
+    assert [h["step"] for h in rec0["history"]["probe"]] == [1, 2, 3]
+    assert [h["step"] for h in rec0["history"]["probe_lora"]] == [2]
+
+    # (1) rank 0 logged the probe metrics, rank 1 logged none; both ranks computed the same values
+    logged = {(row["step"], k) for row in rec0["logged"] for k in row if k != "step"}
+    for prefix, steps in (("probe", (0, 1, 2)), ("probe_lora", (1,))):
+        for s in steps:
+            for m in METRICS:
+                assert (s, f"{prefix}/{m}") in logged, (s, prefix, m)
+    assert {k for row in rec0["logged"] for k in row} >= {"probe/mcq_acc_before", "probe/mcq_acc"}
+    assert rec1["logged"] == []
+    assert rec0["history"] == rec1["history"]
+    assert rec0["callback_metrics"] == rec1["callback_metrics"]
+    assert "probe/forget_loss" in rec0["callback_metrics"] and "probe_lora/forget_loss" in rec0["callback_metrics"]
+
+    # ... and equal to the one-process probe's metrics
+    for prefix in ("probe", "probe_lora"):
+        ours, ref = rec0["history"][prefix], one["history"][prefix]
+        assert [h["step"] for h in ours] == [h["step"] for h in ref]
+        for got, want in zip(ours, ref, strict=True):
+            assert got.keys() == want.keys()
+            for k in want:
+                if k.startswith("mcq_acc"):
+                    assert got[k] == want[k], (prefix, got["step"], k)
+                else:
+                    assert got[k] == pytest.approx(want[k], abs=5e-5), (prefix, got["step"], k)
+    # the attack moved the weights (the metrics are not a no-op's)
+    assert all(h["forget_loss"] != h["forget_loss_before"] for h in rec0["history"]["probe"])
+
+    # (2) the probes left training untouched: the same weights as the FSDP2 run without probes, bit for bit
+    for k in plain0:
+        assert torch.equal(probed0[k], plain0[k]) and torch.equal(probed1[k], plain1[k]), k
+    # and close to the one-process run (the probe does not perturb the comparison either)
+    assert max((single[k] - probed0[k]).abs().max().item() for k in single) < 1e-4  # measured 8.5e-6
+    # no gradients or LoRA adapters left behind on any rank
+    assert rec0["grads"] == rec1["grads"] == 0 and rec0["lora_modules"] == rec1["lora_modules"] == 0
+
+    # a probe called directly after the fit, the live model in eval mode: weights (full tensors, bit for bit),
+    # global RNG, eval mode and .grad as before, every trainable parameter a sharded DTensor again
+    for rec in (rec0, rec1):
+        direct = rec["direct"]
+        assert "forget_loss" in direct["metrics"] and "mcq_acc" in direct["metrics"]
+        assert direct["weights_untouched"] and direct["rng_untouched"] and direct["eval_mode_kept"]
+        assert direct["grads_none"] and direct["all_sharded"]
+    assert one["direct"]["weights_untouched"] and one["direct"]["rng_untouched"] and one["direct"]["eval_mode_kept"]
