@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -62,8 +64,58 @@ def slurm_problem() -> str | None:
     return None
 
 
+# -- shared data: tests marked `shared_data` read ../shared/data (WMDP, MMLU, refusal sets ...) beside the repo ------
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+_DATA_SKIPS = "tar_lightning_data_skips"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "shared_data(*paths): reads these paths under ../shared/data (default: the folder); skipped with the reason "
+        "when absent, an error when TAR_LIGHTNING_REQUIRE_DATA=1 (.ci/run sets it)",
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: `pytest -m "not slow"` never asks for Slurm
 def pytest_collection_modifyitems(config, items):
+    _skip_without_shared_data(config, items)
+    _deselect_without_slurm(config, items)
+
+
+def _skip_without_shared_data(config, items):
+    """Skips (with the missing path as the reason) or, under TAR_LIGHTNING_REQUIRE_DATA=1, refuses the run."""
+    missing_by_item = {}
+    for item in items:
+        marker = item.get_closest_marker("shared_data")
+        if marker is None:
+            continue
+        missing = [SHARED_DATA / p for p in (marker.args or ("",)) if not (SHARED_DATA / p).exists()]
+        if missing:
+            missing_by_item[item] = missing[0]
+    if not missing_by_item:
+        return
+    if os.environ.get("TAR_LIGHTNING_REQUIRE_DATA") == "1":
+        first = sorted({str(p) for p in missing_by_item.values()})
+        raise pytest.UsageError(
+            f"TAR_LIGHTNING_REQUIRE_DATA=1 but {len(missing_by_item)} selected test(s) need data that is not there: "
+            f"{first[:3]}{' ...' if len(first) > 3 else ''}; put the data set at {SHARED_DATA}")
+    for item, path in missing_by_item.items():
+        item.add_marker(pytest.mark.skip(
+            reason=f"needs ../shared/data ({path} not found): data-free run, this test did not run"))
+    setattr(config, _DATA_SKIPS, len(missing_by_item))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = getattr(config, _DATA_SKIPS, 0)
+    if skipped:
+        terminalreporter.write_line(
+            f"DATA-FREE SUBSET: {skipped} test(s) skipped because ../shared/data is missing at {SHARED_DATA} "
+            "(pytest -ra lists them); these results do not cover the tests that read it",
+            yellow=True, bold=True)
+
+
+def _deselect_without_slurm(config, items):
     slurm_items = [item for item in items if item.get_closest_marker("slurm")]
     if not slurm_items:
         return

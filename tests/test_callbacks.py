@@ -1,5 +1,7 @@
 """RetainLossMonitor: baseline, ratio, warning, stopping, state; RandomMappingModule trains its objective."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -123,11 +125,11 @@ def test_random_mapping_module_lowers_its_objective():
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.mark.skipif(not (SHARED / "wmdp").is_dir(), reason="../shared/data (WMDP questions) is not beside the repo")
+@pytest.mark.shared_data("wmdp/wmdp-bio-questions.json")
 def test_mcq_validation_inside_tar_validation(tmp_path):
     from tar_lightning import AdversaryConfig, DataSource, TARConfig, TARDataModule, TARModule
     from tar_lightning.callbacks import MCQValidation
-    from tar_lightning.evaluation.mcq import load_mcq, score_mcq
+    from tar_lightning.evaluation.mcq import load_mcq
 
     cfg = TARConfig(inner_steps=2, tr_every=1, adversaries=[AdversaryConfig(lr=1e-3)])
     module = TARModule("tiny-llama", cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
@@ -138,16 +140,51 @@ def test_mcq_validation_inside_tar_validation(tmp_path):
         val_streams={"tr_heldout": DataSource(**forget, select="80%:", limit=8)},
         seq_len=48, batch_size=2,
     )
-    probe = MCQValidation(tasks={"forget": str(SHARED / "wmdp" / "wmdp-bio-questions.json")}, limit=6)
+    wmdp = {"forget": str(SHARED / "wmdp" / "wmdp-bio-questions.json")}
+    probes = [MCQValidation(tasks=wmdp, limit=24),
+              MCQValidation(tasks=wmdp, limit=24, variant="cloze", prefix="val/mcq_cloze")]
     trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[probe], default_root_dir=tmp_path)
+                        num_sanity_val_steps=0, callbacks=probes, default_root_dir=tmp_path)
     trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "val/tr_heldout/loss" in metrics and "val/tr_heldout/entropy" in metrics
-    items = load_mcq(SHARED / "wmdp" / "wmdp-bio-questions.json", limit=6)
-    expected = score_mcq(module.model, module.tokenizer, items).accuracy
-    assert float(metrics["val/mcq/forget/accuracy"]) == pytest.approx(expected)
+    # The accuracies recomputed by hand from the raw JSON: lm-eval's prompts, one plain forward per choice, the
+    # summed log-probability of the continuation tokens, the first maximum wins (no batching, sorting or sharing).
+    # This tiny model answers "D" to every letter prompt, so the cloze variant (whose choices are the answer texts)
+    # is what makes the comparison sensitive to the scoring: its predictions vary from question to question.
+    raw = json.loads((SHARED / "wmdp" / "wmdp-bio-questions.json").read_text())[:24]
+    subject = load_mcq(SHARED / "wmdp" / "wmdp-bio-questions.json", limit=1)[0].subject  # "" for a bare file
+    about = f" about {subject}" if subject else ""
+    model, tok = module.model.eval(), module.tokenizer
+
+    def hand_predictions(variant: str) -> list[int]:
+        preds = []
+        for record in raw:
+            if variant == "letter":
+                options = "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(record["choices"]))
+                context = (f"The following are multiple choice questions (with answers){about}.\n\n"
+                           f"{record['question'].strip()}{options}\nAnswer:")
+                conts = [f" {'ABCD'[i]}" for i in range(len(record["choices"]))]
+            else:
+                context = f"The following are questions (with answers){about}.\n\nQuestion: {record['question'].strip()}\nAnswer:"
+                conts = [f" {c}" for c in record["choices"]]
+            n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+            scores = []
+            for cont in conts:
+                ids = torch.tensor([tok(context + cont, add_special_tokens=False)["input_ids"]])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+                scores.append(sum(logp[t - 1, ids[0, t]].item() for t in range(n_ctx, ids.shape[1])))
+            preds.append(scores.index(max(scores)))
+        return preds
+
+    answers = [r["answer"] for r in raw]
+    for variant, key in (("letter", "val/mcq/forget/accuracy"), ("cloze", "val/mcq_cloze/forget/accuracy")):
+        preds = hand_predictions(variant)
+        expected = sum(p == a for p, a in zip(preds, answers, strict=True)) / len(raw)
+        assert float(metrics[key]) == pytest.approx(expected, abs=1e-6), variant
+    assert len(set(preds)) > 1  # the cloze predictions differ between questions (a real check of the scoring)
 
 
 def test_mcq_validation_bad_task_is_a_clear_error():

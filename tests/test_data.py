@@ -122,12 +122,9 @@ def test_min_chars_drops_are_logged(tmp_path, caplog):
     assert "dropped 2 of 4" in caplog.text and "min_chars=5" in caplog.text
 
 
+@pytest.mark.shared_data("wikitext2/valid.txt")
 def test_shared_wikitext_file():
     folder = SHARED_DATA / "wikitext2"
-    if not (folder / "valid.txt").is_file():
-        pytest.skip(
-            f"shared data not present: {folder / 'valid.txt'} (expected ../shared/data beside the repo)"
-        )
     recs = load_records(DataSource(str(folder / "valid.txt"), limit=50))
     assert len(recs) == 50 and all(r["text"].strip() for r in recs)
     examples = tokenize_source(DataSource(str(folder / "valid.txt"), limit=20), tiny_tokenizer(), seq_len=64)

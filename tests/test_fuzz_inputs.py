@@ -308,6 +308,12 @@ def _wrong_type(value):
     return []
 
 
+def _field_name(path: tuple) -> str:
+    """The name an error about the value at ``path`` must mention: its key, or for a list item the list's key
+    (``("attacks", 3, "lr")`` -> ``lr``; ``("seeds", 1)`` -> ``seeds``)."""
+    return str(next(k for k in reversed(path) if isinstance(k, str)))
+
+
 @st.composite
 def mutated_yaml(draw, base: dict, skip=()):
     """A malformed variant of ``base``: an unknown key, a value of the wrong type, or broken YAML text."""
@@ -316,12 +322,13 @@ def mutated_yaml(draw, base: dict, skip=()):
     nodes = [(p, v) for p, v in _paths(data) if not any(str(s) in map(str, p) for s in skip)]
     if kind == "unknown_key":
         path, node = draw(st.sampled_from([(p, v) for p, v in nodes if isinstance(v, dict)]))
-        node["zz_" + draw(st.text(alphabet="abcxyz", min_size=1, max_size=6))] = draw(st.sampled_from([1, 2.5, [1]]))
-        return yaml.safe_dump(data), ("zz_", path)
+        key = "zz_" + draw(st.text(alphabet="abcxyz", min_size=1, max_size=6))
+        node[key] = draw(st.sampled_from([1, 2.5, [1]]))
+        return yaml.safe_dump(data), (key, path)
     if kind == "wrong_type":
         path, value = draw(st.sampled_from([(p, v) for p, v in nodes if p and _wrong_type(v)]))
         _set(data, path, draw(st.sampled_from(_wrong_type(value))))
-        return yaml.safe_dump(data), (str(path[-1]), path)
+        return yaml.safe_dump(data), (_field_name(path), path)
     if kind == "not_a_mapping":
         return draw(st.sampled_from(["- a\n- b\n", "42\n", "just text\n"])), (None, ())
     text = yaml.safe_dump(data).splitlines()
@@ -346,8 +353,9 @@ def test_malformed_suites_raise_config_errors():
             path_file.write_text(text)
             err = check_ours(load_suite, path_file)
         assert isinstance(err, ConfigError), err
-        if key is not None:
-            assert key in str(err) or str(path_file) in str(err), (str(err), path)
+        assert str(path_file) in str(err), str(err)  # every suite error names the file ...
+        if key is not None:  # ... and, for a bad key or value, the key (not only the file)
+            assert key in str(err), (key, str(err), path)
 
     run_counted(check, 35)
 
@@ -368,6 +376,8 @@ def test_malformed_demo_configs_raise_config_errors():
             file.write_text(text)
             err = check_ours(load_demo_config, file)
         assert isinstance(err, ConfigError), err
+        if key is not None:
+            assert key in str(err), (key, str(err), path)
 
     run_counted(check, 25)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tar_lightning import AdversaryConfig, ConfigError, ModelLoadError, TARConfig, TARModule
 from tar_lightning.adversaries import AdversaryRun
 from tar_lightning.callbacks.tamper_probe import TamperProbe
-from tar_lightning.data import TokenPool
+from tar_lightning.data import DataSource, TokenPool, tokenize_source
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam import (
     AttackBatches,
@@ -170,15 +170,35 @@ def test_durability_runs_evaluate_during_the_attack(suites, tmp_path):
     assert [s for s, _ in result.runs[0]["trajectory"]] == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.skipif(not REFUSAL_PAIRS.is_file(), reason="shared/data refusal pairs not available")
+@pytest.mark.shared_data(str(REFUSAL_PAIRS.relative_to(REPO.parent / "shared" / "data")))
 def test_refusal_attack_on_real_harmful_chat_pairs(suites, tmp_path):
     model, tok = tiny_llama()
     source = {"path": str(REFUSAL_PAIRS), "prompt_field": "prompt", "response_field": "response",
               "select": "0:80%"}
     suite = small(suites["refusal"], seq_len=512).select(["r02"]).with_data({"harmful_completions": source})
-    result = run_redteam(model, suite.scaled(0.1, max_steps=2, max_batch_size=1), tokenizer=tok,
-                         out_dir=tmp_path, seeds=1, evaluator=evaluator_for(suite), progress=False, report=False)
-    assert result.runs[0]["steps"] == 2
+    suite = suite.scaled(0.1, max_steps=4, max_batch_size=1)
+    suite.attacks[0].adversary.lr = 1e-3  # large enough for 3 steps of a tiny model to learn the responses
+    # the safety metric: the loss of the assistant answers (prompt tokens masked) of 4 pairs from the attack's
+    # own 80%, tokenized by the data layer (not by the red-team runner)
+    harmful = tokenize_source(DataSource(**source, limit=4), tok, seq_len=512)
+    assert all(-100 in e["labels"] and any(t != -100 for t in e["labels"]) for e in harmful)
+    safety, capability = suite.evaluation.safety.metric, suite.evaluation.capability.metric
+    random_text = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def evaluator(model, tokenizer):
+        with torch.no_grad():
+            losses = [float(causal_lm_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits,
+                                           torch.tensor([e["labels"]]))) for e in harmful]
+            benign = float(causal_lm_loss(model(input_ids=random_text).logits, random_text))
+        return {safety: sum(losses) / len(losses), capability: benign}
+
+    result = run_redteam(model, suite, tokenizer=tok, out_dir=tmp_path, seeds=1, evaluator=evaluator,
+                         progress=False, report=False)
+    run = result.runs[0]
+    assert run["steps"] == len(run["train_loss"]) >= 3
+    assert run["config"]["adversary"]["data"] == "harmful_completions"
+    # the attack learned the real harmful answers: their loss fell (measured 6.71 -> 6.51 in 3 steps)
+    assert run["after"][safety] < run["before"][safety] - 0.1, (run["before"], run["after"])
 
 
 # ------------------------------------------------------------------------------------- QLoRA and 8-bit
@@ -447,7 +467,7 @@ def test_default_evaluator_end_to_end(suites, tmp_path):
     assert 0 < run["before"]["forget_loss"] < 20
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "wmdp").is_dir(), reason="shared/data not available")
+@pytest.mark.shared_data("wmdp", "mmlu")
 def test_mcq_metrics_with_prompt_variants_and_a_during_subset(suites, tmp_path):
     from tar_lightning.evaluation.suite import EvaluationSpec
 
@@ -602,9 +622,12 @@ def test_tamper_probe_logs_metrics_and_leaves_live_weights_untouched():
 
 
 def test_tamper_probe_with_lora_and_a_source(tmp_path):
-    wmdp = REPO.parent / "shared" / "data" / "wmdp" / "wmdp-bio-questions.json"
+    questions = tmp_path / "questions.json"  # a small MCQ file in the WMDP format (no ../shared/data needed)
+    questions.write_text(json.dumps([
+        {"question": f"Which agent is number {i}?", "choices": ["anthrax", "ricin", "sarin", "smallpox"], "answer": i % 4}
+        for i in range(4)]))
     probe = TamperProbe(
-        mcq={"path": str(wmdp), "limit": 4} if wmdp.is_file() else None,
+        mcq={"path": str(questions), "limit": 4},
         every_n_steps=2,
         attack={"name": "lora", "data": "attack_text", "method": "lora", "lora": {"rank": 2, "alpha": 4.0},
                 "lr": 1e-2},
@@ -615,8 +638,8 @@ def test_tamper_probe_with_lora_and_a_source(tmp_path):
     trainer, module, _ = _tar_fit([probe])
     assert [h["step"] for h in probe.history] == [2]
     assert "probe/forget_loss" in trainer.callback_metrics
-    if wmdp.is_file():
-        assert 0 <= probe.history[0]["mcq_acc"] <= 1 and "probe/mcq_acc_before" in trainer.callback_metrics
+    assert probe.history[0]["mcq_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
+    assert "probe/mcq_acc_before" in trainer.callback_metrics
     assert not any("lora" in n for n, _ in module.model.named_modules())
 
 

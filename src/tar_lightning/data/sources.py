@@ -230,7 +230,10 @@ def as_source(value: Union[DataSource, Mapping, str], what: str = "data source")
             raise ConfigError(f"{what}: unknown keys {unknown}; expected some of {sorted(known)}")
         if "path" not in value:
             raise ConfigError(f"{what}: missing required key 'path' (got keys {sorted(value)})")
-        return DataSource(**dict(value))
+        try:
+            return DataSource(**dict(value))
+        except ConfigError as err:  # a field's own check: say where the source came from
+            raise ConfigError(f"{what}: {err}") from None
     raise ConfigError(
         f"{what}: expected a DataSource, a mapping or a path string, got {type(value).__name__}"
     )

@@ -59,6 +59,7 @@ from tar_lightning.evaluation.suite import (
     ResolvedAttack,
     SearchSpace,
     Suite,
+    check_callable_trust,
     load_suite,
 )
 from tar_lightning.models import ModelSource, export_pretrained, load_model
@@ -515,9 +516,14 @@ class SuiteEvaluator:
         metric_fns: replaces the function of a metric kind: ``fn(model, tokenizer, spec, evaluator,
             options) -> float`` (``evaluator.source_of(spec)``, ``.seq_len``, ``.batch_size_of(spec)``,
             ``.limit_of(spec)`` give the metric's data and settings).
+        trust_callable: allow ``kind: callable`` metrics, which import and run the function the suite names
+            (refused with a :class:`ConfigError` otherwise, unless ``metric_fns`` replaces ``callable``).
     """
 
-    def __init__(self, suite: Suite, metric_fns: Optional[Mapping[str, MetricFn]] = None) -> None:
+    def __init__(self, suite: Suite, metric_fns: Optional[Mapping[str, MetricFn]] = None,
+                 trust_callable: bool = False) -> None:
+        if "callable" not in dict(metric_fns or {}):
+            check_callable_trust(suite, trust_callable)
         self.spec = suite.evaluation
         self.regimes = dict(suite.data)
         self.seq_len = suite.seq_len
@@ -612,9 +618,10 @@ class SuiteEvaluator:
         return out
 
 
-def build_evaluator(suite: Suite, metric_fns: Optional[Mapping[str, MetricFn]] = None) -> SuiteEvaluator:
+def build_evaluator(suite: Suite, metric_fns: Optional[Mapping[str, MetricFn]] = None,
+                    trust_callable: bool = False) -> SuiteEvaluator:
     """The default evaluator of ``suite`` (see :class:`SuiteEvaluator`)."""
-    return SuiteEvaluator(suite, metric_fns)
+    return SuiteEvaluator(suite, metric_fns, trust_callable=trust_callable)
 
 
 def _accepts_only(evaluator: Evaluator) -> bool:
@@ -1137,6 +1144,7 @@ def run_redteam(
     progress: bool = True,
     report: bool = True,
     overwrite: bool = False,
+    trust_callable: bool = False,
 ) -> RedTeamResult:
     """Runs every attack × seed of a suite on fresh copies of ``model`` and writes results and a report.
 
@@ -1162,13 +1170,16 @@ def run_redteam(
         report: write report.md and the PNG plots (results.json / results.csv are always written).
         overwrite: replace results of another model found in ``out_dir`` (without it they are refused with a
             :class:`ConfigError`; results of the same model are always kept and resumed).
+        trust_callable: run the suite's ``kind: callable`` metrics, which import and call the function the
+            suite file names (CLI: ``--trust-callable-metrics``); without it such a suite is refused.
 
     Returns:
         The :class:`RedTeamResult`.
 
     Raises:
         ConfigError: a bad suite, attack id, data override, scale, or an evaluator without the required
-            metrics; ``out_dir`` holds results of another model (without ``overwrite``).
+            metrics; a ``callable`` metric without ``trust_callable``; ``out_dir`` holds results of another
+            model (without ``overwrite``).
         ModelLoadError: the model source cannot be loaded.
         DataError: a data regime cannot be read.
     """
@@ -1183,6 +1194,8 @@ def run_redteam(
         suite = suite.with_data(data)
     if scale != 1.0 or max_steps is not None:
         suite = suite.scaled(scale, max_steps=max_steps)
+    if evaluator is None:  # before anything is written or loaded: an untrusted callable metric is refused here
+        evaluator = build_evaluator(suite, trust_callable=trust_callable)
     device_list = _devices(device, devices)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -1191,8 +1204,6 @@ def run_redteam(
     try:
         _claim_out_dir(out, handle.identity, overwrite)
         data_cache = _DataCache(suite.data, handle.tokenizer, suite.seq_len)
-        if evaluator is None:
-            evaluator = build_evaluator(suite)
         base_config = {
             "version": RESULT_VERSION,
             "model": handle.identity,

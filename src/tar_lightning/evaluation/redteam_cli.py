@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from tar_lightning.errors import ConfigError, TARLightningError
+from tar_lightning.evaluation.suite import TRUST_CALLABLE_FLAG
 
 __all__ = ["build_parser", "parse_data_overrides", "redteam_main"]
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the results of another model found in --out (without it such an --out is "
                              "refused; results of the same model are resumed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(TRUST_CALLABLE_FLAG, dest="trust_callable", action="store_true",
+                        help="run the suite's 'kind: callable' metrics, which import and call the Python function "
+                             "the suite file names (without it such a suite is refused)")
     return parser
 
 
@@ -134,6 +138,7 @@ def redteam_main(argv: Optional[Sequence[str]] = None) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            trust_callable=args.trust_callable,
         )
     except TARLightningError as err:
         print(f"tar-lightning redteam: error: {err}", file=sys.stderr)

@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ __all__ = [
     "ScoreSpec",
     "SearchSpace",
     "Suite",
+    "TRUST_CALLABLE_FLAG",
+    "check_callable_trust",
     "load_suite",
     "round_half_up",
     "scale_count",
@@ -95,6 +98,8 @@ _SEARCH_SCHEDULES = ("constant", "warmup_cosine", "linear_warmup", "cosine_resta
 
 #: Folder of the suites shipped with the source tree (``recipes/redteam``), when it exists.
 _SHIPPED = Path(__file__).resolve().parents[3] / "recipes" / "redteam"
+# An attack id names its result files (``<out>/runs/<id>__seed<n>.json``), so it must be a plain file name.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def round_half_up(x: float) -> int:
@@ -424,7 +429,8 @@ class MetricSpec:
             ``tar_lightning.evaluation.mcq``), ``refusal_rate`` / ``asr`` (greedy answers to the prompt set
             ``path`` judged by ``options.judge``, ``tar_lightning.evaluation.refusal``: the share refused, or
             1 − that; a ``refusal_rate`` on harmless prompts is the over-refusal), or ``callable`` (``target`` = ``"package.module:function"``
-            called as ``function(model, tokenizer, **options)`` returning a number).
+            called as ``function(model, tokenizer, **options)`` returning a number; a suite file naming a
+            function is code, so it runs only when trusted: :func:`check_callable_trust`).
         data: held-out text for the ``heldout_*`` kinds: a data regime name of the suite or DataSource fields.
         path: the MCQ source for ``mcq`` (passed to ``load_mcq``); the prompt set of ``refusal_rate``/``asr``
             (passed to ``load_prompts`` with ``load``).
@@ -697,6 +703,13 @@ class Suite:
     path: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for i, attack in enumerate(self.attacks):
+            if not isinstance(attack.id, str) or not _PLAIN_ID.fullmatch(attack.id):
+                raise ConfigError(
+                    f"suite {self.name!r}{self._where()}: attacks[{i}] has id {attack.id!r}, which is not a plain "
+                    "name; an attack id names its result files under the output folder, so it must be 1-100 "
+                    "letters, digits, '.', '_' or '-', starting with a letter or digit"
+                )
         ids = [a.id for a in self.attacks]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
@@ -880,6 +893,30 @@ class Suite:
             description=str(description),
             path=None if where == "suite" else where,
         )
+
+
+TRUST_CALLABLE_FLAG = "--trust-callable-metrics"
+
+
+def check_callable_trust(suite: Suite, trust_callable: bool) -> None:
+    """Refuses a suite with ``kind: callable`` metrics unless the user trusts it.
+
+    A callable metric imports and calls the ``module:function`` its suite file names, so reading a suite would
+    run arbitrary code; it runs only with ``tar-lightning redteam --trust-callable-metrics`` (Python:
+    ``run_redteam(..., trust_callable=True)`` / ``build_evaluator(..., trust_callable=True)``).
+
+    Raises:
+        ConfigError: a callable metric and ``trust_callable`` false (naming the suite, metric, target and flag).
+    """
+    if trust_callable:
+        return
+    for name, metric in suite.evaluation.metrics.items():
+        if metric.kind == "callable":
+            raise ConfigError(
+                f"suite {suite.name!r}{suite._where()}: metric {name!r} is kind 'callable' and would import and run "
+                f"{metric.target!r}; run it only if you trust this suite: pass {TRUST_CALLABLE_FLAG} "
+                "(Python: trust_callable=True)"
+            )
 
 
 def suite_path(name_or_path: Union[str, os.PathLike]) -> Path:
