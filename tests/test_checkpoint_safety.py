@@ -188,6 +188,25 @@ def test_export_refuses_a_metadata_pickle_that_runs_code(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("target", ["absolute", "parent"])
+def test_a_storage_path_outside_the_folder_is_refused(tmp_path, target):
+    """DCP opens ``folder / relative_path`` for every storage record: a crafted ``.metadata`` naming an absolute path
+    or a ``..`` would read any host file into a tensor (and an export would write it into model.safetensors)."""
+    import pickle
+
+    folder = tmp_path / "last.ckpt"
+    _dcp_save(_real_state(), folder)
+    secret = tmp_path / "secret.distcp"
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own file, to craft the attack
+    first = next(iter(metadata.storage_data.values()))
+    secret.write_bytes((folder / first.relative_path).read_bytes())  # a readable "host file"
+    for info in metadata.storage_data.values():
+        info.relative_path = str(secret) if target == "absolute" else "../secret.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ModelLoadError, match=r"points outside its folder"):
+        load_sharded_state(folder)
+
+
 def test_export_refuses_a_non_tensor_item_that_runs_code(tmp_path):
     """DCP stores non-tensor values (optimizer hyperparameters) as pickles inside the shard files, which torch's
     default planner loads with weights_only=False."""

@@ -260,7 +260,9 @@ def test_sbatch_templates_match_the_overlays():
         assert directives["mem"] == "0" and "exclusive" in directives, name
         assert "requeue" in directives and directives["open-mode"] == "append", name
         assert f"recipes/launch/{overlay}" in text and "callbacks/slurm_requeue.yaml" in text, name
-        assert re.search(r"^srun .*fit .*--ckpt_path last$", text, flags=re.M), name
+        # only a requeued job resumes; a fresh submission goes through the run-folder guard
+        assert 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then resume=(--ckpt_path last); fi' in text, name
+        assert re.search(r'^srun .*fit .*"\$\{resume\[@\]\}"$', text, flags=re.M), name
         import yaml
 
         trainer = yaml.safe_load((REPO / "recipes" / "launch" / overlay).read_text())["trainer"]

@@ -235,13 +235,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    return _load_weights_only(path, f"checkpoint {str(path)!r}", "truncated, corrupted", map_location)
+
+
+def _load_weights_only(src: Any, what: str, damage: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(src, weights_only=True)``; anything it refuses or cannot read as :class:`ModelLoadError`."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(src, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"checkpoint {str(path)!r} cannot be loaded safely (weights_only): truncated, corrupted, or holding "
-            f"arbitrary Python objects, which are never unpickled ({first})"
+            f"{what} cannot be loaded safely (weights_only): {damage}, or holding arbitrary Python objects, which "
+            f"are never unpickled ({first})"
         ) from e
 
 
@@ -294,6 +299,7 @@ DCP_METADATA_GLOBALS: dict[str, frozenset[str]] = {
     "torch": frozenset({"Size"}),
     "torch.serialization": frozenset({"_get_layout"}),
     "pathlib": frozenset({"Path", "PosixPath", "PurePosixPath"}),
+    "pathlib._local": frozenset({"Path", "PosixPath", "PurePosixPath"}),  # where Python >= 3.13 pickles them
 }
 
 
@@ -353,14 +359,25 @@ def read_dcp_metadata(path: str | os.PathLike) -> Any:
 
 
 def _load_bytes_weights_only(value: IO[bytes], what: str) -> Any:
-    try:
-        return torch.load(value, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"sharded checkpoint: item {what!r} cannot be loaded safely (weights_only): corrupted or holding "
-            f"arbitrary Python objects, which are never unpickled ({first})"
-        ) from e
+    return _load_weights_only(value, f"sharded checkpoint: item {what!r}", "corrupted")
+
+
+def check_storage_paths(metadata: Any, where: Any) -> None:
+    """Every storage record of a DCP ``.metadata`` must name a plain file of the checkpoint folder itself.
+
+    The reader opens ``folder / relative_path``: an absolute path or a ``..`` in a crafted ``.metadata`` would read
+    any file of the host into a tensor (and an export would write it into the model's weights).
+
+    Raises:
+        ModelLoadError: naming the ``.metadata`` file and the offending path.
+    """
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ModelLoadError(
+                f"sharded checkpoint metadata {str(where)!r} points outside its folder ({name!r}): a storage file must "
+                "be a plain file name in the checkpoint folder; refusing to read it"
+            )
 
 
 @functools.cache
@@ -378,6 +395,7 @@ def _safe_dcp_classes() -> tuple[type, type, type]:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             path = self._get_metadata_path(kwargs.get("rank"))
             metadata = read_dcp_metadata(path)
+            check_storage_paths(metadata, path)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
