@@ -1,8 +1,8 @@
 """Persistent adversaries: train-time attacks that continue where earlier outer steps left off.
 
 TAR's first-order tamper-resistance gradient only shapes the loss landscape within the K adversary steps of one
-outer step, while real fine-tuning attacks run for hundreds or thousands of steps (EFFICACY_NOTES.md: recovery
-happened between attack steps 50 and 200 against a train-time horizon of K ≤ 32). Raising K raises the cost of
+outer step, while real fine-tuning attacks run for hundreds or thousands of steps (on the demo's knowledge
+world recovery happened between attack steps 50 and 200 against a train-time horizon of K ≤ 32). Raising K raises the cost of
 every outer step linearly. A pool of *attacked deltas* δ = θ'_K − θ (where a trajectory ended, relative to the
 weights it started from) lets a later trajectory start at θ_now + δ and run K more steps, so the horizon the
 defender sees grows to ``horizon`` steps at the cost of K per outer step — the replay idea of persistent

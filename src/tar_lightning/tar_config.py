@@ -199,7 +199,8 @@ class TARConfig:
         return [k for k in range(self.inner_steps) if (k + 1) % self.tr_every == 0]
 
     def tr_weights(self) -> list[float]:
-        """w_k for every TR point, as in TAR_METHOD.md (before λ_TR and the 1/T trajectory average)."""
+        """w_k for every TR point (before λ_TR and the 1/T trajectory average): uniform 1/E over the E points, or
+        exponential exp(rate·(k − (K−1))), optionally normalised to sum to 1."""
         points = self.tr_points()
         if self.weighting == "uniform":
             weights = [1.0 / len(points)] * len(points)

@@ -1,6 +1,6 @@
 """``TARModule``: TAR's adversarial meta-training as a LightningModule with manual optimization.
 
-One training batch is one outer step (TAR_METHOD.md, "Stage 2")::
+One training batch is one outer step (TAR's stage 2)::
 
     snapshot θ
     for each trajectory:            sample an adversary, its LR and switch point (same on every rank)

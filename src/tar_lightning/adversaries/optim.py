@@ -3,7 +3,7 @@
 Every optimizer and schedule here is a library implementation (torch, ``schedulefree``, ``bitsandbytes``,
 transformers) except ``exponential_warmup``, which no library offers. All schedules are ``LambdaLR``-style
 *multipliers* of the optimizer's base LR: the reference code returned absolute LRs as multipliers, so its
-warmup ran at about lr² (TAR_REFERENCE_NOTES.md §7.3).
+warmup ran at about lr² (a multiplier of lr·s/W on a base LR of lr gives lr²·s/W at step s of W).
 
 Optimizers (``OPTIMIZERS``):
 

@@ -245,7 +245,7 @@ def load_quantized(
     model.config.use_cache = False
     # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first eval-mode
     # forward and from then on computes through a kernel without autograd: later training gets silently wrong
-    # gradients (the ENVIRONMENT.md trap after generate()). Keep the trainable layout.
+    # gradients (the same trap as training a 4-bit model on CPU after generate()). Keep the trainable layout.
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -915,7 +915,7 @@ class _Runner:
 def _guard_gradients(run: AdversaryRun, name: str) -> None:
     """Fails the first optimizer step if no trainable parameter received a gradient.
 
-    bitsandbytes 4-bit models on CPU can silently stop producing gradients (ENVIRONMENT.md); an attack that
+    bitsandbytes 4-bit models on CPU can silently stop producing gradients (e.g. after ``generate()``); an attack that
     trains nothing must not be reported as a harmless attack.
     """
     state = {"checked": False}
