@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -478,44 +477,76 @@ def test_heldout_metrics_equals_hand_computation(tiny, tmp_path):
 def test_run_lm_eval_missing_package(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError, even if installed
-    with pytest.raises(ConfigError, match=r"pip install 'lm_eval\[hf\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'tar_lightning\[lmeval\]'"):
         run_lm_eval(model, tok, "wmdp_bio")
 
 
-def test_run_lm_eval_plumbing_with_fake_module(tiny, monkeypatch):
+@pytest.fixture(scope="module")
+def lm_eval_task_manager():
+    tasks = pytest.importorskip("lm_eval.tasks", reason="lm-eval is a test dependency: pip install -e '.[dev]'")
+    return tasks.TaskManager()
+
+
+@needs_data
+def test_run_lm_eval_offline_on_local_data_with_the_real_package(tiny, lm_eval_task_manager, monkeypatch):
+    """The real lm_eval, its own task, the local file; the model's train mode and HFLM arguments pass through."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok = tiny
-    seen = {}
-
-    class FakeHFLM:
-        def __init__(self, pretrained, tokenizer, batch_size, **kw):
-            seen["hflm"] = (pretrained, tokenizer, batch_size, kw)
-            pretrained.eval()
-
-    def simple_evaluate(model, tasks, **kw):
-        seen["eval"] = (model, tasks, kw)
-        return {"results": {t: {"acc,none": 0.25} for t in tasks}}
-
-    lm_eval = types.ModuleType("lm_eval")
-    lm_eval.simple_evaluate = simple_evaluate
-    models = types.ModuleType("lm_eval.models")
-    hf = types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = FakeHFLM
-    for name, mod in (("lm_eval", lm_eval), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
-        monkeypatch.setitem(sys.modules, name, mod)
     model.train()
     try:
-        out = run_lm_eval(
-            model, tok, "wmdp_bio, mmlu", batch_size=4, limit=10, hflm_kwargs={"max_length": 256}
-        )
+        out = run_lm_eval(model, tok, "wmdp_bio", batch_size=2, limit=3, data_root=DATA, log_samples=True,
+                          hflm_kwargs={"max_length": 64}, task_manager=lm_eval_task_manager)
         assert model.training
     finally:
         model.eval()
-    assert out == {"results": {"wmdp_bio": {"acc,none": 0.25}, "mmlu": {"acc,none": 0.25}}}
-    assert seen["hflm"] == (model, tok, 4, {"max_length": 256})
-    assert isinstance(seen["eval"][0], FakeHFLM) and seen["eval"][1] == ["wmdp_bio", "mmlu"]
-    assert seen["eval"][2]["limit"] == 10 and seen["eval"][2]["apply_chat_template"] is False
+    raw = json.loads((DATA / "wmdp" / "wmdp-bio-questions.json").read_text())[:3]
+    samples = sorted(out["samples"]["wmdp_bio"], key=lambda s: s["doc_id"])
+    assert [s["doc"]["question"] for s in samples] == [d["question"] for d in raw]
+    # lm-eval's own prompt (its task YAML), not ours: the description and the letter continuations
+    assert samples[0]["arguments"][0][0].startswith("The following are multiple choice questions (with answers) "
+                                                   "about biology.\n\n")
+    assert [a[1] for a in samples[0]["arguments"]] == [" A", " B", " C", " D"]
+    # max_length=64 reached HFLM: its scores are those of our scorer under the same left truncation
+    ours = score_mcq(model, tok, _wmdp(3), max_length=64)
+    for s, rec in zip(samples, ours.records, strict=True):
+        assert [ll for ll, _ in s["filtered_resps"]] == pytest.approx(rec["scores"], abs=1e-5)
+    assert ours.records != score_mcq(model, tok, _wmdp(3)).records  # the truncation mattered
+    assert out["results"]["wmdp_bio"]["acc,none"] == pytest.approx(ours.accuracy)
+
+
+@needs_data
+def test_local_lm_eval_tasks_include_lm_eval_yaml_and_only_replace_the_data(lm_eval_task_manager, tmp_path):
+    from tar_lightning.evaluation.lm_eval_adapter import write_local_task_configs
+
+    paths = write_local_task_configs("wmdp_chem,mmlu", DATA, tmp_path, task_manager=lm_eval_task_manager)
+    assert len(paths) == 1 + len(MMLU_SUBJECTS)
+    configs = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
+    chem = configs["wmdp_chem"]
+    assert chem["include"] == str(lm_eval_task_manager.task_index["wmdp_chem"].yaml_path.resolve())
+    assert chem["dataset_path"] == "json" and chem["dataset_name"] is None
+    assert chem["dataset_kwargs"]["data_files"] == {"test": str((DATA / "wmdp" / "wmdp-chem-questions.json").resolve())}
+    assert set(chem) == {"include", "task", "dataset_path", "dataset_name", "dataset_kwargs"}
+    anatomy = configs["mmlu_anatomy"]["dataset_kwargs"]["data_files"]
+    assert set(anatomy) == {"test", "dev"}  # lm-eval's MMLU draws few-shot examples from dev
+    with open(DATA / "mmlu" / "test" / "anatomy_test.csv", newline="") as fh:
+        first = next(csv.DictReader(fh))
+    converted = json.loads(Path(anatomy["test"]).read_text().splitlines()[0])
+    assert converted == {"question": first["question"], "subject": "anatomy",
+                         "choices": [first[f"choice{i}"] for i in range(4)], "answer": int(first["answer"])}
+
+
+@needs_data
+def test_local_lm_eval_tasks_refuse_what_they_cannot_serve(lm_eval_task_manager, tmp_path):
+    from tar_lightning.evaluation.lm_eval_adapter import write_local_task_configs
+
+    with pytest.raises(ConfigError, match="'hellaswag' has no local data layout"):
+        write_local_task_configs("wmdp_bio,hellaswag", DATA, tmp_path, task_manager=lm_eval_task_manager)
+    (tmp_path / "root" / "wmdp").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"wmdp-cyber-questions\.json"):
+        write_local_task_configs("wmdp_cyber", tmp_path / "root", tmp_path, task_manager=lm_eval_task_manager)
     with pytest.raises(ConfigError, match="task names"):
-        run_lm_eval(model, tok, " , ")
+        write_local_task_configs(" , ", DATA, tmp_path, task_manager=lm_eval_task_manager)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
