@@ -66,15 +66,27 @@ def slurm_problem() -> str | None:
 
 # -- shared data: tests marked `shared_data` read ../shared/data (WMDP, MMLU, refusal sets ...) beside the repo ------
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-_DATA_SKIPS = "tar_lightning_data_skips"
+_DATA_SKIP_REASON = "needs ../shared/data"
 
 
 def pytest_configure(config):
+    config.pluginmanager.register(_SlurmTestsOnOneWorker(), "tar_lightning_slurm_group")
     config.addinivalue_line(
         "markers",
         "shared_data(*paths): reads these paths under ../shared/data (default: the folder); skipped with the reason "
         "when absent, an error when TAR_LIGHTNING_REQUIRE_DATA=1 (.ci/run sets it)",
     )
+
+
+class _SlurmTestsOnOneWorker:
+    """Under ``-n N --dist loadgroup`` (the README's command) the real-Slurm tests run one after another on one
+    worker: the CI Slurm has one 2-CPU node, and their waits have deadlines."""
+
+    @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns group markers into node ids
+    def pytest_collection_modifyitems(self, config, items):
+        for item in items:
+            if item.get_closest_marker("slurm"):
+                item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: `pytest -m "not slow"` never asks for Slurm
@@ -96,18 +108,38 @@ def _skip_without_shared_data(config, items):
     if not missing_by_item:
         return
     if os.environ.get("TAR_LIGHTNING_REQUIRE_DATA") == "1":
+        if hasattr(config, "workerinput"):  # an xdist worker cannot stop the run cleanly: each such test fails
+            for item, path in missing_by_item.items():
+                item.tar_missing_data = path
+            return
         first = sorted({str(p) for p in missing_by_item.values()})
         raise pytest.UsageError(
             f"TAR_LIGHTNING_REQUIRE_DATA=1 but {len(missing_by_item)} selected test(s) need data that is not there: "
             f"{first[:3]}{' ...' if len(first) > 3 else ''}; put the data set at {SHARED_DATA}")
     for item, path in missing_by_item.items():
         item.add_marker(pytest.mark.skip(
-            reason=f"needs ../shared/data ({path} not found): data-free run, this test did not run"))
-    setattr(config, _DATA_SKIPS, len(missing_by_item))
+            reason=f"{_DATA_SKIP_REASON} ({path} not found): data-free run, this test did not run"))
+
+
+def pytest_sessionstart(session):
+    # The xdist controller collects nothing, so it checks the data folder as a whole before starting workers.
+    config = session.config
+    if (os.environ.get("TAR_LIGHTNING_REQUIRE_DATA") == "1" and config.pluginmanager.hasplugin("dsession")
+            and not SHARED_DATA.is_dir()):
+        raise pytest.UsageError(f"TAR_LIGHTNING_REQUIRE_DATA=1 but the data folder {SHARED_DATA} does not exist; "
+                                "put the data set there")
+
+
+def pytest_runtest_setup(item):
+    path = getattr(item, "tar_missing_data", None)
+    if path is not None:
+        pytest.fail(f"TAR_LIGHTNING_REQUIRE_DATA=1 but this test needs data that is not there: {path}", pytrace=False)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = getattr(config, _DATA_SKIPS, 0)
+    # counted from the test reports, not from collection: under xdist the collection runs in the workers
+    skipped = sum(1 for report in terminalreporter.stats.get("skipped", [])
+                  if isinstance(report.longrepr, tuple) and _DATA_SKIP_REASON in str(report.longrepr[-1]))
     if skipped:
         terminalreporter.write_line(
             f"DATA-FREE SUBSET: {skipped} test(s) skipped because ../shared/data is missing at {SHARED_DATA} "

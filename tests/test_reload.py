@@ -29,6 +29,11 @@ from tar_lightning.models import tiny_llama
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+#: a held-out stream for ``tar-lightning validate`` (which refuses to run without validation data)
+VAL_STREAM = ("--data.init_args.val_streams",
+              '{"heldout": {"path": "synthetic:forget", "synthetic": {"n": 40, "seed": 1}, "limit": 8}}')
+
+
 def derived_recipe(name: str, run: Path, *, drop_lora: bool = False, **trainer) -> Path:
     """``recipes/tiny/<name>.yaml`` with its run folder, checkpoints (every step, last kept) and logs under ``run``."""
     recipe = yaml.safe_load((RECIPES / "tiny" / f"{name}.yaml").read_text())
@@ -81,7 +86,7 @@ def test_cli_explicit_ckpt_path_fit_validate_and_load_from_checkpoint(tmp_path, 
     assert_plain(first["hyper_parameters"])
 
     # an explicit path (not "last"): the module's recorded CLI arguments are re-parsed, then the run goes on
-    assert main(["validate", "--config", str(recipe), "--ckpt_path", str(last)]) == 0
+    assert main(["validate", "--config", str(recipe), "--ckpt_path", str(last), *VAL_STREAM]) == 0
     assert main(["fit", "--config", str(recipe), "--trainer.max_steps=3", "--ckpt_path", str(last)]) == 0
     assert torch.load(last, weights_only=True)["global_step"] == 3
 
@@ -196,7 +201,7 @@ def test_sharded_checkpoint_folder_explicit_ckpt_path_and_load_from_checkpoint(t
     assert_same_state(module, read_checkpoint(last)["state_dict"])
     assert module.config.retain_representation and module.reference_model is not None
 
-    _cli("validate", "--config", str(recipe), "--ckpt_path", str(last), cwd=tmp_path)
+    _cli("validate", "--config", str(recipe), "--ckpt_path", str(last), *VAL_STREAM, cwd=tmp_path)
     _cli("fit", "--config", str(recipe), "--trainer.max_steps=2", "--ckpt_path", str(last), cwd=tmp_path)
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
 

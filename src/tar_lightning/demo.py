@@ -50,6 +50,7 @@ import torch
 from tar_lightning.adversaries.config import _is_number
 from tar_lightning.base_module import CausalLMModule
 from tar_lightning.errors import ConfigError
+from tar_lightning.resources import shipped
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -69,7 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The demo's defaults (the ``default`` size; other sizes are presets inside it).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "default.yaml"
+DEFAULT_CONFIG = shipped("recipes/demo/default.yaml")
 #: Defenses red-teamed besides the TAR families, in report order.
 DEFENSES_BASE = ("no_defense", "random_mapping")
 SAFETY = "forget_B_acc"

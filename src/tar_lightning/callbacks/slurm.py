@@ -49,7 +49,7 @@ def close_process_group() -> bool:
     """Destroys the default ``torch.distributed`` process group if one is initialized; returns whether it did.
 
     Local (no collective, no barrier), so it is safe on the error path and when other ranks already exited. Call
-    it when the process is done with distributed work (``tar-lightning fit|validate|test`` calls it before
+    it when the process is done with distributed work (``tar-lightning fit|validate`` calls it before
     returning); :class:`SlurmRequeue` also registers it with :mod:`atexit`.
     """
     import torch.distributed as dist

@@ -1,5 +1,8 @@
 """``tar-lightning evaluate``: multiple-choice accuracy of a model on WMDP / MMLU tasks.
 
+Progress (forward batches done of the true total, per task and setting) goes to stderr: a bar on a terminal,
+plain lines (no carriage returns or escape codes) when stderr is a file or a pipe.
+
 Example::
 
     tar-lightning evaluate --model smollm2-135m-instruct --tasks wmdp_bio,mmlu \\
@@ -89,6 +92,7 @@ def format_table(results: dict) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from tar_lightning.evaluation.mcq import MCQ_VARIANTS, evaluate_mcq_task, get_task, resolve_task
+    from tar_lightning.evaluation.progress import quiet_hf_progress
     from tar_lightning.models import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -114,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
             raise DataError(f"--out: the folder {out.parent} does not exist")
 
     kwargs = {"tokenizer": args.tokenizer} if args.tokenizer else {}
-    model, tokenizer = load_model(args.model, dtype=args.dtype, **kwargs)
+    with quiet_hf_progress(unless_terminal=True):  # transformers' loading bars: escape codes in a log file
+        model, tokenizer = load_model(args.model, dtype=args.dtype, **kwargs)
     systems = [None] if args.system_prompt is None else [None, args.system_prompt]
     results = {}
     for task in tasks:
@@ -129,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
             system_prompt=systems,
             batch_size=args.batch_size,
             max_length=args.max_length,
+            progress=True,
         )
         results[res["task"]] = res
     print(format_table(results))

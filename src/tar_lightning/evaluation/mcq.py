@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from tar_lightning.errors import ConfigError, DataError
+from tar_lightning.evaluation.progress import progress as progress_bar
 
 __all__ = [
     "DATA_ROOT_ENV",
@@ -823,14 +824,21 @@ def _supports_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def _run_rows(model: Any, rows: list[_Row], n_choices: list[int], batch_size: int, pad_id: int):
-    """Forward the rows ``batch_size`` at a time (longest first, right-padded); summed log-probs per choice."""
+def _run_rows(
+    model: Any, rows: list[_Row], n_choices: list[int], batch_size: int, pad_id: int, progress: Optional[str] = None
+):
+    """Forward the rows ``batch_size`` at a time (longest first, right-padded); summed log-probs per choice.
+
+    With ``progress`` (a label), progress over the forward batches is shown on stderr (:mod:`.progress`).
+    """
     scores = [[math.nan] * k for k in n_choices]
     device = next(model.parameters()).device
     keep_ok = _supports_logits_to_keep(model)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r].ids))
     passes = 0
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress_bar(starts, total=len(starts), desc=progress or "", unit="batch",
+                              enabled=progress is not None):
         chunk = [rows[r] for r in order[start : start + batch_size]]
         width = max(len(r.ids) for r in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -905,6 +913,7 @@ def score_mcq(
     max_length: Optional[int] = None,
     add_special_tokens: bool = False,
     task: str = "",
+    progress: bool = False,
 ) -> MCQResult:
     """Score multiple-choice questions with a causal LM (see the module docstring for the exact protocol).
 
@@ -925,6 +934,8 @@ def score_mcq(
         add_special_tokens: encode with the tokenizer's special tokens (BOS); ``False`` is lm-eval's default for
             causal LMs (``add_bos_token=False``).
         task: a name stored in the result.
+        progress: show progress over the forward batches on stderr, labelled with the task and setting (a bar on
+            a terminal, plain lines otherwise: :func:`tar_lightning.evaluation.progress.progress`).
 
     Returns:
         An :class:`MCQResult`.
@@ -961,7 +972,9 @@ def score_mcq(
     model.eval()
     try:
         with torch.inference_mode():
-            scores, passes = _run_rows(model, rows, [len(c) for c in conts], batch_size, pad_id)
+            label = f"{task or 'mcq'} {setting_label(variant, bool(chat_template), system_prompt)}"
+            scores, passes = _run_rows(model, rows, [len(c) for c in conts], batch_size, pad_id,
+                                       label if progress else None)
     finally:
         model.train(was_training)
 
@@ -1029,6 +1042,7 @@ def evaluate_mcq_task(
     system_prompt: Union[None, str, Sequence[Optional[str]]] = None,
     batch_size: int = 16,
     max_length: Optional[int] = None,
+    progress: bool = False,
 ) -> dict:
     """Load a named task (see :data:`MCQ_TASKS`) and score it in every requested setting.
 
@@ -1041,7 +1055,7 @@ def evaluate_mcq_task(
         chat_template: ``False``, ``True``, ``"both"``, or a list of booleans.
         system_prompt: ``None``, a string, or a list of ``None``/strings (e.g. ``[None, "You are ..."]`` for with
             and without).
-        batch_size, max_length: see :func:`score_mcq`.
+        batch_size, max_length, progress: see :func:`score_mcq` (progress per setting).
 
     Returns:
         ``{"task", "source", "n", "results": {setting label: MCQResult.to_dict()}}``; the setting labels come from
@@ -1070,6 +1084,7 @@ def evaluate_mcq_task(
                     batch_size=batch_size,
                     max_length=max_length,
                     task=spec.name,
+                    progress=progress,
                 )
                 results[res.setting] = res.to_dict()
     return {"task": spec.name, "source": where, "n": len(items), "results": results}

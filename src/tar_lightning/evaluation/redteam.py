@@ -53,6 +53,8 @@ from tar_lightning.data.sources import DataSource, load_records
 from tar_lightning.data.tokenize import TokenPool, check_tokenizer, tokenize_records
 from tar_lightning.errors import ConfigError, TARLightningError
 from tar_lightning.evaluation import aggregate as agg
+from tar_lightning.evaluation.progress import progress as progress_bar
+from tar_lightning.evaluation.progress import quiet_hf_progress
 from tar_lightning.evaluation.suite import (
     AttackSpec,
     MetricSpec,
@@ -63,6 +65,7 @@ from tar_lightning.evaluation.suite import (
     load_suite,
 )
 from tar_lightning.models import ModelSource, export_pretrained, load_model
+from tar_lightning.snapshot import ParameterSnapshot
 
 __all__ = [
     "AttackBatches",
@@ -263,23 +266,6 @@ def packed_for_cpu_inference(model: nn.Module) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Silences transformers' weight loading/writing progress bars inside the block."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _fingerprint(model: nn.Module) -> str:
     """A cheap digest of a module's weights (names, shapes, dtypes, sums, a strided sample)."""
     h = hashlib.sha256()
@@ -366,11 +352,23 @@ class _ModelHandle:
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Iterator[None]:
     """Within the block the model is in eval mode without gradients, and a schedule-free optimizer holds
-    its evaluation weights (``optimizer.eval()``); both modes are switched back afterwards."""
+    its evaluation weights (``optimizer.eval()``); both modes are switched back afterwards.
+
+    A schedule-free optimizer's ``eval()`` moves the weights to its evaluation point and ``train()`` back to its
+    training point, a round trip that is not exact in floating point (elements change by an ulp, depending on the
+    weights). So the training point is copied first and written back bit for bit: an attack's trajectory does
+    not depend on how often it is evaluated.
+    """
     swap = (
         optimizer is not None
         and callable(getattr(optimizer, "eval", None))
         and callable(getattr(optimizer, "train", None))
+    )
+    groups = optimizer.param_groups if swap else []
+    in_train_mode = swap and any(g.get("train_mode", False) for g in groups)
+    training_point = (
+        ParameterSnapshot([p for g in groups for p in g["params"]])
+        if in_train_mode and all("train_mode" in g for g in groups) else None
     )
     was_training = model.training
     if swap:
@@ -381,7 +379,11 @@ def evaluation_mode(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
             yield
     finally:
         model.train(was_training)
-        if swap:
+        if training_point is not None:  # back to the training point bit for bit; the mode flag follows
+            training_point.restore()
+            for g in groups:
+                g["train_mode"] = True
+        elif swap:
             optimizer.train()
 
 
@@ -940,11 +942,9 @@ def _free_memory(device: Union[str, torch.device]) -> None:
 
 
 def _bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit: str = "step"):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, position=position, dynamic_ncols=True)
+    """A progress bar on a terminal, plain lines in a log file (:func:`~tar_lightning.evaluation.progress.progress`);
+    ``None`` when not ``enabled``."""
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=enabled, position=position, leave=False)
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -54,6 +54,7 @@ from typing import Any, Optional, Union
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.data.sources import DataSource, as_source
 from tar_lightning.errors import ConfigError
+from tar_lightning.resources import shipped, shipped_names
 
 __all__ = [
     "ADVERSARY_KEYS",
@@ -96,8 +97,8 @@ _DIRECTION_ALIASES = {"higher": "higher_is_better", "lower": "lower_is_better"}
 _SEARCH_METHODS = ("full", "lora")
 _SEARCH_SCHEDULES = ("constant", "warmup_cosine", "linear_warmup", "cosine_restarts", "exponential_warmup")
 
-#: Folder of the suites shipped with the source tree (``recipes/redteam``), when it exists.
-_SHIPPED = Path(__file__).resolve().parents[3] / "recipes" / "redteam"
+#: Shipped folder of the suites (installed with the package; :func:`tar_lightning.resources.shipped`).
+_SHIPPED = "recipes/redteam"
 # An attack id names its result files (``<out>/runs/<id>__seed<n>.json``), so it must be a plain file name.
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -928,13 +929,11 @@ def suite_path(name_or_path: Union[str, os.PathLike]) -> Path:
     path = Path(os.path.expanduser(os.fspath(name_or_path)))
     if path.is_file():
         return path
-    shipped = _SHIPPED / f"{os.fspath(name_or_path)}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in _SHIPPED.glob("*.yaml")) if _SHIPPED.is_dir() else []
+    names = shipped_names(_SHIPPED)
+    if os.fspath(name_or_path) in names:
+        return shipped(f"{_SHIPPED}/{os.fspath(name_or_path)}.yaml")
     raise ConfigError(
-        f"red-team suite {os.fspath(name_or_path)!r} not found: not a file"
-        + (f", nor a shipped suite ({names})" if names else "")
+        f"red-team suite {os.fspath(name_or_path)!r} not found: not a file, nor a shipped suite ({names})"
     )
 
 
