@@ -475,6 +475,7 @@ def run_profile(ctx: dict) -> dict:
     import lightning as L
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+    import tar_lightning.grad_sync as gs
     import tar_lightning.tar_module as tm
     from tar_lightning.adversaries.runner import AdversaryRun
 
@@ -555,9 +556,9 @@ def run_profile(ctx: dict) -> dict:
                 ranges.active = False
                 self.prof.__exit__(None, None, None)
 
-    saved = (tm.ParameterSnapshot, tm.GradientBuffer, tm.global_norm, torch.nn.utils.get_total_norm, AdversaryRun.step)
+    saved = (tm.ParameterSnapshot, tm.GradientBuffer, gs.global_norm, torch.nn.utils.get_total_norm, AdversaryRun.step)
     tm.ParameterSnapshot, tm.GradientBuffer = Snapshot, Buffer
-    tm.global_norm, torch.nn.utils.get_total_norm = clip_start(saved[2]), clip_start(saved[3])
+    gs.global_norm, torch.nn.utils.get_total_norm = clip_start(saved[2]), clip_start(saved[3])
     AdversaryRun.step = adversary_step
     module.retain_objective = retain_objective
     hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
@@ -566,7 +567,7 @@ def run_profile(ctx: dict) -> dict:
         t = trainer(ctx, fsdp2=True, callbacks=[cb], max_steps=2)
         t.fit(module, loader(make_batches(ctx["vocab"], ctx["shape"], 2)))
     finally:
-        tm.ParameterSnapshot, tm.GradientBuffer, tm.global_norm, torch.nn.utils.get_total_norm = saved[:4]
+        tm.ParameterSnapshot, tm.GradientBuffer, gs.global_norm, torch.nn.utils.get_total_norm = saved[:4]
         AdversaryRun.step = saved[4]
         for h in hooks:
             h.remove()

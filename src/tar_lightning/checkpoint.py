@@ -34,7 +34,7 @@ from typing import IO, Any, Optional
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from tar_lightning.errors import ModelLoadError, TARLightningError
+from tar_lightning.errors import CheckpointWriteError, ModelLoadError, NonFiniteError, TARLightningError
 
 __all__ = [
     "DCP_METADATA_GLOBALS",
@@ -57,14 +57,6 @@ __all__ = [
     "safe_load_planner",
     "tar_trainer_plugins",
 ]
-
-
-class CheckpointWriteError(TARLightningError, OSError):
-    """A checkpoint could not be written (the previous file at that path is left untouched)."""
-
-
-class NonFiniteError(TARLightningError, RuntimeError):
-    """Training produced NaN/Inf: too many skipped outer steps in a row, or non-finite weights to save."""
 
 
 def non_finite_entries(state: Any, prefix: str = "") -> list[str]:

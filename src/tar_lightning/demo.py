@@ -47,8 +47,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from tar_lightning.adversaries.config import _is_number
 from tar_lightning.base_module import CausalLMModule
+from tar_lightning.common import is_number, model_fingerprint
 from tar_lightning.errors import ConfigError
 from tar_lightning.resources import shipped
 
@@ -257,7 +257,7 @@ class RedTeamStage:
         ):
             raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids, got {self.attacks!r}")
         _pos_num(self.recovery_threshold, f"{where}.recovery_threshold")
-        if not _is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
+        if not is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
             raise ConfigError(f"{where}.capability_floor must be in (0, 1], got {self.capability_floor!r}")
         _pos_int(self.unrelated_examples, f"{where}.unrelated_examples")
         _pos_num(self.scale, f"{where}.scale")
@@ -617,11 +617,9 @@ class KnowledgeEvaluator:
         return {**self.__dict__, "_memo": {}}
 
     def __call__(self, model: Any, tokenizer: Any, only: Optional[Sequence[str]] = None) -> dict[str, float]:
-        from tar_lightning.evaluation.redteam import _fingerprint
-
         if only is not None:  # the red team's evaluations during attacks: new weights every time
             return self._evaluate(model, tokenizer, only)
-        key = (_fingerprint(model), id(tokenizer), len(tokenizer))
+        key = (model_fingerprint(model), id(tokenizer), len(tokenizer))
         hit = self._memo.get(key)
         if hit is not None and hit[0] is tokenizer:
             return dict(hit[1])
@@ -632,12 +630,10 @@ class KnowledgeEvaluator:
     def remember(self, model: Any, tokenizer: Any, metrics: Mapping[str, float]) -> None:
         """Records ``metrics`` as this evaluator's full evaluation of these weights (a stage's stored
         evaluation, read back with the weights it exported, in place of scoring them again)."""
-        from tar_lightning.evaluation.redteam import _fingerprint
-
         missing = set(self.METRICS) - set(metrics)
         if missing:
             raise ConfigError(f"KnowledgeEvaluator.remember: metrics {sorted(missing)} are missing")
-        self._remember((_fingerprint(model), id(tokenizer), len(tokenizer)), tokenizer,
+        self._remember((model_fingerprint(model), id(tokenizer), len(tokenizer)), tokenizer,
                        {k: float(metrics[k]) for k in self.METRICS})
 
     def _remember(self, key: tuple, tokenizer: Any, metrics: Mapping[str, float]) -> None:

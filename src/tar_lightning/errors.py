@@ -22,3 +22,15 @@ class DataError(TARLightningError, ValueError):
 
 class ModelLoadError(TARLightningError, ValueError):
     """A model source cannot be resolved or loaded."""
+
+
+class CheckpointWriteError(TARLightningError, OSError):
+    """A checkpoint or result file could not be written (the previous file at that path is left untouched)."""
+
+
+class NonFiniteError(TARLightningError, RuntimeError):
+    """Training produced NaN/Inf: too many skipped outer steps in a row, or non-finite weights to save."""
+
+
+class ExportError(TARLightningError, ValueError):
+    """A model cannot be exported: non-finite weights, a non-serializable quantized model, or a failed write."""

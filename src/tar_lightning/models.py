@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from tar_lightning.checkpoint import apply_umask
-from tar_lightning.errors import ConfigError, ModelLoadError, TARLightningError
+from tar_lightning.common import looks_local
+from tar_lightning.errors import ConfigError, ExportError, ModelLoadError, TARLightningError
 
 __all__ = [
     "TINY_ARCHITECTURES",
@@ -303,13 +304,6 @@ def meta_copy(
     return freeze(copy.deepcopy(model, memo))
 
 
-# ------------------------------------------------------------------------------------------------ errors
-
-
-class ExportError(TARLightningError, ValueError):
-    """A model cannot be exported: non-finite weights, a non-serializable quantized model, or a failed write."""
-
-
 # ------------------------------------------------------------------------------------------------ dtypes
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -427,19 +421,6 @@ class ModelSource:
         return _classify(self.source)
 
 
-def _looks_local(ref: str) -> bool:
-    """Whether ``ref`` names a filesystem path rather than a hub id (``name`` or ``org/name``)."""
-    if ref.startswith(("/", ".", "~")) or "\\" in ref or os.path.isabs(ref):
-        return True
-    if os.path.exists(os.path.expanduser(ref)):
-        return True
-    parts = ref.split("/")
-    if len(parts) > 2 or any(not p for p in parts):
-        return True
-    # "outputs/run1" where "outputs" is a local folder: a path whose last part is missing.
-    return len(parts) == 2 and os.path.isdir(parts[0])
-
-
 def _classify(ref: str) -> str:
     low = ref.strip().lower()
     if low in TINY_SOURCES:
@@ -448,7 +429,7 @@ def _classify(ref: str) -> str:
         return "alias"
     if low.endswith(".gguf"):
         return "gguf"
-    if _looks_local(ref):
+    if looks_local(ref):
         return "local"
     if low.startswith("tiny-") and "/" not in low:
         raise ConfigError(f"unknown tiny model source {ref!r}; expected one of {sorted(TINY_SOURCES)}")

@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.common import is_number
 from tar_lightning.errors import ConfigError
 
 __all__ = ["TARConfig"]
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 TR_LOSSES = ("max_entropy", "neg_ce", "dpo")
 WEIGHTINGS = ("uniform", "exponential")
@@ -124,11 +122,11 @@ class TARConfig:
             raise bad("entropy_positions", f"expected one of {list(ENTROPY_POSITIONS)}")
         for key in ("tr_weight", "retain_weight", "representation_weight", "weighting_rate"):
             value = getattr(self, key)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise bad(key, "expected a finite number >= 0")
-        if self.clip_grad_norm is not None and not (_is_number(self.clip_grad_norm) and self.clip_grad_norm > 0):
+        if self.clip_grad_norm is not None and not (is_number(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise bad("clip_grad_norm", "expected a positive finite number or null")
-        if not _is_number(self.dpo_beta) or self.dpo_beta <= 0:
+        if not is_number(self.dpo_beta) or self.dpo_beta <= 0:
             raise bad("dpo_beta", "expected a finite number > 0 (the paper uses 0.1)")
         for key in ("normalize_weights", "retain_representation", "representation_squared"):
             if not isinstance(getattr(self, key), bool):

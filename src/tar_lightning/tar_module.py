@@ -8,17 +8,22 @@ One training batch is one outer step (TAR's stage 2)::
             every tr_every steps:   ∇ λ_TR·w_k/T·L_TR(θ'_k) accumulated into the TR buffer (first order)
         restore θ (bit-exact)
     ∇ λ_retain·L_retain(θ) added to the buffer; clip; one outer optimizer step (= one global_step)
+
+:meth:`TARModule.training_step` is these three phases, each a method. What is not the algorithm lives beside it:
+the averaging of gradients over data-parallel ranks, chosen once per fit (:mod:`tar_lightning.grad_sync`), the
+NaN/Inf check of every outer step (:class:`tar_lightning.guards.NonFiniteGuard`) and the persistent adversaries
+(:class:`tar_lightning.persistent.AdversaryPool`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -32,6 +37,8 @@ from tar_lightning.base_module import (
     resolve_model,
 )
 from tar_lightning.errors import ConfigError
+from tar_lightning.grad_sync import GradientSync, choose_gradient_sync
+from tar_lightning.guards import NonFiniteGuard
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.models import ModelSource, freeze, frozen_copy, meta_copy
@@ -41,10 +48,8 @@ from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tens
 from tar_lightning.strategy import (
     RANK_LOCAL_KEY,
     FSDP2Strategy,
-    average_gradients,
     check_strategy,
     data_parallel_world_size,
-    global_norm,
     has_sharded_parameters,
 )
 from tar_lightning.tar_config import TARConfig
@@ -67,6 +72,30 @@ def step_generator(seed: int, step: int, trajectory: int) -> torch.Generator:
     uninterrupted one did."""
     state = np.random.SeedSequence([seed, step, trajectory]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class _Trajectory:
+    """The random choices of one trajectory (:meth:`TARModule._draw_trajectory`)."""
+
+    index: int  # the adversary, in config.adversaries
+    lr: float
+    switch: Optional[int]  # the retain→forget switch point
+    init_seed: int  # of LoRA adapters
+    resume_from: Optional[int] = None  # the persistent-pool entry it continues
+    slot: int = 0  # the pool entry a fresh trajectory replaces once the pool is full
+
+
+@dataclass
+class _Attacks:
+    """What the attack phase of an outer step leaves: the TR gradient and the diagnostics to log."""
+
+    tr_grads: GradientBuffer
+    adv_losses: Tensor  # [K]: adversary loss per step, mean over trajectories
+    tr_losses: Tensor  # [E]: TR loss per evaluation point, mean over trajectories
+    tr_diag: Tensor  # [E]: its diagnostic (entropy, CE or DPO reward accuracy)
+    adv_lrs: list[float] = field(default_factory=list)
+    continued: int = 0  # trajectories that continued a persistent-pool entry
 
 
 class TARModule(CausalLMModule):
@@ -145,8 +174,18 @@ class TARModule(CausalLMModule):
             if cfg.persistent_pool
             else None
         )
-        self._nonfinite_in_a_row = 0  # skipped non-finite outer steps (checkpointed)
-        self._nonfinite_total = 0
+        self.nonfinite_guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)  # its counters are checkpointed
+        self._grad_sync: Optional[GradientSync] = None  # chosen by configure_model (none / DDP / FSDP2)
+
+    @property
+    def _nonfinite_in_a_row(self) -> int:
+        """Skipped non-finite outer steps in a row (see :class:`~tar_lightning.guards.NonFiniteGuard`)."""
+        return self.nonfinite_guard.in_a_row
+
+    @property
+    def _nonfinite_total(self) -> int:
+        """Skipped non-finite outer steps in total."""
+        return self.nonfinite_guard.total
 
     # -- Lightning plumbing ---------------------------------------------------------------------------------
 
@@ -162,18 +201,19 @@ class TARModule(CausalLMModule):
         """Under ``ModelParallelStrategy``: shards the policy with FSDP2 (idempotent). Under every strategy:
         activation checkpointing of the decoder layers when ``sharding.activation_checkpointing``.
 
-        Then builds the frozen reference model (:meth:`_setup_reference`).
+        Then builds the frozen reference model (:meth:`_setup_reference`), and chooses the gradient
+        synchronisation of the outer step (:func:`~tar_lightning.grad_sync.choose_gradient_sync`).
         """
         mesh = self._fsdp2_mesh()
         if mesh is None:
             if self.sharding.activation_checkpointing:
                 apply_activation_checkpointing(self.model)
-            self._setup_reference(None)  # the frozen reference model (see _setup_reference)
-            return
-        if self.adversary_pool is not None and self._trainer.checkpoint_callbacks:
-            self._check_pool_checkpointing()
-        self._fully_shard(self.model, mesh)
-        self._setup_reference(mesh)  # the frozen reference model, sharded like the policy (see _setup_reference)
+        else:
+            if self.adversary_pool is not None and self._trainer.checkpoint_callbacks:
+                self._check_pool_checkpointing()
+            self._fully_shard(self.model, mesh)
+        self._setup_reference(mesh)  # the frozen reference model, sharded like the policy under FSDP2
+        self._grad_sync = choose_gradient_sync(self.trainable_parameters())
 
     def _check_pool_checkpointing(self) -> None:
         """Under FSDP2 with several ranks, the persistent pool's deltas are rank-local shards: a checkpoint must
@@ -253,8 +293,6 @@ class TARModule(CausalLMModule):
 
     def _sharded_reference(self, mesh, source: Any) -> nn.Module:
         """The FSDP2 reference model (see :meth:`_setup_reference`)."""
-        from torch.distributed.tensor import DTensor
-
         from tar_lightning.base_module import _model_source_from_mapping
         from tar_lightning.models import load_model
 
@@ -426,8 +464,6 @@ class TARModule(CausalLMModule):
         """
         if self._fsdp2_mesh() is None:
             return
-        from torch.distributed.tensor import DTensor
-
         bad = [
             name for name, p in self.model.named_parameters()
             if p.requires_grad and not (isinstance(p, DTensor) and all(pl.is_shard() for pl in p.placements))
@@ -441,169 +477,152 @@ class TARModule(CausalLMModule):
             )
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        cfg = self.config
+        """One outer step of TAR (first order), in three phases::
+
+            for t < T:  θ'_0 = θ (or θ + δ from the persistent pool);  θ'_{k+1} = adversary step on θ'_k, k < K
+            g_TR = Σ_t Σ_{k∈E} λ_TR·w_k/T · ∇L_TR(θ'_{k+1});  θ restored    (:meth:`_attack_trajectories`)
+            g    = g_TR + λ_retain·∇L_retain(θ), averaged over the ranks     (:meth:`_retain_gradient`)
+            θ   ← outer optimizer step with clip(g); skipped on NaN/Inf      (:meth:`_outer_update`)
+
+        E: the steps after which the attacker is scored (``config.tr_points()``), w their weights
+        (``config.tr_weights()``). Returns the retain loss.
+        """
         self._check_batch(batch)
-        optimizer = self.optimizers()
         self._check_sharded_state()
         params = self.trainable_parameters()
-        K, T = cfg.inner_steps, cfg.trajectories
-        # Under DDP the wrapper's reducer is never armed (self.model is called directly, no manual_backward):
-        # gradients are averaged here, so every rank takes the same adversary and outer steps. Under FSDP2
-        # (DTensor parameters) every backward reduce-scatters (averages) the gradients itself: nothing to do here.
-        sharded = has_sharded_parameters(params)
-        world = data_parallel_world_size()
-        distributed = world > 1 and not sharded
-
-        snapshot = ParameterSnapshot(params, device=cfg.snapshot_device)
-        tr_grads = GradientBuffer(params)
-        # Per-step diagnostics stay on the device: no host sync inside the inner loop.
-        adv_losses = torch.zeros(K, device=self.device)
-        tr_losses = torch.zeros(len(self._tr_weights), device=self.device)
-        tr_diag = torch.zeros(len(self._tr_weights), device=self.device)
-        adv_lrs = []
-        pool = self.adversary_pool
-        continued = 0
-        for t in range(T):
-            # After a skipped (non-finite) step global_step is unchanged: draw fresh trajectories, not the same ones.
-            gen = step_generator(cfg.seed, self.global_step, t + T * self._nonfinite_total)
-            index = sample_adversary(cfg.adversaries, gen)
-            adversary = cfg.adversaries[index]
-            lr = adversary.sample_lr(gen)
-            switch = adversary.switch_point(K, gen)
-            tr_batch = micro_batch(batch[cfg.tr_stream], t)
-            init_seed = int(torch.randint(2**62, (1,), generator=gen))  # LoRA adapters: same on every rank
-            resume_from = None
-            if pool is not None:  # drawn on every step, so the sequence of draws never depends on the pool
-                u = float(torch.rand((), generator=gen))
-                slot = int(torch.randint(2**31 - 1, (1,), generator=gen))
-                if len(pool) and u < cfg.persistent_probability:
-                    resume_from = slot % len(pool)
-                    entry = pool.apply(resume_from, params)
-                    index, lr, switch = entry.adversary, entry.lr, None
-                    adversary = cfg.adversaries[index]
-                    continued += 1
-            adv_lrs.append(lr)
-            with AdversaryRun(
-                self.model, adversary, lr=lr, steps=K, switch_point=switch, params=params, seed=init_seed
-            ) as run:
-                # What no wrapper reduces is averaged before every adversary step: every trainable tensor under
-                # DDP; under FSDP2 the LoRA adapters (replicated plain tensors, same init on every rank by
-                # init_seed), while FSDP reduce-scatters the sharded parameters' gradients itself.
-                replicated = [p for p in run.trainable if not isinstance(p, DTensor)] if world > 1 else []
-                if replicated:
-                    run.optimizer.register_step_pre_hook(
-                        lambda opt, args, kwargs, ps=replicated: average_gradients([p.grad for p in ps])
-                    )
-                e = 0
-                for k in range(K):
-                    stream = run.stream_for_step(k)
-                    adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / T
-                    if k in self._tr_points:  # scored where the attacker evaluates (schedule-free: x, not y)
-                        with run.evaluation_point(), run.base_gradients():
-                            tr_grads.swap_in()
-                            loss, diag = self.tr_loss(tr_batch)
-                            (loss * (cfg.tr_weight * self._tr_weights[e] / T)).backward()
-                            tr_grads.swap_out()
-                        tr_losses[e] += loss.detach().float() / T
-                        tr_diag[e] += diag.float() / T
-                        e += 1
-                if pool is not None and adversary.method != "lora":
-                    with run.evaluation_point():
-                        pool.record(params, snapshot, continued=resume_from, adversary=index, lr=lr, steps=K,
-                                    replace=slot)
-            snapshot.restore()
-        del snapshot
-
+        attacks = self._attack_trajectories(batch, params)
         detailed = self._detailed_logging_step()
-        if distributed:
-            average_gradients(tr_grads.grads)
-        tr_norm = tr_grads.norm() if detailed else None
-        retain, parts = self.retain_objective(micro_batch(batch[cfg.retain_stream], 0))
-        if not distributed:
-            tr_grads.swap_in()
-            (cfg.retain_weight * retain).backward()
-        else:  # average the retain gradient alone, then add the (already averaged) TR buffer
-            (cfg.retain_weight * retain).backward()
-            average_gradients([p.grad for p in params])
-            with torch.no_grad():
-                for p, g in zip(params, tr_grads.grads, strict=True):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-        # The outer gradient norm is always computed: it is the non-finite guard's check of every gradient.
-        grads = [p.grad for p in params if p.grad is not None]
-        if sharded:  # the global norm over all shards; scale each rank's local shards by the same factor
-            total_norm = global_norm(grads) if grads else torch.zeros((), device=self.device)
-            if cfg.clip_grad_norm is not None and grads:
-                coef = torch.clamp(cfg.clip_grad_norm / (total_norm + 1e-6), max=1.0)
-                torch._foreach_mul_([local_tensor(g) for g in grads], coef)
-        else:
-            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-            if cfg.clip_grad_norm is not None and grads:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, total_norm)
-        if self._nonfinite_step(retain, adv_losses, tr_losses, total_norm):
-            optimizer.zero_grad(set_to_none=True)  # the weights are the snapshot's (restored above): skip the update
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
-
-        self._log_step(
-            retain.detach(), parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs, detailed
-        )
-        if pool is not None:
-            self.log_dict(
-                {"train/pool_size": float(len(pool)), "train/pool_continued": float(continued) / T},
-                on_step=True, on_epoch=False,
-            )
+        tr_norm = attacks.tr_grads.norm() if detailed else None  # before the retain gradient joins the buffer
+        retain, parts = self._retain_gradient(batch, params, attacks.tr_grads)
+        total_norm = self._outer_update(params, retain, attacks)
+        self._log_step(retain.detach(), parts, attacks, tr_norm, total_norm, detailed)
         return retain.detach()
 
-    def _nonfinite_step(self, retain: Tensor, adv_losses: Tensor, tr_losses: Tensor, total_norm: Tensor) -> bool:
-        """Whether this outer step saw a NaN/Inf (any rank): then it is counted, logged and must be skipped.
+    @property
+    def grad_sync(self) -> GradientSync:
+        """The gradient synchronisation chosen by :meth:`configure_model` (chosen here when it was not called)."""
+        if self._grad_sync is None:
+            self._grad_sync = choose_gradient_sync(self.trainable_parameters())
+        return self._grad_sync
 
-        One host sync per outer step (the flags are reduced on the device first; all-reduced over ranks, so every
-        rank takes the same decision). Raises :class:`~tar_lightning.checkpoint.NonFiniteError` after
-        ``config.max_nonfinite_in_a_row`` skipped steps in a row.
-        """
-        with torch.no_grad():
-            checks = torch.stack([retain.detach().float().sum(), adv_losses.sum(), tr_losses.sum(),
-                                  local_tensor(total_norm).detach().float().to(adv_losses.device)])
-            flag = (~torch.isfinite(checks)).any().float()
-            if data_parallel_world_size() > 1:
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            skipped = bool(flag.item())
-        if skipped:
-            self._nonfinite_in_a_row += 1
-            self._nonfinite_total += 1
-            names = ["retain loss", "adversary losses", "tamper-resistance losses", "outer gradient norm"]
-            which = [n for n, ok in zip(names, torch.isfinite(checks).tolist(), strict=True) if not ok]
-            rank_zero_warn(
-                f"TARModule: non-finite {', '.join(which) or 'values on another rank'} at outer step "
-                f"{self.global_step}: update skipped, weights restored ({self._nonfinite_in_a_row} in a row, "
-                f"{self._nonfinite_total} in total)"
-            )
-        else:
-            self._nonfinite_in_a_row = 0
+    # phase 1: attack trajectories -> the tamper-resistance gradient
+
+    def _attack_trajectories(self, batch: dict[str, dict[str, Tensor]], params: list[Tensor]) -> _Attacks:
+        """For each of the T trajectories: snapshot θ, K adversary steps, the TR gradient at the evaluation
+        points (accumulated in a buffer, first order), restore θ bit for bit. Returns the buffer, averaged over
+        the ranks, and the per-step diagnostics (on the device: no host sync inside the loop)."""
+        n_points = len(self._tr_weights)
+        attacks = _Attacks(
+            tr_grads=GradientBuffer(params),
+            adv_losses=torch.zeros(self.config.inner_steps, device=self.device),
+            tr_losses=torch.zeros(n_points, device=self.device),
+            tr_diag=torch.zeros(n_points, device=self.device),
+        )
+        snapshot = ParameterSnapshot(params, device=self.config.snapshot_device)
+        for t in range(self.config.trajectories):
+            self._attack(batch, t, self._draw_trajectory(t), params, snapshot, attacks)
+            snapshot.restore()
+        del snapshot
+        self.grad_sync.reduce_tr_gradient(attacks.tr_grads)
+        return attacks
+
+    def _draw_trajectory(self, t: int) -> _Trajectory:
+        """The random choices of trajectory ``t``: adversary, LR, switch point, LoRA seed, and (with the persistent
+        pool) whether it continues a stored one. A pure function of (seed, step, t): the same on every rank."""
+        cfg, pool = self.config, self.adversary_pool
+        # After a skipped (non-finite) step global_step is unchanged: draw fresh trajectories, not the same ones.
+        gen = step_generator(cfg.seed, self.global_step, t + cfg.trajectories * self.nonfinite_guard.total)
+        index = sample_adversary(cfg.adversaries, gen)
+        adversary = cfg.adversaries[index]
+        lr = adversary.sample_lr(gen)
+        switch = adversary.switch_point(cfg.inner_steps, gen)
+        init_seed = int(torch.randint(2**62, (1,), generator=gen))  # LoRA adapters: same on every rank
+        plan = _Trajectory(index=index, lr=lr, switch=switch, init_seed=init_seed)
+        if pool is not None:  # drawn on every step, so the sequence of draws never depends on the pool
+            u = float(torch.rand((), generator=gen))
+            plan.slot = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            if len(pool) and u < cfg.persistent_probability:
+                plan.resume_from = plan.slot % len(pool)
+                entry = pool.entries[plan.resume_from]
+                plan.index, plan.lr, plan.switch = entry.adversary, entry.lr, None
+        return plan
+
+    def _attack(self, batch: dict[str, dict[str, Tensor]], t: int, plan: _Trajectory, params: list[Tensor],
+                snapshot: ParameterSnapshot, attacks: _Attacks) -> None:
+        """Trajectory ``t``: K adversary steps from θ (or from where a pooled trajectory ended), the TR gradient
+        at each evaluation point; with the persistent pool, where it ended is stored."""
+        cfg, pool, K = self.config, self.adversary_pool, self.config.inner_steps
+        if plan.resume_from is not None:
+            pool.apply(plan.resume_from, params)
+            attacks.continued += 1
+        attacks.adv_lrs.append(plan.lr)
+        adversary = cfg.adversaries[plan.index]
+        tr_batch = micro_batch(batch[cfg.tr_stream], t)
+        with AdversaryRun(self.model, adversary, lr=plan.lr, steps=K, switch_point=plan.switch, params=params,
+                          seed=plan.init_seed) as run:
+            self.grad_sync.watch_adversary(run.optimizer, run.trainable)
+            e = 0
+            for k in range(K):
+                stream = run.stream_for_step(k)
+                attacks.adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / cfg.trajectories
+                if k in self._tr_points:
+                    self._tr_gradient(run, tr_batch, e, attacks)
+                    e += 1
+            if pool is not None and adversary.method != "lora":
+                with run.evaluation_point():
+                    pool.record(params, snapshot, continued=plan.resume_from, adversary=plan.index, lr=plan.lr,
+                                steps=K, replace=plan.slot)
+
+    def _tr_gradient(self, run: AdversaryRun, tr_batch: dict[str, Tensor], e: int, attacks: _Attacks) -> None:
+        """λ_TR·w_e/T · ∇L_TR at evaluation point ``e``, added to the TR buffer; scored where the attacker
+        evaluates (schedule-free: x, not y), the gradient taken by the base weights (also under LoRA)."""
+        T = self.config.trajectories
+        with run.evaluation_point(), run.base_gradients():
+            attacks.tr_grads.swap_in()
+            loss, diag = self.tr_loss(tr_batch)
+            (loss * (self.config.tr_weight * self._tr_weights[e] / T)).backward()
+            attacks.tr_grads.swap_out()
+        attacks.tr_losses[e] += loss.detach().float() / T
+        attacks.tr_diag[e] += diag.float() / T
+
+    # phase 2: the retain gradient
+
+    def _retain_gradient(self, batch: dict[str, dict[str, Tensor]], params: list[Tensor],
+                         tr_grads: GradientBuffer) -> tuple[Tensor, dict[str, Tensor]]:
+        """λ_retain·∇L_retain at the restored weights θ, averaged over the ranks and added to the TR gradient in
+        the parameters' ``.grad``. Returns the (λ-free) retain loss and its parts."""
+        retain, parts = self.retain_objective(micro_batch(batch[self.config.retain_stream], 0))
+        self.grad_sync.backward_retain(self.config.retain_weight * retain, params, tr_grads)
+        return retain, parts
+
+    # phase 3: the outer update
+
+    def _outer_update(self, params: list[Tensor], retain: Tensor, attacks: _Attacks) -> Tensor:
+        """Clip the outer gradient and take one outer optimizer step (and LR-scheduler step), unless the
+        non-finite guard skips it: the weights then stay the snapshot's. Returns the outer gradient's norm."""
+        optimizer = self.optimizers()
+        total_norm = self.grad_sync.clip_outer_gradient(params, self.config.clip_grad_norm, self.device)
+        guard = self.nonfinite_guard
+        skipped = guard.check(self.global_step, retain, attacks.adv_losses, attacks.tr_losses, total_norm)
         self.log("train/nonfinite_skipped", float(skipped), on_step=True, on_epoch=False)
-        self.log("train/nonfinite_total", float(self._nonfinite_total), on_step=True, on_epoch=False)
-        limit = self.config.max_nonfinite_in_a_row
-        if self._nonfinite_in_a_row >= limit:
-            from tar_lightning.checkpoint import NonFiniteError
-
-            raise NonFiniteError(
-                f"TAR training stopped at outer step {self.global_step}: {self._nonfinite_in_a_row} outer steps in "
-                f"a row had NaN/Inf losses or gradients (max_nonfinite_in_a_row={limit}); the weights are those "
-                "before these steps. Lower the adversary or outer learning rates, or set clip_grad_norm"
-            )
-        return skipped
+        self.log("train/nonfinite_total", float(guard.total), on_step=True, on_epoch=False)
+        guard.stop_if_exhausted(self.global_step)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)  # the weights are the snapshot's (restored): skip the update
+            return total_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return total_norm
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         from tar_lightning.checkpoint import check_finite
 
         check_finite(checkpoint.get("state_dict", {}), f"a TARModule checkpoint at step {self.global_step}")
-        checkpoint["tar_nonfinite"] = {"in_a_row": self._nonfinite_in_a_row, "total": self._nonfinite_total}
+        checkpoint["tar_nonfinite"] = self.nonfinite_guard.state_dict()
         if self.adversary_pool is not None:
             if has_sharded_parameters(self.trainable_parameters()):  # each rank's deltas are its own shards
                 self._check_pool_checkpointing()  # also for a trainer.save_checkpoint(...) without a callback
@@ -613,9 +632,7 @@ class TARModule(CausalLMModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("tar_nonfinite", {})
-        self._nonfinite_in_a_row = int(state.get("in_a_row", 0))
-        self._nonfinite_total = int(state.get("total", 0))
+        self.nonfinite_guard.load_state_dict(checkpoint.get("tar_nonfinite", {}))
         if self.adversary_pool is not None:
             local = checkpoint.get(RANK_LOCAL_KEY)
             state = local.get("adversary_pool") if isinstance(local, dict) else None
@@ -633,8 +650,10 @@ class TARModule(CausalLMModule):
         every = getattr(self._trainer, "log_every_n_steps", 1) or 1
         return (self.global_step + 1) % every == 0  # the steps on which Lightning writes to the logger
 
-    def _log_step(self, retain, parts, adv_losses, tr_losses, tr_diag, tr_norm, total_norm, adv_lrs,
-                  detailed) -> None:
+    def _log_step(self, retain: Tensor, parts: dict[str, Tensor], attacks: _Attacks, tr_norm: Optional[Tensor],
+                  total_norm: Tensor, detailed: bool) -> None:
+        """The step's metrics: losses, LRs and gradient norms; per-step curves on the logging steps (``detailed``)."""
+        adv_losses, tr_losses, tr_diag = attacks.adv_losses, attacks.tr_losses, attacks.tr_diag
         diag_name = {"max_entropy": "entropy", "dpo": "dpo_reward_accuracy"}.get(self.config.tr_loss, "tr_ce")
         metrics = {
             "train/retain_loss": retain,
@@ -643,7 +662,7 @@ class TARModule(CausalLMModule):
             "train/adv_loss_last": adv_losses[-1],
             "train/tr_loss": tr_losses.mean(),
             f"train/{diag_name}_last": tr_diag[-1],
-            "train/adv_lr": torch.tensor(float(np.mean(adv_lrs))),
+            "train/adv_lr": torch.tensor(float(np.mean(attacks.adv_lrs))),
         }
         if "representation" in parts:
             metrics["train/retain_representation"] = parts["representation"]
@@ -659,3 +678,9 @@ class TARModule(CausalLMModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log("retain", retain, prog_bar=True, on_step=True, logger=False)
         self.log("tr", tr_losses.mean(), prog_bar=True, on_step=True, logger=False)
+        if self.adversary_pool is not None:
+            self.log_dict(
+                {"train/pool_size": float(len(self.adversary_pool)),
+                 "train/pool_continued": float(attacks.continued) / self.config.trajectories},
+                on_step=True, on_epoch=False,
+            )

@@ -178,9 +178,9 @@ def main() -> None:
         sys.exit("global batch must be divisible by the number of devices")
 
     if args.no_average:
-        import tar_lightning.tar_module as tm
+        import tar_lightning.grad_sync as gs
 
-        tm.average_gradients = lambda grads: None
+        gs.average_gradients = lambda grads: None
     torch.manual_seed(0)
     model, tok = tiny_llama()
     adversaries = [

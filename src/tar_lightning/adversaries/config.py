@@ -27,6 +27,7 @@ from tar_lightning.adversaries.optim import (
     check_optimizer_kwargs,
     check_schedule,
 )
+from tar_lightning.common import is_int, is_number
 from tar_lightning.errors import ConfigError
 
 __all__ = [
@@ -75,11 +76,11 @@ class LoRAConfig:
         Raises:
             ConfigError: Naming the first invalid field.
         """
-        if not _is_int(self.rank) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise ConfigError(f"{prefix}lora.rank must be an integer >= 1, got {self.rank!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"{prefix}lora.alpha must be a number > 0, got {self.alpha!r}")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ConfigError(f"{prefix}lora.dropout must be in [0, 1), got {self.dropout!r}")
         targets = self.targets
         if isinstance(targets, str):
@@ -149,12 +150,12 @@ class SwitchConfig:
                 f"{prefix}switch: give exactly one of switch.beta and switch.fraction "
                 f"(got beta={self.beta!r}, fraction={self.fraction!r})"
             )
-        if self.fraction is not None and (not _is_number(self.fraction) or not 0 < self.fraction < 1):
+        if self.fraction is not None and (not is_number(self.fraction) or not 0 < self.fraction < 1):
             raise ConfigError(f"{prefix}switch.fraction must be in (0, 1), got {self.fraction!r}")
         if self.beta is not None and (
             not isinstance(self.beta, (tuple, list))
             or len(self.beta) != 2
-            or not all(_is_number(x) and x > 0 for x in self.beta)
+            or not all(is_number(x) and x > 0 for x in self.beta)
         ):
             raise ConfigError(f"{prefix}switch.beta must be two numbers > 0 (a, b), got {self.beta!r}")
         return self
@@ -254,16 +255,16 @@ class AdversaryConfig:
                 f"{prefix}lr is an empty list; give a learning rate or a non-empty list of them"
             )
         for value in lrs:
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ConfigError(f"{prefix}lr must be a number > 0 or a list of them, got {self.lr!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"{prefix}weight_decay must be a number >= 0, got {self.weight_decay!r}")
 
         try:
             check_schedule(self.schedule, self.schedule_kwargs)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err}") from None
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"{prefix}warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.optimizer == "schedule_free_adamw" and self.schedule != "constant":
             raise ConfigError(
@@ -277,15 +278,15 @@ class AdversaryConfig:
             )
 
         if self.steps is not None:
-            if not _is_int(self.steps) or self.steps < 1:
+            if not is_int(self.steps) or self.steps < 1:
                 raise ConfigError(f"{prefix}steps must be an integer >= 1 or null, got {self.steps!r}")
             if self.warmup_steps > 0 and self.warmup_steps >= self.steps:
                 raise ConfigError(
                     f"{prefix}warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})"
                 )
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
             raise ConfigError(f"{prefix}batch_size must be an integer >= 1 or null, got {self.batch_size!r}")
-        if not _is_number(self.probability) or self.probability <= 0:
+        if not is_number(self.probability) or self.probability <= 0:
             raise ConfigError(f"{prefix}probability must be a number > 0, got {self.probability!r}")
 
         if self.switch is not None:
@@ -382,7 +383,7 @@ def sample_adversary(adversaries: list[AdversaryConfig], generator: torch.Genera
         raise ConfigError("adversaries: the list is empty; give at least one adversary")
     weights = []
     for adversary in adversaries:
-        if not _is_number(adversary.probability) or adversary.probability <= 0:
+        if not is_number(adversary.probability) or adversary.probability <= 0:
             raise ConfigError(
                 f"adversary {adversary.name!r}: probability must be a number > 0, got {adversary.probability!r}"
             )
@@ -409,14 +410,6 @@ def check_lora_targets(model: torch.nn.Module, adversaries: list["AdversaryConfi
                 f"adversary {adversary.name!r}: lora.targets {missing} match no module of the "
                 f"{type(model).__name__}; linear layers are named {linear} (or use 'all-linear')"
             )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build_dataclass(cls: type, data: Any, label: str, path: str) -> Any:
@@ -484,7 +477,7 @@ def _coerce(value: Any, tp: Any, label: str, path: str) -> Any:
             return value
         raise ConfigError(f"{label}: {path} must be true or false, got {value!r}")
     if tp is int:
-        if _is_int(value):
+        if is_int(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)

@@ -52,6 +52,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 
 __all__ = [
@@ -274,10 +276,6 @@ def _rng(seed: int, tag: str) -> np.random.Generator:
     return np.random.default_rng([seed % 2**63, zlib.crc32(tag.encode())])
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _resolve_attributes(value: Any, catalogue: Mapping[str, Attribute], key: str) -> tuple[Attribute, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise ConfigError(
@@ -321,14 +319,14 @@ def check_world_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         ("n_choices", 2),
         ("name_syllables", 2),
     ):
-        if not _is_int(args[key]) or args[key] < lo:
+        if not is_int(args[key]) or args[key] < lo:
             raise ConfigError(f"knowledge world: {key!r} must be an integer >= {lo}, got {args[key]!r}")
-    if not _is_int(args["seed"]):
+    if not is_int(args["seed"]):
         raise ConfigError(f"knowledge world: 'seed' must be an integer, got {args['seed']!r}")
     if args["n_forget"] + args["n_retain"] > _MAX_ENTITIES:
         raise ConfigError(f"knowledge world: at most {_MAX_ENTITIES} entities in all (n_forget + n_retain)")
     n_a = args["n_forget_A"]
-    if n_a is not None and (not _is_int(n_a) or not 1 <= n_a < args["n_forget"]):
+    if n_a is not None and (not is_int(n_a) or not 1 <= n_a < args["n_forget"]):
         raise ConfigError(
             f"knowledge world: 'n_forget_A' must be an integer in 1..n_forget-1 ({args['n_forget'] - 1}) or null, "
             f"got {n_a!r}"
@@ -675,13 +673,9 @@ def mcq_retain_domain(world: Optional[KnowledgeWorld] = None, **world_kwargs: An
 
 # ------------------------------------------------------------------------------------------------ files
 def write_mcq_json(records: Sequence[Mapping], path: Union[str, os.PathLike]) -> Path:
-    """Write MCQ records as a JSON list (the WMDP file layout); creates the parent folder. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump([dict(r) for r in records], fh, indent=1)
-        fh.write("\n")
-    return path
+    """Write MCQ records as a JSON list (the WMDP file layout), atomically; creates the parent folder. Returns the
+    path."""
+    return atomic_write_text(path, json.dumps([dict(r) for r in records], indent=1) + "\n", what="MCQ file")
 
 
 def write_mcq_files(

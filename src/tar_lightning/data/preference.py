@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tar_lightning.common import model_fingerprint
 from tar_lightning.data.sources import DataSource, load_records, select_range
 from tar_lightning.data.tokenize import IGNORE_INDEX, TokenPool, check_tokenizer
 from tar_lightning.errors import ConfigError, DataError
@@ -436,23 +437,6 @@ def tokenize_pairs(pairs: Sequence[Mapping], source: PreferenceSource, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of a model's class, parameter names, shapes, dtypes and values (every 997th element plus sums).
-
-    Cheap enough for 8B models (no full copy), and any training step changes it.
-    """
-    h = hashlib.sha256(type(model).__name__.encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            flat = t.reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096 or 1)][:4096].float().cpu()
-            h.update(sample.numpy().tobytes())
-            h.update(np.float64(flat.double().sum().item()).tobytes())
-    return h.hexdigest()[:24]
-
-
 def _data_hash(pool_c: TokenPool, pool_r: TokenPool) -> str:
     h = hashlib.sha256()
     for pool in (pool_c, pool_r):

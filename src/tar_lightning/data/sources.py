@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from tar_lightning.common import looks_local
 from tar_lightning.data.knowledge import KNOWLEDGE_SPLITS, check_world_kwargs, knowledge_records
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records
 from tar_lightning.errors import ConfigError, DataError
@@ -319,12 +320,6 @@ def _format_of(path: Path) -> Optional[str]:
     return _FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _looks_local(path: str) -> bool:
-    if path.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(path):
-        return True
-    return _format_of(Path(path)) is not None
-
-
 def _open_text(path: Path):
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
@@ -478,7 +473,7 @@ def _read_raw(source: DataSource) -> list[tuple[Any, str]]:
         else:
             files = [local]
         return [(_load_local_file(f)[0], str(f)) for f in files]
-    if _looks_local(source.path):
+    if looks_local(source.path):
         raise DataError(
             f"data source {source.label()}: file or folder not found: {local.resolve()} "
             f"(relative paths are resolved against the working directory {os.getcwd()})"

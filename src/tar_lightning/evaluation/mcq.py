@@ -60,6 +60,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from tar_lightning.common import looks_local
 from tar_lightning.errors import ConfigError, DataError
 from tar_lightning.evaluation.progress import progress as progress_bar
 
@@ -303,13 +304,6 @@ def _read_file(path: Path, limit: Optional[int]) -> list[MCQItem]:
     )
 
 
-def _looks_local(ref: str) -> bool:
-    """A path rather than a hub id (``owner/name``)."""
-    return (
-        ref.startswith((".", "/", "~")) or ref.endswith(_FILE_SUFFIXES) or ref.count("/") > 1 or "\\" in ref
-    )
-
-
 def _load_hub(
     ref: str, name: Optional[str], split: str, limit: Optional[int], default_subject: str
 ) -> list[MCQItem]:
@@ -391,7 +385,7 @@ def load_mcq(
                 break
     elif path.is_file():
         items = _read_file(path, limit)
-    elif _looks_local(ref):
+    elif looks_local(ref):
         raise DataError(f"MCQ file {path} does not exist")
     else:
         items = _load_hub(ref, name, split, limit, "")

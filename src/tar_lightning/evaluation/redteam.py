@@ -48,6 +48,7 @@ from torch import nn
 
 from tar_lightning.adversaries.config import AdversaryConfig, LoRAConfig
 from tar_lightning.adversaries.runner import AdversaryRun
+from tar_lightning.common import model_fingerprint
 from tar_lightning.data.datamodule import stream_permutation
 from tar_lightning.data.sources import DataSource, load_records
 from tar_lightning.data.tokenize import TokenPool, check_tokenizer, tokenize_records
@@ -266,20 +267,6 @@ def packed_for_cpu_inference(model: nn.Module) -> list[str]:
     ]
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """A cheap digest of a module's weights (names, shapes, dtypes, sums, a strided sample)."""
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        data = t.detach()
-        h.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-        if data.is_floating_point() and data.numel() and data.device.type != "meta":
-            h.update(repr(float(data.sum(dtype=torch.float64))).encode())
-            flat = data.reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)].to("cpu", torch.float64)
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class _ModelHandle:
     """The model under attack: a base that is never modified, fresh copies per run, quantized reloads."""
 
@@ -313,7 +300,7 @@ class _ModelHandle:
                     "run_redteam: a model given as an nn.Module needs its tokenizer (tokenizer=...)"
                 )
             self.base, self.tokenizer, self.source = model, tokenizer, None
-            self.identity = {"module": type(model).__name__, "weights": _fingerprint(model)}
+            self.identity = {"module": type(model).__name__, "weights": model_fingerprint(model)}
         else:
             raise ConfigError(
                 "run_redteam: model must be a source (path, hub id, alias, 'tiny'), a ModelSource or an "
@@ -743,7 +730,7 @@ class _Runner:
         computed once per distinct starting weights and reused by the other runs (generation is expensive)."""
         if not isinstance(self.evaluator, SuiteEvaluator):
             return self.evaluate(model)
-        key = _fingerprint(model)
+        key = model_fingerprint(model)
         if key not in self._before_memo:
             self._before_memo[key] = self.evaluate(model)
         return dict(self._before_memo[key])

@@ -32,6 +32,7 @@ from typing import Any, Optional, Protocol, Union
 import torch
 from torch import nn
 
+from tar_lightning.common import looks_local
 from tar_lightning.data.sources import DataSource, load_records
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
 
@@ -266,8 +267,8 @@ class ClassifierJudge:
         self.harmful_label = harmful_label
         self.name = f"classifier:{path}"
         local = Path(os.path.expanduser(path))
-        looks_local = path.startswith(("/", ".", "~")) or local.exists()
-        if looks_local and not local.is_dir():
+        is_local = looks_local(path)
+        if is_local and not local.is_dir():
             raise ModelLoadError(
                 f"ClassifierJudge: judge model path {str(local.resolve())!r} does not exist or is not a folder; "
                 "expected a Hugging Face model folder (config.json + weights) or a hub id"
@@ -279,7 +280,7 @@ class ClassifierJudge:
             AutoTokenizer,
         )
 
-        src = str(local) if looks_local else path
+        src = str(local) if is_local else path
         try:
             config = AutoConfig.from_pretrained(src)
             if mode == "auto":

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
 
 if TYPE_CHECKING:
@@ -416,11 +417,10 @@ def write_plots(result: RedTeamResult, out_dir: Path) -> dict[str, Path]:
 
 
 def _save(fig, plt, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), what="red-team plot")
+    finally:
+        plt.close(fig)
 
 
 def write_results(

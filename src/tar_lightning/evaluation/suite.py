@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.common import is_int, is_number
 from tar_lightning.data.sources import DataSource, as_source
 from tar_lightning.errors import ConfigError
 from tar_lightning.resources import shipped, shipped_names
@@ -113,21 +114,13 @@ def scale_count(n: int, scale: float, minimum: int = 1) -> int:
     return max(minimum, round_half_up(n * scale))
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _number(v: Any, where: str) -> float:
     if isinstance(v, str):
         try:
             v = float(v)
         except ValueError:
             pass
-    if not _is_number(v):
+    if not is_number(v):
         raise ConfigError(f"{where} must be a number, got {v!r}")
     return float(v)
 
@@ -149,11 +142,11 @@ def _direction(value: Any, where: str) -> str:
 
 
 def _seed_list(value: Any, where: str) -> list[int]:
-    if _is_int(value):
+    if is_int(value):
         if value < 1:
             raise ConfigError(f"{where}: seeds must be a count >= 1 or a list of integers, got {value!r}")
         return list(range(value))
-    if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value):
         if len(set(value)) != len(value):
             raise ConfigError(f"{where}: seeds {list(value)} repeat a seed")
         return [int(v) for v in value]
@@ -164,7 +157,7 @@ def _range(value: Any, where: str, integer: bool) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ConfigError(f"{where} must be [low, high], got {value!r}")
     if integer:
-        if not all(_is_int(v) and v >= 1 for v in value):
+        if not all(is_int(v) and v >= 1 for v in value):
             raise ConfigError(f"{where} must be two integers >= 1, got {value!r}")
         lo, hi = int(value[0]), int(value[1])
     else:
@@ -212,7 +205,7 @@ class SearchSpace:
         data = dict(_check_keys(data, names, f"{where}: search"))
         out = cls()
         if "trials" in data:
-            if not _is_int(data["trials"]) or data["trials"] < 1:
+            if not is_int(data["trials"]) or data["trials"] < 1:
                 raise ConfigError(f"{where}: search.trials must be an integer >= 1, got {data['trials']!r}")
             out.trials = int(data["trials"])
         if "lr" in data:
@@ -401,7 +394,7 @@ class AttackSpec:
             raise ConfigError(f"{label}: comment must be a string, got {comment!r}")
         seeds = None if data.get("seeds") is None else _seed_list(data["seeds"], label)
         eval_every = data.get("eval_every")
-        if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
+        if eval_every is not None and (not is_int(eval_every) or eval_every < 1):
             raise ConfigError(f"{label}: eval_every must be an integer >= 1 or null, got {eval_every!r}")
         merge = data.get("merge_lora", True)
         if not isinstance(merge, bool):
@@ -494,7 +487,7 @@ class MetricSpec:
                 )
         for key in ("limit", "batch_size"):
             value = data.get(key)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{where}: {key} must be an integer >= 1 or null, got {value!r}")
             setattr(out, key, value)
         combine = data.get("combine", "max")
@@ -617,7 +610,7 @@ class EvaluationSpec:
             raise ConfigError(f"{where}: evaluation.loss_metric must be a metric name, got {out.loss_metric!r}")
         for key in ("batch_size", "limit"):
             value = data.get(key)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{where}: evaluation.{key} must be an integer >= 1, got {value!r}")
             if value is not None:
                 setattr(out, key, value)
@@ -760,10 +753,10 @@ class Suite:
         Raises:
             ConfigError: ``scale`` is not a number > 0, or a cap is not an integer >= 1.
         """
-        if not _is_number(scale) or scale <= 0:
+        if not is_number(scale) or scale <= 0:
             raise ConfigError(f"scale must be a number > 0, got {scale!r}")
         for name, cap in (("max_steps", max_steps), ("max_batch_size", max_batch_size)):
-            if cap is not None and (not _is_int(cap) or cap < 1):
+            if cap is not None and (not is_int(cap) or cap < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or None, got {cap!r}")
         out = copy.deepcopy(self)
         for attack in out.attacks:
@@ -793,7 +786,7 @@ class Suite:
 
     def with_seeds(self, seeds: Union[int, Sequence[int]]) -> Suite:
         """A copy where every attack runs the given seeds (a count or a list), overriding per-attack seeds."""
-        chosen = _seed_list(seeds if _is_int(seeds) else list(seeds), f"suite {self.name!r}")
+        chosen = _seed_list(seeds if is_int(seeds) else list(seeds), f"suite {self.name!r}")
         out = copy.deepcopy(self)
         out.seeds = chosen
         for attack in out.attacks:
@@ -873,13 +866,13 @@ class Suite:
             raise ConfigError(f"{where}: missing the 'evaluation' block (metrics, safety, capability)")
         evaluation = EvaluationSpec.from_dict(data["evaluation"], where)
         seed = data.get("seed", 0)
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
         seq_len = data.get("seq_len", 256)
-        if not _is_int(seq_len) or seq_len < 2:
+        if not is_int(seq_len) or seq_len < 2:
             raise ConfigError(f"{where}: seq_len must be an integer >= 2, got {seq_len!r}")
         eval_every = data.get("eval_every")
-        if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
+        if eval_every is not None and (not is_int(eval_every) or eval_every < 1):
             raise ConfigError(f"{where}: eval_every must be an integer >= 1 or null, got {eval_every!r}")
         description = data.get("description", "") or ""
         return cls(
