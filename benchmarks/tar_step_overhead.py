@@ -239,7 +239,7 @@ def floor_losses(name: str) -> tuple[LossFn, LossFn]:
 
 
 def tr_weights(inner_steps: int, tr_every: int) -> dict[int, float]:
-    """{k: w_k} for the TR points, exponential weighting as in TAR_METHOD.md."""
+    """{k: w_k} for the TR points, w_k = exp(rate * (k - (K - 1))), newest heaviest."""
     return {
         k: math.exp(WEIGHTING_RATE * (k - (inner_steps - 1)))
         for k in range(inner_steps)

@@ -343,7 +343,7 @@ def test_parses_through_jsonargparse():
     assert adversaries[1].lora.rank == 8
 
 
-# ----------------------------------------------------------------------------- the red-team suites (REDTEAM.md)
+# ----------------------------------------------------------------------------- the red-team suites (recipes/redteam)
 
 _R2F = {"retain_stream": "retain_domain", "fraction": 0.6}
 _LORA_ALL = {"rank": 16, "alpha": 32.0, "targets": "all-linear"}
@@ -413,7 +413,7 @@ REDTEAM_ROWS = {
 def test_every_redteam_attack_is_expressible(attack):
     row = {"name": attack, "data": "forget", "method": "full", "optimizer": "adamw", "steps": 1000}
     row.update(REDTEAM_ROWS[attack])
-    config = AdversaryConfig.from_dict(row, where="REDTEAM.md").validate()
+    config = AdversaryConfig.from_dict(row, where="REDTEAM_ROWS").validate()
     assert config.name == attack
     layer = nn.Linear(4, 3)
     optimizer, scheduler = build_adversary_optimizer(

@@ -217,3 +217,14 @@ def test_every_error_class_lives_in_errors_and_keeps_its_old_import_path():
     assert issubclass(errors.CheckpointWriteError, OSError)
     assert issubclass(errors.NonFiniteError, RuntimeError)
     assert issubclass(errors.ExportError, ValueError)
+
+
+def test_a_malformed_nonfinite_guard_state_in_a_checkpoint_is_a_data_error():
+    from tar_lightning.guards import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_in_a_row=3)
+    for bad in ({"in_a_row": "x", "total": 0}, {"in_a_row": -1}, {"total": True}, ["in_a_row"]):
+        with pytest.raises(DataError, match="tar_nonfinite"):
+            guard.load_state_dict(bad)
+    guard.load_state_dict({"in_a_row": 2, "total": 5})
+    assert (guard.in_a_row, guard.total) == (2, 5)

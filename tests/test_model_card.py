@@ -74,9 +74,12 @@ def test_export_card_states_the_run_it_came_from(tiny_run, tmp_path, capsys):
 
     # the README states the same facts
     assert f"tar_lightning {tar_lightning.__version__}" in readme
-    assert f"`{last.resolve()}`, global step 2" in readme
+    assert f"`{last.name}`, global step 2" in readme
     assert "Base model: `tiny-llama`" in readme
-    assert f"`{RECIPE}`" in readme and f"`{tiny_run['overlay']}`" in readme
+    # absolute paths appear by file name only (the card is meant to be published); the JSON keeps them whole
+    assert f"`{RECIPE.name}` (sha256" in readme and f"`{tiny_run['overlay'].name}` (sha256" in readme
+    assert str(tiny_run["folder"]) not in readme.split("## Resolved configuration")[0].replace(
+        " ".join(tiny_run["args"]), "")
     assert _yaml_block(readme) == run_config
     assert "No red-team results" in readme
 
@@ -135,3 +138,13 @@ def test_card_of_a_checkpoint_without_a_run_record_says_so(tiny_run, tmp_path, c
     assert facts["checkpoint"]["global_step"] == 2
     assert "Recipe and resolved configuration: not recorded" in readme
     assert "Base model: not recorded" in readme
+
+
+def test_a_malformed_red_team_summary_is_a_data_error_naming_the_file(tmp_path):
+    from tar_lightning.errors import DataError
+    from tar_lightning.export import read_redteam_summary
+
+    suite = {"name": "durability", "evaluation": {"safety": {}, "capability": {}}}
+    (tmp_path / "results.json").write_text(json.dumps({"summary": {"suite": suite}, "aggregate": {"attacks": {"d01": 3}}}))
+    with pytest.raises(DataError, match=r"results\.json: not a results\.json written by tar-lightning redteam"):
+        read_redteam_summary(tmp_path)

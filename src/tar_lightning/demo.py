@@ -780,7 +780,7 @@ class _Demo:
 
     def load_stage(self, name: str) -> tuple[Any, Any]:
         """The model and tokenizer a finished stage exported to ``out/name/model``."""
-        from tar_lightning.evaluation.redteam import quiet_hf_progress
+        from tar_lightning.evaluation.progress import quiet_hf_progress
         from tar_lightning.models import load_model
 
         with quiet_hf_progress():
@@ -794,7 +794,7 @@ class _Demo:
 
     def stage(self, name: str, train) -> tuple[Any, Any, str]:
         """Runs ``train() -> (model, tokenizer)`` unless ``out/name`` holds a finished run of the same key."""
-        from tar_lightning.evaluation.redteam import quiet_hf_progress
+        from tar_lightning.evaluation.progress import quiet_hf_progress
         from tar_lightning.models import export_pretrained
 
         key, h = self.keys()[name]

@@ -404,6 +404,13 @@ def model_card_facts(
     }
 
 
+def _shown_path(path: Any) -> str:
+    """A path as the README card shows it: relative paths as given, absolute ones by file name only (the card is
+    meant to be published; ``tar_lightning.json`` keeps the full paths)."""
+    text = str(path)
+    return Path(text).name if Path(text).is_absolute() else text
+
+
 def _need(mapping: Any, key: str, where: str) -> Any:
     if not isinstance(mapping, Mapping) or key not in mapping:
         raise DataError(f"{where}: missing {key!r} (not a results.json written by tar-lightning redteam)")
@@ -434,6 +441,13 @@ def read_redteam_summary(folder: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{str(results)!r} cannot be read as JSON: {e}") from e
     where = str(results)
+    try:
+        return _redteam_summary(payload, out, where)
+    except (AttributeError, TypeError, ValueError) as e:  # a value of the wrong type somewhere in the file
+        raise DataError(f"{where}: not a results.json written by tar-lightning redteam ({e})") from None
+
+
+def _redteam_summary(payload: Any, out: Path, where: str) -> dict[str, Any]:
     summary, aggregate = _need(payload, "summary", where), _need(payload, "aggregate", where)
     suite = _need(summary, "suite", where)
     evaluation = _need(suite, "evaluation", where)
@@ -483,7 +497,7 @@ def model_card_markdown(facts: Mapping[str, Any], title: str = "model") -> str:
         "- Base model: " + (f"`{base['source']}`" if base else
                             "not recorded (the policy was given to the module as a Python object)"),
         f"- Training module: `{facts['module']}`" if facts["module"] else "- Training module: not recorded",
-        f"- Checkpoint: `{ckpt['path']}`" + (" (sharded)" if ckpt["sharded"] else "")
+        f"- Checkpoint: `{Path(ckpt['path']).name}`" + (" (sharded)" if ckpt["sharded"] else "")
         + f", global step {_num(ckpt['global_step'])}, epoch {_num(ckpt['epoch'])}",
         f"- Library version: tar_lightning {lib['version']} (export)"
         + (f"; trained with {run['trained_with_library_version']}" if run and run["trained_with_library_version"]
@@ -494,13 +508,13 @@ def model_card_markdown(facts: Mapping[str, Any], title: str = "model") -> str:
                      "`tar-lightning fit`)")
     else:
         files = run["config_files"] or []
-        shown = ", ".join(f"`{f['path']}`" + (f" (sha256 {f['sha256'][:12]})" if f.get("sha256")
+        shown = ", ".join(f"`{_shown_path(f['path'])}`" + (f" (sha256 {f['sha256'][:12]})" if f.get("sha256")
                                               else " (not a file: inline YAML)") for f in files)
         lines.append(f"- Recipe (--config files): {shown or 'none'}")
         if run["launch_args"] is not None:
             lines.append(f"- Command: `tar-lightning {' '.join(run['launch_args'])}`")
         if run["config_yaml"]:
-            lines.append(f"- Resolved configuration: below (the run wrote it to `{run['config_yaml']}`)")
+            lines.append(f"- Resolved configuration: below (the run wrote it to `{_shown_path(run['config_yaml'])}`)")
     export = facts["export"]
     lines.append(f"- Export: dtype {export['dtype'] or 'as trained'}, tokenizer from {export['tokenizer']}")
     red = facts["redteam"]
@@ -516,7 +530,7 @@ def model_card_markdown(facts: Mapping[str, Any], title: str = "model") -> str:
         lines += [
             f"Red-teamed model: {attacked}.",
             "",
-            f"Suite `{red['suite']}`, {red['runs']} run(s), results in `{red['folder']}`. Safety metric "
+            f"Suite `{red['suite']}`, {red['runs']} run(s), results in `{Path(red['folder']).name}`. Safety metric "
             f"`{safety.get('metric')}` ({safety.get('direction')}), recovery threshold "
             f"{_num(safety.get('recovery_threshold'))}.",
             "",

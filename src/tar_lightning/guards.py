@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from tar_lightning.errors import NonFiniteError
+from tar_lightning.errors import DataError, NonFiniteError
 from tar_lightning.snapshot import local_tensor
 from tar_lightning.strategy import data_parallel_world_size
 
@@ -72,5 +72,9 @@ class NonFiniteGuard:
         return {"in_a_row": self.in_a_row, "total": self.total}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.in_a_row = int(state.get("in_a_row", 0))
-        self.total = int(state.get("total", 0))
+        counts = {key: state.get(key, 0) for key in ("in_a_row", "total")} if isinstance(state, Mapping) else None
+        if counts is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+            raise DataError(
+                f"checkpoint key 'tar_nonfinite': expected {{'in_a_row': int >= 0, 'total': int >= 0}}, got {state!r}"
+            )
+        self.in_a_row, self.total = counts["in_a_row"], counts["total"]

@@ -8,7 +8,7 @@ A :class:`PreferenceSource` reads pairs from one of three layouts:
     prompt (multi-turn prompts become a list of chat messages), the two last assistant turns are the responses.
 ``joined``
     Two prompt/response files (``path`` = chosen responses, ``rejected_path`` = rejected responses) joined on
-    the prompt, e.g. ``../shared/data/refusal_compliance_pairs``: the ``*_baseline_completions.json`` of a
+    the prompt, e.g. a ``refusal_compliance_pairs`` folder: the ``*_baseline_completions.json`` of a
     refusal-trained model (chosen = refusal) and the ``*_ablation_completions.json`` of the same model with its
     refusal direction ablated (rejected = compliance) for the same prompts.
 ``pairs``

@@ -6,7 +6,7 @@ plain lines (no carriage returns or escape codes) when stderr is a file or a pip
 Example::
 
     tar-lightning evaluate --model smollm2-135m-instruct --tasks wmdp_bio,mmlu \\
-        --data-root ../shared/data --limit 200 --variants letter,cloze --chat-template both --out results.json
+        --data-root data --limit 200 --variants letter,cloze --chat-template both --out results.json
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root",
         default=None,
-        help="folder laid out like shared/data (wmdp/*.json, mmlu/test/*.csv); default $TAR_LIGHTNING_DATA, "
+        help="data folder laid out as wmdp/wmdp-<bio|chem|cyber>-questions.json, mmlu/test/<subject>_test.csv; default $TAR_LIGHTNING_DATA, "
         "else the Hugging Face hub (cais/wmdp, cais/mmlu)",
     )
     parser.add_argument(

@@ -322,7 +322,7 @@ def _load_hub(
         raise DataError(
             f"cannot load MCQ dataset {ref!r} (config {name!r}, split {split!r}) from the Hugging Face hub: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Without network, point at local files "
-            f"(a data root laid out like shared/data, or a .json/.jsonl/.csv file)"
+            f"(a data root laid out as wmdp/wmdp-bio-questions.json and mmlu/test/<subject>_test.csv, or a .json/.jsonl/.csv file)"
         ) from e
     items = []
     subject = default_subject or (name if ref == "cais/mmlu" and name and name != "all" else "")
@@ -347,7 +347,7 @@ def load_mcq(
         source: one of
             - a WMDP-style ``.json`` file (a list of ``{question, choices, answer}``) or ``.jsonl`` file with the
               same fields (``answer`` a 0-based index or a letter; an optional ``subject`` field is kept);
-            - an MMLU ``.csv`` file, with a header (``question,choice0,...,answer``, as in ``shared/data/mmlu``)
+            - an MMLU ``.csv`` file, with a header (``question,choice0,...,answer``, as in the re-headed MMLU release)
               or without (the original files: question, choices, answer letter); the subject is the file name
               without ``_test.csv`` / ``_dev.csv``;
             - a folder of such files (read in name order, e.g. ``mmlu/test``);
@@ -422,7 +422,7 @@ class MCQTask:
 
     Attributes:
         name: the task name (as lm-eval names it: ``wmdp_bio``, ``mmlu``, ``mmlu_anatomy``).
-        local_path: the file or folder relative to a data root laid out like ``shared/data``.
+        local_path: the file or folder relative to a data root (see :func:`resolve_task` for the layout).
         hub_id: the Hugging Face dataset used when no data root is given.
         hub_name: its config name.
         subject: the subject written into every prompt; ``None`` uses each question's own subject (MMLU "all").
@@ -460,7 +460,8 @@ def _data_root(data_root: Union[str, os.PathLike, None]) -> Optional[Path]:
         data_root = env
     root = Path(os.path.expanduser(os.fspath(data_root)))
     if not root.is_dir():
-        raise DataError(f"data root {root} is not a folder (expected a folder laid out like shared/data)")
+        raise DataError(f"data root {root} is not a folder (expected a folder holding wmdp/wmdp-bio-questions.json, "
+                        "mmlu/test/<subject>_test.csv ...)")
     return root
 
 
@@ -488,7 +489,7 @@ def resolve_task(
 
     The data root is ``data_root``, else the environment variable ``TAR_LIGHTNING_DATA``; with neither, the
     hub id (``cais/wmdp``, ``cais/mmlu``; note the hub WMDP is a later, filtered version with fewer questions than
-    the original release in ``shared/data``).
+    the original release, 1,520 / 412 / 2,225 questions, that local copies usually hold).
 
     Raises:
         ConfigError: unknown task name (the message lists the valid ones).
@@ -501,7 +502,7 @@ def resolve_task(
     path = root / task.local_path
     if not path.exists():
         raise DataError(
-            f"task {task.name}: expected {path} under the data root {root} (a folder laid out like shared/data: "
+            f"task {task.name}: expected {path} under the data root {root} (a folder laid out as "
             "wmdp/wmdp-bio-questions.json, mmlu/test/<subject>_test.csv)"
         )
     return task, str(path)
@@ -1043,7 +1044,7 @@ def evaluate_mcq_task(
     Args:
         model, tokenizer: the model to evaluate.
         task: a task name or :class:`MCQTask`.
-        data_root: folder laid out like ``shared/data`` (default: ``$TAR_LIGHTNING_DATA``, else the hub).
+        data_root: folder laid out as ``wmdp/wmdp-<bio|chem|cyber>-questions.json``, ``mmlu/test/<subject>_test.csv`` (default: ``$TAR_LIGHTNING_DATA``, else the hub).
         limit: score only the first ``limit`` questions.
         variants: any of ``"letter"``, ``"cloze"``, ``"raw"``.
         chat_template: ``False``, ``True``, ``"both"``, or a list of booleans.
