@@ -225,7 +225,7 @@ def test_export_refuses_a_non_tensor_item_that_runs_code(tmp_path):
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
     """Checkpoints, exports and red-team result files get the umask's modes, not mkstemp/mkdtemp's 0600/0700."""
-    from tar_lightning.evaluation.redteam import _atomic_write
+    from tar_lightning.evaluation.redteam.io import write_text as _atomic_write
     from tar_lightning.models import export_pretrained, tiny_llama
 
     previous = os.umask(umask)

@@ -199,7 +199,7 @@ def test_fingerprint_is_the_same_in_another_process_with_other_threads():
 
 def test_one_fingerprint_keys_the_red_team_and_the_reference_cache():
     from tar_lightning.data import preference
-    from tar_lightning.evaluation import redteam
+    from tar_lightning.evaluation.redteam import runner as redteam
 
     assert preference.model_fingerprint is model_fingerprint  # the DPO reference log-prob cache key
     assert redteam.model_fingerprint is model_fingerprint  # run records and pre-attack evaluations

@@ -19,7 +19,7 @@ from tar_lightning.demo import (
     load_demo_config,
     run_demo,
 )
-from tar_lightning.demo_cli import demo_main
+from tar_lightning.demo.cli import demo_main
 from tar_lightning.errors import ConfigError
 
 DEFENSES = ["no_defense", "random_mapping", "tar_paper", "tar_extended"]
@@ -65,7 +65,7 @@ def test_config_errors_name_the_problem(tmp_path):
         load_demo_config(bad_sizes)
     with pytest.raises(ConfigError, match="unknown size"):
         load_demo_config(size="huge")
-    with pytest.raises(ConfigError, match="stage0: unknown key 'stepz'"):
+    with pytest.raises(ConfigError, match="unknown key 'stepz' in stage0"):
         load_demo_config(overrides={"stage0": {"stepz": 3}})
     with pytest.raises(ConfigError, match="tar.run names family 'nope'"):
         load_demo_config(overrides={"tar": {"run": ["nope"]}})
@@ -167,12 +167,25 @@ def test_cli_runs_the_cached_demo_and_rejects_bad_input(demo_run, tmp_path, caps
     config, _, _ = demo_run
     # the run above left tar at 1 step in config.out; a fresh folder keeps this test independent of order
     out = tmp_path / "cli"
-    assert demo_main(["--size", "minimal", "--out", str(out), "--threads", "1", "--seeds", "1"]) == 0
+    assert demo_main(["--size", "minimal", "--out", str(out), "--threads", "1", "--redteam.seeds", "1"]) == 0
     printed = capsys.readouterr().out
     assert "report.md" in printed and "tar_extended" in printed
     assert json.loads((out / "results.json").read_text())["defenses"] == DEFENSES
     assert demo_main(["--size", "nope", "--out", str(out)]) == 2
     assert "unknown size" in capsys.readouterr().err
+
+
+def test_stage_progress_shows_the_true_total_without_escape_codes(capsys):
+    from tar_lightning.demo.pipeline import StepProgress, stage_label
+
+    bar = StepProgress(stage_label("tar_paper"), 4)
+    bar.on_train_start(None, None)
+    for i in range(4):
+        bar.on_train_batch_end(None, None, None, None, i)
+    bar.on_train_end(None, None)
+    err = capsys.readouterr().err  # not a terminal: plain lines
+    assert "stage 2: TAR paper: 0/4 steps (0%)" in err and "stage 2: TAR paper: 4/4 steps (100%)" in err
+    assert "\r" not in err and "\x1b" not in err
 
 
 def test_knowledge_evaluator_metrics():

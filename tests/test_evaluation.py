@@ -265,15 +265,15 @@ def test_chat_template_scoring_hand_check(tiny):
 def test_score_mcq_encodes_a_question_set_once_per_tokenizer(tiny, monkeypatch):
     import copy
 
-    from tar_lightning.evaluation import mcq
+    from tar_lightning.evaluation.mcq import scoring
 
     model, tok = tiny
     items = [MCQItem(f"Fact {i}: the colour of item {i} is", ["red", "dark green", "blue", "pale yellow"], i % 4, "x")
              for i in range(6)]
     first = score_mcq(model, tok, items, variant="raw", batch_size=4)
     encoded = []
-    build = mcq._build_rows
-    monkeypatch.setattr(mcq, "_build_rows", lambda *a: encoded.append(len(a[1])) or build(*a))
+    build = scoring._build_rows
+    monkeypatch.setattr(scoring, "_build_rows", lambda *a: encoded.append(len(a[1])) or build(*a))
     again = score_mcq(model, tok, items, variant="raw", batch_size=4)
     assert encoded == [] and again.records == first.records  # the same questions: encoded rows reused
     score_mcq(model, tok, items[:2], variant="raw")  # other questions
@@ -557,8 +557,8 @@ def test_evaluate_main_writes_json(tmp_path, capsys):
     out = tmp_path / "results.json"
     rc = evaluate_main(
         [
-            "--model", "tiny-llama", "--tasks", "wmdp_bio,mmlu_anatomy", "--data-root", str(DATA),
-            "--limit", "8", "--variants", "letter,cloze", "--chat-template", "both", "--batch-size", "4",
+            "--model", "tiny-llama", "--tasks", "wmdp_bio,mmlu_anatomy", "--data_root", str(DATA),
+            "--limit", "8", "--variants", "letter,cloze", "--chat_template", "both", "--batch_size", "4",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -579,7 +579,7 @@ def test_evaluate_main_writes_json(tmp_path, capsys):
 
 def test_evaluate_main_errors(tmp_path, capsys):
     assert (
-        evaluate_main(["--model", "tiny", "--tasks", "wmdp_bio,nonsense", "--data-root", str(tmp_path)]) == 2
+        evaluate_main(["--model", "tiny", "--tasks", "wmdp_bio,nonsense", "--data_root", str(tmp_path)]) == 2
     )
     assert "unknown MCQ task 'nonsense'" in capsys.readouterr().err
     assert evaluate_main(["--model", "tiny", "--tasks", "wmdp_bio", "--variants", "letter,free"]) == 2

@@ -88,7 +88,7 @@ def test_export_card_carries_the_red_team_summary(tiny_run, tmp_path, capsys):
     hf, rt = tmp_path / "hf", tmp_path / "rt"
     assert main(["export", "--ckpt", str(tiny_run["last"]), "--out", str(hf)]) == 0
     assert redteam_main(["--model", str(hf), "--suite", "durability", "--scale", "0.05", "--seeds", "1",
-                         "--attacks", "d04,d05", "--max-steps", "2", "--out", str(rt), "--no-progress"]) == 0
+                         "--attacks", "d04,d05", "--max_steps", "2", "--out", str(rt), "--progress", "false"]) == 0
     assert main(["export", "--ckpt", str(tiny_run["last"]), "--out", str(hf), "--overwrite",
                  "--redteam", str(rt)]) == 0
     facts, readme = _card(hf)

@@ -28,6 +28,8 @@ from tar_lightning.models import (
     tiny_tokenizer,
     trainable_parameters,
 )
+from tar_lightning.models import gguf as model_gguf
+from tar_lightning.models import tiny as model_tiny
 
 SAMPLE = "The virus binds the receptor of the host cell. Which answer is correct?"
 MESSAGES = [{"role": "user", "content": "what is the flag colour"}, {"role": "assistant", "content": "red"}]
@@ -66,7 +68,7 @@ def _padless_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer.from_str(models._tiny_tokenizer_json(1024))
+    backend = Tokenizer.from_str(model_tiny.tiny_tokenizer_json(1024))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=models.BOS, eos_token=models.EOS)
     assert tok.pad_token is None
     return tok
@@ -368,7 +370,7 @@ def test_tokenizer_without_pad_or_eos_is_an_error():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(models._tiny_tokenizer_json(1024)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(model_tiny.tiny_tokenizer_json(1024)))
     with pytest.raises(ModelLoadError, match="neither a pad nor an eos"):
         ensure_pad_token(tok)
 
@@ -550,15 +552,15 @@ def fake_gguf(monkeypatch, tmp_path):
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF" + b"\0" * 60)
     monkeypatch.setenv("TAR_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "packaged_gguf_path", lambda alias: (gguf, "9.9"))
+    monkeypatch.setattr(model_gguf, "packaged_gguf_path", lambda alias: (gguf, "9.9"))
     calls = []
 
     def from_gguf(path, dtype):
         calls.append(path)
         return tiny_llama(seed=5)[0].to(dtype)
 
-    monkeypatch.setattr(models, "_from_gguf", from_gguf)
-    monkeypatch.setattr(models, "_gguf_tokenizer", lambda path, trust_remote_code=False: tiny_tokenizer())
+    monkeypatch.setattr(model_gguf, "from_gguf", from_gguf)
+    monkeypatch.setattr(model_gguf, "gguf_tokenizer", lambda path, trust_remote_code=False: tiny_tokenizer())
     return calls
 
 
@@ -566,7 +568,7 @@ def test_alias_converts_once_atomically(fake_gguf, tmp_path, one_thread):
     folder = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
     first, tok = load_model("smollm2-135m-instruct")
     assert len(fake_gguf) == 1
-    assert (folder / models._MARKER).is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / model_gguf.CACHE_MARKER).is_file() and (folder / "model.safetensors").is_file()
     # no temporary folders left beside the cache entry
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     second, _ = load_model("smollm2-135m-instruct")
@@ -580,9 +582,9 @@ def test_alias_partial_cache_folder_is_not_trusted(fake_gguf, tmp_path, one_thre
     (folder / "config.json").write_text("{}")  # an interrupted conversion: no marker
     load_model("smollm2-135m-instruct")
     assert len(fake_gguf) == 1
-    assert (folder / models._MARKER).is_file()
+    assert (folder / model_gguf.CACHE_MARKER).is_file()
     # a marker for another version of the package is stale too
-    marker = folder / models._MARKER
+    marker = folder / model_gguf.CACHE_MARKER
     marker.write_text(marker.read_text().replace('"9.9"', '"0.0"'))
     load_model("smollm2-135m-instruct")
     assert len(fake_gguf) == 2
@@ -632,7 +634,7 @@ def test_smollm2_alias_converts_once_then_loads_from_cache(tmp_path, monkeypatch
     first, tok = load_model(SMOLLM2)
     first_s = time.perf_counter() - start
     folder = tmp_path / "cache" / "models" / SMOLLM2
-    assert (folder / models._MARKER).is_file()
+    assert (folder / model_gguf.CACHE_MARKER).is_file()
     start = time.perf_counter()
     second, tok2 = load_model(SMOLLM2)
     second_s = time.perf_counter() - start

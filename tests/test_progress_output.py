@@ -41,8 +41,8 @@ def test_evaluate_progress_in_a_log_file_has_true_totals_and_no_escape_codes(tmp
     (root / "wmdp" / "wmdp-bio-questions.json").write_text(json.dumps(QUESTIONS), encoding="utf-8")
     model = export_pretrained(*tiny_llama(), tmp_path / "model")  # loaded by transformers, whose bars are quiet
     out, err = tmp_path / "results.json", tmp_path / "stderr.log"
-    run = _cli(["evaluate", "--model", str(model), "--tasks", "wmdp_bio", "--data-root", str(root),
-                "--variants", "letter,cloze", "--batch-size", "4", "--out", str(out)], err, tmp_path)
+    run = _cli(["evaluate", "--model", str(model), "--tasks", "wmdp_bio", "--data_root", str(root),
+                "--variants", "letter,cloze", "--batch_size", "4", "--out", str(out)], err, tmp_path)
     text = err.read_text(encoding="utf-8")
     assert run.returncode == 0, text
     _no_escape_codes(text)
@@ -64,7 +64,7 @@ def test_evaluate_progress_in_a_log_file_has_true_totals_and_no_escape_codes(tmp
 def test_redteam_progress_in_a_log_file_has_no_escape_codes(tmp_path):
     err, out = tmp_path / "stderr.log", tmp_path / "rt"
     run = _cli(["redteam", "--model", "tiny", "--suite", "durability", "--scale", "0.05", "--seeds", "1",
-                "--attacks", "d04,d05", "--max-steps", "2", "--out", str(out)], err, tmp_path)
+                "--attacks", "d04,d05", "--max_steps", "2", "--out", str(out)], err, tmp_path)
     text = err.read_text(encoding="utf-8")
     assert run.returncode == 0, text
     _no_escape_codes(text)

@@ -11,11 +11,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import random_bundle
 from torch.utils.data import DataLoader
 
 from tar_lightning import AdversaryConfig, ConfigError, ModelLoadError, TARConfig, TARModule
 from tar_lightning.adversaries import AdversaryRun
+from tar_lightning.adversaries.attack import run_attack
 from tar_lightning.callbacks.tamper_probe import TamperProbe
 from tar_lightning.data import DataSource, TokenPool, tokenize_source
 from tar_lightning.evaluation import aggregate as agg
@@ -28,8 +30,9 @@ from tar_lightning.evaluation.redteam import (
     run_redteam,
     run_seed,
     sample_trial,
+    seeded,
 )
-from tar_lightning.evaluation.redteam_cli import parse_data_overrides, redteam_main
+from tar_lightning.evaluation.redteam_cli import redteam_main
 from tar_lightning.evaluation.suite import SearchSpace, load_suite, round_half_up
 from tar_lightning.losses import causal_lm_loss
 from tar_lightning.models import export_pretrained, tiny_llama
@@ -581,21 +584,46 @@ def test_missing_model_unknown_attack_and_missing_suite_are_clear_errors(suites,
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     code = redteam_main(["--model", str(tmp_path / "missing_ckpt"), "--suite", "durability", "--out",
-                         str(tmp_path / "o"), "--no-progress"])
+                         str(tmp_path / "o"), "--progress", "false"])
     assert code == 2
     assert "missing_ckpt" in capsys.readouterr().err
     code = redteam_main(["--model", "tiny", "--suite", "durability", "--attacks", "d05,zz", "--out",
-                         str(tmp_path / "o"), "--no-progress"])
+                         str(tmp_path / "o"), "--progress", "false"])
     assert code == 2 and "'zz'" in capsys.readouterr().err
-    assert parse_data_overrides(["forget=/x.jsonl", "ood={path: y.json, text_field: body}"]) == {
+    code = redteam_main(["--model", "tiny", "--suite", "durability", "--out", str(tmp_path / "o"),
+                         "--data.forget", "/x.jsonl", "--data.ood", "{path: y.json, text_field: body}",
+                         "--print_config"])
+    assert code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"] == {
         "forget": "/x.jsonl", "ood": {"path": "y.json", "text_field": "body"}}
-    with pytest.raises(ConfigError, match="REGIME=PATH"):
-        parse_data_overrides(["forget"])
+    assert redteam_main(["--model", "tiny", "--suite", "durability", "--out", "o", "--data.forget", "[1]"]) == 2
+    assert "regime names to a path or DataSource fields" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_01_flags_for_one_release_with_a_warning(tmp_path, capsys):
+    old = ["--model", "tiny", "--suite", "durability", "--out", "o", "--max-steps", "2", "--no-progress",
+           "--no-resume", "--trust-callable-metrics", "--data", "forget=/x.jsonl",
+           "--data", "ood={path: y.json, text_field: body}", "--attacks", "d04,d05", "--print_config"]
+    with pytest.warns(FutureWarning) as seen:
+        assert redteam_main(old) == 0
+    messages = {str(w.message) for w in seen}
+    for flag, new in (("--max-steps", "--max_steps"), ("--no-progress", "--progress false"),
+                      ("--no-resume", "--resume false"), ("--trust-callable-metrics", "--trust_callable_metrics true"),
+                      ("--data", "--data.NAME VALUE")):
+        assert any(f"{flag} is deprecated" in m and f"use {new}" in m for m in messages), (flag, messages)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    new = ["--model", "tiny", "--suite", "durability", "--out", "o", "--max_steps", "2", "--progress", "false",
+           "--resume", "false", "--trust_callable_metrics", "--data.forget", "/x.jsonl",
+           "--data.ood", "{path: y.json, text_field: body}", "--attacks", "[d04, d05]", "--print_config"]
+    assert redteam_main(new) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    assert printed["max_steps"] == 2 and printed["progress"] is False and printed["resume"] is False
+    assert printed["trust_callable_metrics"] is True and printed["attacks"] == ["d04", "d05"]
 
 
 def test_cli_runs_a_scaled_suite(tmp_path, capsys):
     code = redteam_main(["--model", "tiny", "--suite", "durability", "--scale", "0.05", "--seeds", "1",
-                         "--attacks", "d04,d05", "--max-steps", "2", "--out", str(tmp_path), "--no-progress"])
+                         "--attacks", "d04,d05", "--max_steps", "2", "--out", str(tmp_path), "--progress", "false"])
     assert code == 0
     assert "suite mean" in capsys.readouterr().out
     assert (tmp_path / "report.md").is_file()
@@ -658,6 +686,46 @@ def test_tamper_probe_with_lora_and_a_source(tmp_path):
     assert probe.history[0]["mcq_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
     assert "probe/mcq_acc_before" in trainer.callback_metrics
     assert not any("lora" in n for n, _ in module.model.named_modules())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_run_attack_in_place_with_restore_equals_the_attack_on_a_copy_and_puts_the_weights_back(method):
+    """The one attack loop of the red team and TamperProbe: ``restore=True`` (the probe under FSDP2) attacks the
+    live model and writes it back bit for bit; its numbers are those of the same attack on a deep copy."""
+    model, _ = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(3, 800, (2, 12), generator=g) for _ in range(3)]
+    adv = AdversaryConfig(name="a", data="x", method=method, lora={"rank": 2, "alpha": 4.0}, lr=1e-2, steps=4)
+    adv.validate()
+
+    def attack(target, **kw):
+        seen = []
+        cursor = iter(range(100))
+
+        def next_batch(stream):
+            ids = data[next(cursor) % len(data)]
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+        def evaluate(m, optimizer, stage):
+            seen.append((stage, m.training))
+            with torch.no_grad():
+                return {"loss": float(causal_lm_loss(m(input_ids=data[0], use_cache=False).logits, data[0]))}
+
+        with seeded(7):
+            return run_attack(target, adv, next_batch, evaluate, seed=7, eval_every=2, **kw), seen
+
+    on_copy, seen_copy = attack(copy.deepcopy(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    in_place, seen = attack(model, restore=True)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters()) and not model.training  # grads and mode as before
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert [s for s, _ in in_place.trajectory] == [0, 2, 4]
+    assert [stage for stage, _ in seen] == ["before", "during", "after"] == [stage for stage, _ in seen_copy]
+    assert in_place.trajectory == on_copy.trajectory and in_place.lr == on_copy.lr
+    assert torch.equal(torch.stack(in_place.losses), torch.stack(on_copy.losses))
+    assert in_place.after["loss"] < in_place.before["loss"]  # the attack learned its batches
 
 
 def test_tamper_probe_bad_arguments():

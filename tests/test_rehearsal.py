@@ -210,7 +210,7 @@ def test_paper_run_life_rehearsed_on_cpu(tmp_path):
     log = tmp_path / "redteam.log"
     out = tmp_path / "redteam"
     rc = run([str(CONSOLE), "redteam", "--model", str(exports["interrupted"]), "--suite", "durability",
-              "--attacks", "d05", "--seeds", "1", "--max-steps", "2", "--threads", "1", "--no-progress",
+              "--attacks", "d05", "--seeds", "1", "--max_steps", "2", "--threads", "1", "--progress", "false",
               "--out", str(out)], log)
     assert rc == 0, tail(log)
     results = json.loads((out / "results.json").read_text())

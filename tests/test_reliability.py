@@ -248,13 +248,13 @@ def test_export_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
 
 
 def test_redteam_result_write_failure_keeps_previous_file(tmp_path, monkeypatch):
-    from tar_lightning.evaluation import redteam
+    from tar_lightning.evaluation.redteam import io as redteam
 
     path = tmp_path / "runs" / "a.json"
-    redteam._atomic_write(path, '{"ok": 1}')
+    redteam.write_text(path, '{"ok": 1}')
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
     with pytest.raises(OSError, match="No space left"):
-        redteam._atomic_write(path, '{"ok": 2}')
+        redteam.write_text(path, '{"ok": 2}')
     monkeypatch.undo()
     assert path.read_text() == '{"ok": 1}'
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]

@@ -145,7 +145,7 @@ def test_config_yaml_of_a_previous_run_is_not_replaced(tmp_path, monkeypatch, ca
 # ------------------------------------------------------------------------------------------ red team
 def _redteam(out: Path, model: str, *extra: str) -> int:
     return redteam_main(["--model", model, "--suite", "durability", "--scale", "0.05", "--seeds", "1",
-                         "--attacks", "d04,d05", "--max-steps", "2", "--out", str(out), "--no-progress",
+                         "--attacks", "d04,d05", "--max_steps", "2", "--out", str(out), "--progress", "false",
                          "--threads", "1", *extra])
 
 

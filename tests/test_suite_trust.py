@@ -39,7 +39,7 @@ def _suite(tmp_path: Path, old: str, new: str) -> Path:
 
 def _redteam(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([CLI, "redteam", "--model", "tiny", "--no-progress", "--threads", "1", *args],
+    return subprocess.run([CLI, "redteam", "--model", "tiny", "--progress", "false", "--threads", "1", *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
 
 
@@ -58,7 +58,7 @@ def test_cli_refuses_an_attack_id_that_would_write_outside_out(tmp_path):
     path = _suite(tmp_path, "  - id: d05\n", "  - id: ../../escaped\n")
     out = tmp_path / "a" / "b" / "out"
     proc = _redteam(tmp_path, "--suite", str(path), "--attacks", "../../escaped", "--scale", "0.01",
-                    "--seeds", "1", "--max-steps", "1", "--out", str(out))
+                    "--seeds", "1", "--max_steps", "1", "--out", str(out))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'../../escaped'" in lines[0] and "plain name" in lines[0], proc.stderr
@@ -86,16 +86,16 @@ def _callable_suite(tmp_path: Path) -> tuple[Path, Path]:
 def test_cli_runs_a_callable_metric_only_with_the_trust_flag(tmp_path):
     path, marker = _callable_suite(tmp_path)
     out = tmp_path / "out"
-    args = ["--suite", str(path), "--attacks", "d05", "--scale", "0.01", "--seeds", "1", "--max-steps", "1",
+    args = ["--suite", str(path), "--attacks", "d05", "--scale", "0.01", "--seeds", "1", "--max_steps", "1",
             "--out", str(out)]
     proc = _redteam(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "--trust-callable-metrics" in lines[0] and "'probe'" in lines[0] and "trust_probe_metric:score" in lines[0]
+    assert "--trust_callable_metrics" in lines[0] and "'probe'" in lines[0] and "trust_probe_metric:score" in lines[0]
     assert not marker.exists() and not out.exists()  # nothing imported, nothing written
 
-    proc = _redteam(tmp_path, *args, "--trust-callable-metrics")
+    proc = _redteam(tmp_path, *args, "--trust_callable_metrics")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert marker.read_text() == "ran"
     run = json.loads((out / "runs" / "d05__seed0.json").read_text())
@@ -106,7 +106,7 @@ def test_api_runs_a_callable_metric_only_when_trusted(tmp_path, monkeypatch):
     path, marker = _callable_suite(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     suite = load_suite(path).select(["d05"]).with_seeds(1)
-    with pytest.raises(ConfigError, match="trust-callable-metrics") as err:
+    with pytest.raises(ConfigError, match="trust_callable_metrics") as err:
         run_redteam("tiny", suite, out_dir=tmp_path / "out", scale=0.01, max_steps=1, progress=False)
     assert "trust_callable=True" in str(err.value)
     with pytest.raises(ConfigError, match="trust_callable=True"):

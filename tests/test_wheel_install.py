@@ -133,7 +133,7 @@ def test_the_wheel_ships_every_recipe_suite_and_overlay(installed):
 @pytest.mark.slow
 def test_installed_demo_runs_from_outside_the_checkout(installed):
     out = installed["work"] / "demo"
-    _run([str(installed["script"]), "demo", "--size", "minimal", "--out", str(out), "--no-progress"],
+    _run([str(installed["script"]), "demo", "--size", "minimal", "--out", str(out), "--progress", "false"],
          installed["work"], installed["env"])
     results = json.loads((out / "results.json").read_text())
     assert results and (out / "report.md").is_file()
@@ -143,7 +143,7 @@ def test_installed_demo_runs_from_outside_the_checkout(installed):
 def test_installed_redteam_runs_a_shipped_suite_from_outside_the_checkout(installed):
     out = installed["work"] / "redteam"
     args = ["redteam", "--model", "tiny", "--suite", "durability", "--scale", "0.05", "--seeds", "1",
-            "--attacks", "d04,d05", "--max-steps", "2", "--out", str(out), "--no-progress"]
+            "--attacks", "d04,d05", "--max_steps", "2", "--out", str(out), "--progress", "false"]
     proc = _run([str(installed["script"]), *args], installed["work"], installed["env"])
     assert "suite mean" in proc.stdout
     results = json.loads((out / "results.json").read_text())

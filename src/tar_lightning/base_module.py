@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
+import schedulefree
 import torch
+import yaml
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.core.saving import _load_state
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
+from tar_lightning.checkpoint import is_sharded_checkpoint, load_checkpoint, read_checkpoint, tokenizer_files
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, mean_entropy
-from tar_lightning.models import ModelSource, load_model
+from tar_lightning.models import ModelSource, load_model, model_from_checkpoint_metadata
 from tar_lightning.snapshot import ParameterSnapshot
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "OptimizerFactory",
     "SchedulerFactory",
     "checkpoint_hyperparameters",
+    "model_source_from_mapping",
     "plain_hyperparameter",
     "reshard_fsdp",
     "resolve_model",
@@ -39,7 +47,7 @@ def resolve_model(model: ModelArg, tokenizer: Any = None) -> tuple[nn.Module, An
     """A model argument (source string, :class:`ModelSource` or a mapping of its fields, module) as
     ``(module, tokenizer)``."""
     if isinstance(model, Mapping):
-        model = _model_source_from_mapping(model)
+        model = model_source_from_mapping(model)
     if isinstance(model, (str, os.PathLike, ModelSource)):
         loaded, tok = load_model(model)
         return loaded, tokenizer if tokenizer is not None else tok
@@ -51,7 +59,13 @@ def resolve_model(model: ModelArg, tokenizer: Any = None) -> tuple[nn.Module, An
     )
 
 
-def _model_source_from_mapping(value: Mapping[str, Any]) -> ModelSource:
+def model_source_from_mapping(value: Mapping[str, Any]) -> ModelSource:
+    """A :class:`~tar_lightning.models.ModelSource` from a mapping of its fields (how a recipe or a checkpoint's
+    hyperparameters write a model source).
+
+    Raises:
+        ConfigError: a key that is not a ``ModelSource`` field, or no ``source``.
+    """
     names = [f.name for f in dataclasses.fields(ModelSource)]
     unknown = sorted(set(value) - set(names))
     if unknown or "source" not in value:
@@ -83,8 +97,6 @@ def plain_hyperparameter(value: Any) -> Any:
 
 def _read_hparams_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """A YAML file of constructor arguments (plain data only: ``yaml.safe_load``)."""
-    import yaml
-
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -98,9 +110,6 @@ def _read_hparams_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
 def checkpoint_hyperparameters(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """The ``hyper_parameters`` a checkpoint (file or sharded folder) was saved with, without reading a sharded
     checkpoint's weights (they live in the shards; the hyperparameters in its ``meta.pt``)."""
-    from tar_lightning.checkpoint import load_checkpoint
-    from tar_lightning.export import is_sharded_checkpoint
-
     path = Path(os.path.expanduser(os.fspath(path)))
     ckpt = load_checkpoint(path / "meta.pt" if is_sharded_checkpoint(path) else path)
     hparams = ckpt.get("hyper_parameters") or {}
@@ -111,8 +120,6 @@ def schedule_free_adamw(lr: float, warmup_steps: int) -> OptimizerFactory:
     """A factory of ``schedulefree.AdamWScheduleFree`` with the given LR and warmup."""
 
     def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        import schedulefree
-
         return schedulefree.AdamWScheduleFree(params, lr=lr, warmup_steps=warmup_steps)
 
     return build
@@ -125,8 +132,6 @@ def reshard_fsdp(module: nn.Module) -> int:
     FSDP2 keeps a module unsharded after a forward that is not followed by a backward (a no-grad forward of the
     root, whose ``reshard_after_forward`` is off); its ``parameters()`` are then temporary full tensors.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     n = 0
     for m in module.modules():
         if isinstance(m, FSDPModule):
@@ -266,8 +271,6 @@ class CausalLMModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return None
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         if not isinstance(trainer.strategy, ModelParallelStrategy):
             return None
         mesh = self.device_mesh
@@ -283,8 +286,6 @@ class CausalLMModule(L.LightningModule):
         meta = {"hf_config": self.model.config.to_dict(), "model_prefix": "model."}
         if self.tokenizer is not None:
             if getattr(self, "_tokenizer_files", None) is None:
-                from tar_lightning.export import tokenizer_files
-
                 self._tokenizer_files = tokenizer_files(self.tokenizer)
             meta["tokenizer_files"] = self._tokenizer_files
         checkpoint["tar_lightning"] = meta
@@ -301,8 +302,6 @@ class CausalLMModule(L.LightningModule):
         """
         # Lightning's record of the arguments LightningCLI instantiates a module with (plain data, restorable by
         # its trusted instantiator); None when the module is built in Python.
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
         if _given_hyperparameters.get() is not None:
             self.save_hyperparameters()
         else:
@@ -315,8 +314,6 @@ class CausalLMModule(L.LightningModule):
         hparams = ckpt.get("hyper_parameters") or {}
         if "_instantiator" in hparams or kwargs.get("model") is not None or hparams.get("model") is not None:
             return kwargs
-        from tar_lightning.models import model_from_checkpoint_metadata
-
         model, tokenizer = model_from_checkpoint_metadata(ckpt.get("tar_lightning"), path)
         extra = {"model": model}
         if kwargs.get("tokenizer") is None:
@@ -345,11 +342,7 @@ class CausalLMModule(L.LightningModule):
         Raises:
             ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
         """
-        from lightning.pytorch.core.saving import _load_state
-
         path = os.fspath(checkpoint_path)
-        from tar_lightning.export import read_checkpoint
-
         ckpt = read_checkpoint(path)
         if hparams_file is not None:
             ckpt[cls.CHECKPOINT_HYPER_PARAMS_KEY] = _read_hparams_file(hparams_file)

@@ -13,6 +13,9 @@ Sharded (FSDP2) checkpoints are folders written by ``torch.distributed.checkpoin
 is a pickle: :func:`read_dcp_metadata` reads it with an unpickler that accepts only DCP's own metadata classes and
 the few torch types they hold (:data:`DCP_METADATA_GLOBALS`), and :func:`safe_load_planner` reads DCP's non-tensor
 items with ``weights_only=True`` (torch's default planner unpickles them unrestricted).
+:func:`read_checkpoint` reads either kind of checkpoint (a ``.ckpt`` file, or a sharded folder consolidated in one
+process) as one dict on the CPU; :func:`tokenizer_files` is the tokenizer copy a module stores inside its
+checkpoints (what ``tar-lightning export`` and ``load_from_checkpoint`` rebuild the tokenizer from).
 
 Everything written here (and by the other writers of the library, through :func:`atomic_write`) gets the
 permissions of an ordinary file or folder under the process umask (``0644``/``0755`` under the usual ``022``),
@@ -22,19 +25,31 @@ not the private ``0600``/``0700`` of ``tempfile.mkstemp``/``mkdtemp``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._nested_dict import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from tar_lightning.errors import CheckpointWriteError, ModelLoadError, NonFiniteError, TARLightningError
+from tar_lightning.errors import (
+    CheckpointWriteError,
+    ConfigError,
+    ModelLoadError,
+    NonFiniteError,
+    TARLightningError,
+)
 
 __all__ = [
     "DCP_METADATA_GLOBALS",
@@ -47,15 +62,18 @@ __all__ = [
     "atomic_write_text",
     "check_finite",
     "fsync_dir",
+    "is_sharded_checkpoint",
     "load_sharded_state",
     "load_checkpoint",
     "process_umask",
+    "read_checkpoint",
     "read_dcp_metadata",
     "remove_checkpoint_path",
     "reraise_dcp_errors",
     "safe_dcp_reader",
     "safe_load_planner",
     "tar_trainer_plugins",
+    "tokenizer_files",
 ]
 
 
@@ -324,8 +342,6 @@ def read_dcp_metadata(path: str | os.PathLike) -> Any:
         ModelLoadError: a missing, truncated or corrupted file, a global outside :data:`DCP_METADATA_GLOBALS`
             (named in the message), or a pickle that is not DCP ``Metadata``.
     """
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = Path(path)
     if path.is_dir():
         path = path / ".metadata"
@@ -372,50 +388,43 @@ def check_storage_paths(metadata: Any, where: Any) -> None:
             )
 
 
-@functools.cache
-def _safe_dcp_classes() -> tuple[type, type, type]:
-    """DCP reader/planner subclasses that never unpickle arbitrary objects (built on first use: importing
-    ``torch.distributed.checkpoint`` is deferred until a sharded checkpoint is read)."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-    from torch.distributed.checkpoint._nested_dict import set_element
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import StorageMeta
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose ``read_metadata`` uses :func:`read_dcp_metadata` (and
+    :func:`check_storage_paths`)."""
 
-    class SafeFileSystemReader(FileSystemReader):
-        """``FileSystemReader`` whose ``read_metadata`` uses :func:`read_dcp_metadata`."""
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        metadata = read_dcp_metadata(path)
+        check_storage_paths(metadata, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            path = self._get_metadata_path(kwargs.get("rank"))
-            metadata = read_dcp_metadata(path)
-            check_storage_paths(metadata, path)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
 
-    class _WeightsOnlyBytes:
-        # DefaultLoadPlanner.load_bytes unpickles non-tensor items with weights_only=False; same placement here
-        def load_bytes(self, read_item: Any, value: IO[bytes]) -> None:
-            fqn = read_item.dest_index.fqn
-            obj = _load_bytes_weights_only(value, fqn)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
+class _WeightsOnlyBytes:
+    # DefaultLoadPlanner.load_bytes unpickles non-tensor items with weights_only=False; same placement here
+    def load_bytes(self, read_item: Any, value: IO[bytes]) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = _load_bytes_weights_only(value, fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
-    class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
-        """``DefaultLoadPlanner`` loading non-tensor items with ``weights_only=True``."""
 
-    class SafeKeysLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
-        """Builds the state dict from the metadata (one-process reads), non-tensor items ``weights_only``."""
+class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` loading non-tensor items with ``weights_only=True``."""
 
-    return SafeFileSystemReader, SafeLoadPlanner, SafeKeysLoadPlanner
+
+class SafeKeysLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    """Builds the state dict from the metadata (one-process reads), non-tensor items ``weights_only``."""
 
 
 def safe_dcp_reader(path: str | os.PathLike) -> Any:
     """A ``torch.distributed.checkpoint.FileSystemReader`` for ``path`` that reads ``.metadata`` with the
     restricted unpickler (:func:`read_dcp_metadata`)."""
-    return _safe_dcp_classes()[0](str(path))
+    return SafeFileSystemReader(str(path))
 
 
 def safe_load_planner(keys: Optional[set[str]] = None, *, from_metadata: bool = False) -> Any:
@@ -426,8 +435,7 @@ def safe_load_planner(keys: Optional[set[str]] = None, *, from_metadata: bool = 
         from_metadata: build the state dict from the checkpoint's metadata (a one-process read of full tensors,
             ``_load_state_dict_from_keys``-style) instead of filling the caller's state dict in place.
     """
-    _, planner, keys_planner = _safe_dcp_classes()
-    return keys_planner(keys=keys) if from_metadata else planner()
+    return SafeKeysLoadPlanner(keys=keys) if from_metadata else SafeLoadPlanner()
 
 
 def load_sharded_state(path: str | os.PathLike, keys: Optional[set[str]] = None) -> dict[str, Any]:
@@ -437,10 +445,6 @@ def load_sharded_state(path: str | os.PathLike, keys: Optional[set[str]] = None)
     Raises:
         ModelLoadError: unsafe or unreadable metadata/items, or missing shard files.
     """
-    import warnings
-
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     state: dict[str, Any] = {}
     with warnings.catch_warnings(), reraise_dcp_errors(path):
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process": it is
@@ -453,8 +457,6 @@ def load_sharded_state(path: str | os.PathLike, keys: Optional[set[str]] = None)
 def reraise_dcp_errors(path: str | os.PathLike) -> Any:
     """Turn DCP's ``CheckpointException`` (a ``BaseException`` wrapping each rank's error) and read errors into
     :class:`ModelLoadError`; our own errors (e.g. a refused ``.metadata``) come out unchanged."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         yield
     except ModelLoadError:
@@ -470,3 +472,72 @@ def reraise_dcp_errors(path: str | os.PathLike) -> Any:
         ) from e
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"sharded checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
+
+
+# ------------------------------------------------------------------------------- reading either kind, whole
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a distributed (sharded, FSDP2) checkpoint folder written by Lightning."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder as one ``.ckpt``-style dict (full tensors, on the CPU).
+
+    Nothing is unpickled beyond data: ``.metadata`` goes through the restricted unpickler, ``meta.pt`` and DCP's
+    non-tensor items through ``weights_only`` loading.
+    """
+    meta_file = path / "meta.pt"
+    if not meta_file.is_file():
+        raise ModelLoadError(f"sharded checkpoint {str(path)!r} has no meta.pt (not written by Lightning's "
+                             "ModelParallelStrategy, or incomplete)")
+    keys = {k for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(("state_dict.", "optimizer_0."))}
+    ckpt = read_checkpoint(meta_file)
+    loaded = load_sharded_state(path, keys)
+    ckpt["state_dict"] = loaded.get("state_dict", {})
+    optimizer = loaded.get("optimizer_0")
+    if optimizer is not None:
+        ckpt["optimizer_states"] = [_index_keyed(optimizer, ckpt["state_dict"], path)]
+    return ckpt
+
+
+def _index_keyed(optimizer: dict[str, Any], state_dict: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (distributed checkpoints) as torch's index-keyed form, the
+    indices being the order of the model's parameters (that of ``state_dict``, the module's own order)."""
+    groups = optimizer.get("param_groups", [])
+    names = [n for g in groups for n in g.get("params", [])]
+    order = {n: i for i, n in enumerate(k for k in state_dict if k in set(names))}
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ModelLoadError(f"sharded checkpoint {str(path)!r}: optimizer parameters {missing[:3]} are not in "
+                             "its state_dict")
+    return {
+        "state": {order[n]: v for n, v in optimizer.get("state", {}).items() if n in order},
+        "param_groups": [dict(g, params=[order[n] for n in g.get("params", [])]) for g in groups],
+    }
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint as one dict on the CPU: a ``.ckpt`` file (``weights_only``), or a sharded FSDP2 checkpoint
+    folder consolidated in this process (``.metadata`` read with the restricted unpickler).
+
+    Raises:
+        ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
+    """
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.is_dir():
+        if is_sharded_checkpoint(path):
+            return _load_sharded_checkpoint(path)
+        raise ConfigError(f"checkpoint {str(path)!r} is a folder but not a sharded (distributed) checkpoint: "
+                          "expected a .ckpt file or a folder with .metadata, .distcp shards and meta.pt")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    return load_checkpoint(path)  # tensors and plain containers only: never arbitrary objects
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files of ``tokenizer.save_pretrained`` as ``{name: bytes}`` (small; a module stores them inside its
+    checkpoints under ``tar_lightning.tokenizer_files``, from which the tokenizer is rebuilt on export or reload)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

@@ -5,16 +5,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ActionConfigFile, Namespace
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from tar_lightning import __version__
+from tar_lightning.base_module import checkpoint_hyperparameters
+from tar_lightning.callbacks.slurm import close_process_group
+from tar_lightning.checkpoint import AtomicCheckpointIO
+from tar_lightning.command import Command, parse_command
+from tar_lightning.data import TARDataModule
+from tar_lightning.demo.cli import demo_main
 from tar_lightning.errors import ConfigError, TARLightningError
+from tar_lightning.evaluation.evaluate_cli import evaluate_main
+from tar_lightning.evaluation.redteam_cli import redteam_main
+from tar_lightning.export import RunRecordCallback, export_checkpoint
 
 __all__ = [
     "MergingConfigFile", "RichStepProgressBar", "RunFolderGuard", "TARArgumentParser", "TARCLI",
@@ -57,8 +73,6 @@ class RunFolderGuard:
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        from jsonargparse import ActionYesNo
-
         parser.add_argument(
             "--overwrite", action=ActionYesNo, default=False,
             help="start a new run in a folder that holds a previous run: delete its checkpoints and replace its "
@@ -73,10 +87,6 @@ class RunFolderGuard:
         self._guard_run_folder(checkpoints=False)
 
     def _guard_run_folder(self, checkpoints: bool) -> None:
-        import shutil
-
-        from tar_lightning.errors import ConfigError
-
         config = self.config[self.subcommand]
         overwrite, ckpt_path = bool(config.get("overwrite")), config.get("ckpt_path")
         if overwrite and ckpt_path:
@@ -99,7 +109,6 @@ class RunFolderGuard:
                 elif path.suffix == ".ckpt":
                     path.unlink(missing_ok=True)
             # config.yaml is replaced by Lightning's SaveConfigCallback when the run starts
-            from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
             rank_zero_info(f"--overwrite: deleted {sum(p.suffix == '.ckpt' for p in previous)} checkpoint(s) of "
                            "the previous run in this folder")
@@ -108,10 +117,6 @@ class RunFolderGuard:
 def previous_run_files(trainer, checkpoints: bool = True) -> list[Path]:
     """What of a previous run lies where ``trainer`` would write: the ``*.ckpt`` entries (files, sharded folders,
     links) of its checkpoint folders (with ``checkpoints``) and the ``config.yaml`` LightningCLI would write."""
-    import os
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import SaveConfigCallback
 
     found: list[Path] = []
     if checkpoints:
@@ -204,7 +209,6 @@ class TARArgumentParser(LightningArgumentParser):
 # ------------------------------------------------------------------------------------------ optional loggers
 def _logger_requirements() -> list[tuple[type, tuple[str, ...], str]]:
     """(logger class, modules of which one must import, the extra that installs it)."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     return [(TensorBoardLogger, ("tensorboard", "tensorboardX"), "tensorboard"), (WandbLogger, ("wandb",), "wandb")]
 
@@ -323,7 +327,6 @@ class TARCLI(RunFolderGuard, LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # config.yaml as LightningCLI writes it, and in every checkpoint the command line, --config files and resolved
         # config, which `tar-lightning export` puts on the model card
-        from tar_lightning.export import RunRecordCallback
 
         kwargs.setdefault("save_config_callback", RunRecordCallback)
         if kwargs["save_config_callback"] is RunRecordCallback:
@@ -364,10 +367,6 @@ class TARCLI(RunFolderGuard, LightningCLI):
         configures a ``CheckpointIO`` plugin itself (checkpoints are written atomically, never with NaN weights),
         and the step-counting progress bar (:func:`step_progress_bar`) unless the recipe configures one or turns
         the bar off."""
-        from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-        from lightning.pytorch.callbacks import ProgressBar
-
-        from tar_lightning.checkpoint import AtomicCheckpointIO
 
         trainer_config = self._get(self.config_init, "trainer", default={}) or {}
         plugins = kwargs.get("plugins", trainer_config.get("plugins"))
@@ -387,7 +386,6 @@ class TARCLI(RunFolderGuard, LightningCLI):
         LightningCLI does for files), here also for sharded FSDP2 checkpoint folders (read from their ``meta.pt``,
         not their shards) and for checkpoints of modules built in Python (their plain recorded arguments, applied
         to the recipe's class), read safely (``weights_only``; a bad file is our one-line error)."""
-        from tar_lightning.base_module import checkpoint_hyperparameters
 
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -412,7 +410,6 @@ class TARCLI(RunFolderGuard, LightningCLI):
 
 def _check_validation_data(data: Any) -> None:
     """``validate`` of a :class:`~tar_lightning.TARDataModule` without ``val_streams`` would validate nothing."""
-    from tar_lightning.data import TARDataModule
 
     class_path = data.get("class_path") if isinstance(data, Namespace) else None
     if not isinstance(class_path, str):
@@ -424,22 +421,32 @@ def _check_validation_data(data: Any) -> None:
                           "to validate: add held-out streams there (callbacks/mcq_validation.yaml adds one)")
 
 
-def _export_main(argv: Sequence[str]) -> int:
-    from tar_lightning.export import export_checkpoint
+@dataclass
+class ExportOptions:
+    """Options of ``tar-lightning export``."""
 
-    parser = argparse.ArgumentParser(
-        prog="tar-lightning export",
-        description="Write a training checkpoint as a Hugging Face folder (weights, config, tokenizer).",
-    )
-    parser.add_argument("--ckpt", required=True, help="the .ckpt file (or sharded FSDP2 checkpoint folder) written by tar-lightning fit")
-    parser.add_argument("--out", required=True, help="the folder to write (atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this source instead")
-    parser.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16)")
-    parser.add_argument("--redteam", default=None, metavar="FOLDER",
-                        help="put the summary of this red team of the model (tar-lightning redteam --out FOLDER) on "
-                             "the model card")
-    args = parser.parse_args(argv)
+    ckpt: str = field(metadata={"help": "the .ckpt file (or sharded FSDP2 checkpoint folder) written by "
+                                        "tar-lightning fit"})
+    out: str = field(metadata={"help": "the folder to write (atomically)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing folder"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "take the tokenizer from this source instead"})
+    dtype: Optional[str] = field(default=None, metadata={"help": "cast weights (float32, bfloat16, float16)"})
+    redteam: Optional[str] = field(default=None, metadata={
+        "help": "put the summary of this red team of the model (tar-lightning redteam --out FOLDER) on the model card"})
+
+
+EXPORT = Command(
+    name="export",
+    description="Write a training checkpoint as a Hugging Face folder (weights, config, tokenizer) with a model card.",
+    options=ExportOptions,
+)
+
+
+def _export_main(argv: Sequence[str]) -> int:
+    parsed = parse_command(EXPORT, argv)
+    if parsed.exit_code is not None:
+        return parsed.exit_code
+    args = parsed.options
     out = export_checkpoint(
         args.ckpt, args.out, overwrite=args.overwrite, tokenizer_source=args.tokenizer, dtype=args.dtype,
         redteam=args.redteam,
@@ -450,7 +457,6 @@ def _export_main(argv: Sequence[str]) -> int:
 
 def top_level_help() -> str:
     """What ``tar-lightning --help`` prints: every subcommand with its line, and where each one's options are."""
-    from tar_lightning import __version__
 
     width = max(map(len, SUBCOMMAND_HELP))
     lines = [
@@ -479,8 +485,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(top_level_help(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from tar_lightning import __version__
-
         print(f"tar-lightning {__version__}")
         return 0
     if argv[0] in NOT_OFFERED:
@@ -490,16 +494,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv[0] == "export":
             return _export_main(argv[1:])
         if argv[0] == "demo":
-            from tar_lightning.demo_cli import demo_main
-
             return demo_main(argv[1:])
         if argv[0] == "evaluate":
-            from tar_lightning.evaluation.evaluate_cli import evaluate_main
-
             return evaluate_main(argv[1:])
         if argv[0] == "redteam":
-            from tar_lightning.evaluation.redteam_cli import redteam_main
-
             return redteam_main(argv[1:])
         if argv[0] not in LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
             print(f"tar-lightning: unknown command {argv[0]!r}; expected one of {', '.join(SUBCOMMAND_HELP)} "
@@ -509,8 +507,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             TARCLI(args=None if from_command_line else argv)
         finally:
             # gloo left to the interpreter's shutdown often aborts a rank at exit (rc 134), failing a Slurm job
-            from tar_lightning.callbacks.slurm import close_process_group
-
             close_process_group()
         return 0
     except argparse.ArgumentError as e:

@@ -4,8 +4,9 @@ Both kinds of Lightning checkpoint are read: a ``.ckpt`` file (single device, DD
 :class:`~tar_lightning.strategy.FSDP2Strategy` (or Lightning's ``ModelParallelStrategy``) writes under FSDP2 (one
 ``.distcp`` file per rank, ``.metadata`` and ``meta.pt``), which is consolidated here in one process, without a
 process group: only the weights and the outer optimizer's state (needed to move schedule-free weights to their
-evaluation point) are read. Nothing in either kind of checkpoint is unpickled beyond tensors and plain data
-(:mod:`tar_lightning.checkpoint`).
+evaluation point) are read. Nothing in either kind of checkpoint is unpickled beyond tensors and plain data.
+The readers (:func:`read_checkpoint`, :func:`is_sharded_checkpoint`) and :func:`tokenizer_files` are those of
+:mod:`tar_lightning.checkpoint` (the training modules use them too), re-exported here.
 
 Every export carries a model card: ``README.md`` for people and ``tar_lightning.json`` with the same facts for
 programs (:func:`model_card_facts`): the base model the policy was loaded from, the ``--config`` files and command
@@ -20,19 +21,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import schedulefree
 import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+from transformers import AutoTokenizer
 
-from tar_lightning.checkpoint import atomic_write_text
+import tar_lightning
+from tar_lightning.checkpoint import (
+    atomic_write_text,
+    is_sharded_checkpoint,
+    read_checkpoint,
+    tokenizer_files,
+)
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
 from tar_lightning.evaluation.progress import quiet_hf_progress
-from tar_lightning.models import export_pretrained
+from tar_lightning.models import (
+    export_pretrained,
+    model_from_checkpoint_metadata,
+    resolve_dtype,
+    tiny_tokenizer,
+)
 
 __all__ = [
     "CARD_JSON",
@@ -58,81 +71,8 @@ CARD_JSON = "tar_lightning.json"
 CARD_FORMAT = 1
 
 
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The files of ``tokenizer.save_pretrained`` as ``{name: bytes}`` (small; stored inside checkpoints)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a distributed (sharded, FSDP2) checkpoint folder written by Lightning."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
-def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as one ``.ckpt``-style dict (full tensors, on the CPU).
-
-    Nothing is unpickled beyond data: ``.metadata`` goes through the restricted unpickler, ``meta.pt`` and DCP's
-    non-tensor items through ``weights_only`` loading (:mod:`tar_lightning.checkpoint`).
-    """
-    from tar_lightning.checkpoint import load_sharded_state, read_dcp_metadata
-
-    meta_file = path / "meta.pt"
-    if not meta_file.is_file():
-        raise ModelLoadError(f"sharded checkpoint {str(path)!r} has no meta.pt (not written by Lightning's "
-                             "ModelParallelStrategy, or incomplete)")
-    keys = {k for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(("state_dict.", "optimizer_0."))}
-    ckpt = read_checkpoint(meta_file)
-    loaded = load_sharded_state(path, keys)
-    ckpt["state_dict"] = loaded.get("state_dict", {})
-    optimizer = loaded.get("optimizer_0")
-    if optimizer is not None:
-        ckpt["optimizer_states"] = [_index_keyed(optimizer, ckpt["state_dict"], path)]
-    return ckpt
-
-
-def _index_keyed(optimizer: dict[str, Any], state_dict: dict[str, Any], path: Path) -> dict[str, Any]:
-    """An optimizer state keyed by parameter names (distributed checkpoints) as torch's index-keyed form, the
-    indices being the order of the model's parameters (that of ``state_dict``, the module's own order)."""
-    groups = optimizer.get("param_groups", [])
-    names = [n for g in groups for n in g.get("params", [])]
-    order = {n: i for i, n in enumerate(k for k in state_dict if k in set(names))}
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise ModelLoadError(f"sharded checkpoint {str(path)!r}: optimizer parameters {missing[:3]} are not in "
-                             "its state_dict")
-    return {
-        "state": {order[n]: v for n, v in optimizer.get("state", {}).items() if n in order},
-        "param_groups": [dict(g, params=[order[n] for n in g.get("params", [])]) for g in groups],
-    }
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as one dict on the CPU: a ``.ckpt`` file (``weights_only``), or a sharded FSDP2 checkpoint
-    folder consolidated in this process (``.metadata`` read with the restricted unpickler).
-
-    Raises:
-        ConfigError / ModelLoadError: a missing, unreadable, unsafe or foreign checkpoint.
-    """
-    from tar_lightning.checkpoint import load_checkpoint
-
-    path = Path(os.path.expanduser(os.fspath(path)))
-    if path.is_dir():
-        if is_sharded_checkpoint(path):
-            return _load_sharded_checkpoint(path)
-        raise ConfigError(f"checkpoint {str(path)!r} is a folder but not a sharded (distributed) checkpoint: "
-                          "expected a .ckpt file or a folder with .metadata, .distcp shards and meta.pt")
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    return load_checkpoint(path)  # tensors and plain containers only: never arbitrary objects
-
-
 def _to_eval_point(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> None:
     """Move schedule-free training-point weights y to the evaluation point x, as the optimizer's ``eval()``."""
-    import schedulefree
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = schedulefree.AdamWScheduleFree(params, lr=1.0)
     try:
@@ -144,10 +84,6 @@ def _to_eval_point(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> N
 
 def load_tokenizer(source: str):
     """The tokenizer of a model source (tiny aliases included), without loading the model's weights."""
-    from transformers import AutoTokenizer
-
-    from tar_lightning.models import tiny_tokenizer
-
     if source.startswith("tiny"):
         return tiny_tokenizer()
     try:
@@ -173,8 +109,6 @@ def checkpoint_to_model(ckpt_path: str | Path, tokenizer_source: Optional[str] =
 
 def _model_from_checkpoint(ckpt: Mapping[str, Any], path: Path, tokenizer_source: Optional[str]):
     """:func:`checkpoint_to_model` of a checkpoint already read (:func:`read_checkpoint`)."""
-    from tar_lightning.models import model_from_checkpoint_metadata
-
     meta = ckpt.get("tar_lightning")
     model, tokenizer = model_from_checkpoint_metadata(meta, str(path))
     prefix = meta.get("model_prefix", "model.")
@@ -222,8 +156,6 @@ def export_checkpoint(
         ConfigError / ModelLoadError: a bad checkpoint, output folder or dtype. ConfigError / DataError: a
             ``redteam`` folder without readable results; checked before anything is written.
     """
-    from tar_lightning.models import resolve_dtype
-
     path = Path(os.path.expanduser(os.fspath(ckpt_path)))
     redteam_summary = read_redteam_summary(redteam) if redteam is not None else None
     ckpt = read_checkpoint(path)
@@ -278,8 +210,6 @@ class RunRecordCallback(SaveConfigCallback):
 
     def run_record(self, log_dir: Optional[str]) -> dict[str, Any]:
         """The record, with ``config.yaml`` in ``log_dir`` (``None``: not written to a log folder)."""
-        import tar_lightning
-
         config_yaml = None
         if self.save_to_log_dir and log_dir is not None:
             config_yaml = str(Path(log_dir, self.config_filename).resolve())
@@ -365,8 +295,6 @@ def model_card_facts(
     Raises:
         ModelLoadError: a run record of the wrong shape, or a resolved configuration that is not YAML.
     """
-    import tar_lightning
-
     path = Path(os.path.expanduser(os.fspath(ckpt_path)))
     record = _checked_run_record(ckpt.get(RUN_RECORD_KEY), str(path))
     run = None

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from tar_lightning.common import is_int
 from tar_lightning.errors import DataError, NonFiniteError
 from tar_lightning.snapshot import local_tensor
 from tar_lightning.strategy import data_parallel_world_size
@@ -73,7 +74,7 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         counts = {key: state.get(key, 0) for key in ("in_a_row", "total")} if isinstance(state, Mapping) else None
-        if counts is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+        if counts is None or not all(is_int(v) and v >= 0 for v in counts.values()):
             raise DataError(
                 f"checkpoint key 'tar_nonfinite': expected {{'in_a_row': int >= 0, 'total': int >= 0}}, got {state!r}"
             )

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from tar_lightning.errors import ConfigError
 from tar_lightning.snapshot import ParameterSnapshot, local_tensor
@@ -33,8 +34,6 @@ __all__ = ["AdversaryPool", "PoolEntry"]
 
 def _shard_groups(params: Sequence[Tensor]) -> list:
     """The process groups over which ``params`` (FSDP2 ``DTensor`` s) are sharded; empty for plain tensors."""
-    from torch.distributed.tensor import DTensor
-
     meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
     return [mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)]
 

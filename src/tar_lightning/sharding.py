@@ -22,8 +22,11 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed._composable import checkpoint as checkpoint_activations
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from tar_lightning.errors import ConfigError
+from tar_lightning.models import decoder_layer_class
 
 __all__ = ["ShardingConfig", "apply_activation_checkpointing", "fully_shard_model"]
 
@@ -97,20 +100,16 @@ class ShardingConfig:
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
-    from tar_lightning.models import decoder_layer_class
-
     layer_cls = decoder_layer_class(model)
     return [m for m in model.modules() if isinstance(m, layer_cls)]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Activation checkpointing on every decoder layer (idempotent); returns the number of layers wrapped."""
-    from torch.distributed._composable import checkpoint
-
     n = 0
     for layer in _layers(model):
         if not getattr(layer, "_tar_activation_checkpointing", False):
-            checkpoint(layer)
+            checkpoint_activations(layer)
             layer._tar_activation_checkpointing = True
             n += 1
     return n
@@ -126,8 +125,6 @@ def fully_shard_model(model: nn.Module, mesh, config: Optional[ShardingConfig] =
     reference) frees every unsharded parameter after its forward, the root's included (FSDP2 keeps the root's
     by default, for the backward that follows a training forward).
     """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
     if isinstance(model, FSDPModule):
         return
     config = config if config is not None else ShardingConfig()

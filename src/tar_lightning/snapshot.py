@@ -2,23 +2,60 @@
 
 TAR attacks the live weights in place and restores them afterwards (cheaper in memory than a functional copy of
 the model). Both helpers work on the *local* storage of each parameter, so they serve plain tensors and FSDP2
-``DTensor`` shards alike: every rank saves and restores only its own shard.
+``DTensor`` shards alike: every rank saves and restores only its own shard. :func:`global_norm` is the 2-norm of
+a list of tensors over all ranks (FSDP2 shards included), used by the buffer and by the gradient synchronisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-__all__ = ["GradientBuffer", "ParameterSnapshot", "local_tensor"]
+from tar_lightning.errors import ConfigError
+
+__all__ = ["GradientBuffer", "ParameterSnapshot", "global_norm", "local_tensor"]
 
 
 def local_tensor(t: Tensor) -> Tensor:
     """The rank-local storage of ``t`` (the shard of a DTensor, or ``t`` itself)."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+@torch.no_grad()
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all of ``tensors`` together, as a plain tensor, the same on every rank.
+
+    Plain tensors: ``torch.nn.utils.get_total_norm`` (unchanged single-process numerics). When any is a DTensor
+    (FSDP2 shards), the squared norms of the local shards are summed and all-reduced over each DTensor's mesh;
+    plain tensors among them are taken as replicated (counted once).
+    """
+    tensors = [t for t in tensors if t is not None]
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return torch.nn.utils.get_total_norm(tensors)
+    total: Optional[Tensor] = None
+    by_mesh: dict[Any, list[Tensor]] = {}
+    plain: list[Tensor] = []
+    for t in tensors:
+        if isinstance(t, DTensor):
+            if any(not pl.is_shard() for pl in t.placements):
+                raise ConfigError(f"global_norm: expected FSDP2 shards (Shard placements), got {t.placements}")
+            by_mesh.setdefault(t.device_mesh, []).append(t.to_local())
+        else:
+            plain.append(t)
+    for mesh, locals_ in by_mesh.items():
+        sq = torch.stack([n.float() for n in torch._foreach_norm(locals_)]).square().sum()
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(sq, group=mesh.get_group(dim))
+        total = sq if total is None else total + sq
+    if plain:
+        sq = torch.stack([n.float() for n in torch._foreach_norm(plain)]).square().sum()
+        total = sq if total is None else total + sq.to(total.device)
+    return total.sqrt()
 
 
 class ParameterSnapshot:
@@ -79,7 +116,5 @@ class GradientBuffer:
         if not grads:
             return torch.zeros(())
         if any(getattr(g, "to_local", None) is not None for g in grads):
-            from tar_lightning.strategy import global_norm
-
             return global_norm(grads)
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

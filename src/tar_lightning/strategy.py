@@ -19,7 +19,7 @@ otherwise it is sharded: FSDP2 through :class:`FSDP2Strategy` (Lightning's
 ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)`` with all-or-nothing sharded saves and safe
 loading), with :meth:`TARModule.configure_model` applying ``fully_shard`` to every decoder layer and the root. Under FSDP2 the gradients are averaged by FSDP itself (reduce-scatter in every backward), so the
 manual averaging below is off (:func:`has_sharded_parameters`) and the global gradient norm comes from
-:func:`global_norm`.
+:func:`global_norm` (defined in :mod:`tar_lightning.snapshot`, re-exported here).
 
 Using it: recipes may write ``trainer.strategy: ddp`` directly (it is what ``auto`` picks for models that fit);
 code and the CLI call :func:`select_strategy` to choose. It is a function rather than a name registered with
@@ -51,8 +51,22 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from tar_lightning.checkpoint import (
     CheckpointWriteError,
@@ -61,12 +75,14 @@ from tar_lightning.checkpoint import (
     fsync_dir,
     load_checkpoint,
     non_finite_entries,
+    read_dcp_metadata,
     remove_checkpoint_path,
     reraise_dcp_errors,
     safe_dcp_reader,
     safe_load_planner,
 )
 from tar_lightning.errors import ConfigError, ModelLoadError
+from tar_lightning.snapshot import global_norm
 
 __all__ = [
     "FSDP1_REFUSAL",
@@ -206,8 +222,6 @@ def check_strategy(strategy: Any) -> None:
     Raises:
         ConfigError: with the reason and what to use instead.
     """
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
     if isinstance(strategy, FSDPStrategy):
         raise ConfigError(FSDP1_REFUSAL)
     if isinstance(strategy, ModelParallelStrategy):
@@ -218,43 +232,7 @@ def check_strategy(strategy: Any) -> None:
 
 def has_sharded_parameters(params: Sequence[Tensor]) -> bool:
     """Whether any of ``params`` is an FSDP2 ``DTensor`` (its gradients are then averaged by FSDP itself)."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in params)
-
-
-@torch.no_grad()
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """The 2-norm of all of ``tensors`` together, as a plain tensor, the same on every rank.
-
-    Plain tensors: ``torch.nn.utils.get_total_norm`` (unchanged single-process numerics). When any is a DTensor
-    (FSDP2 shards), the squared norms of the local shards are summed and all-reduced over each DTensor's mesh;
-    plain tensors among them are taken as replicated (counted once).
-    """
-    from torch.distributed.tensor import DTensor
-
-    tensors = [t for t in tensors if t is not None]
-    if not any(isinstance(t, DTensor) for t in tensors):
-        return torch.nn.utils.get_total_norm(tensors)
-    total: Optional[Tensor] = None
-    by_mesh: dict[Any, list[Tensor]] = {}
-    plain: list[Tensor] = []
-    for t in tensors:
-        if isinstance(t, DTensor):
-            if any(not pl.is_shard() for pl in t.placements):
-                raise ConfigError(f"global_norm: expected FSDP2 shards (Shard placements), got {t.placements}")
-            by_mesh.setdefault(t.device_mesh, []).append(t.to_local())
-        else:
-            plain.append(t)
-    for mesh, locals_ in by_mesh.items():
-        sq = torch.stack([n.float() for n in torch._foreach_norm(locals_)]).square().sum()
-        for dim in range(mesh.ndim):
-            torch.distributed.all_reduce(sq, group=mesh.get_group(dim))
-        total = sq if total is None else total + sq
-    if plain:
-        sq = torch.stack([n.float() for n in torch._foreach_norm(plain)]).square().sum()
-        total = sq if total is None else total + sq.to(total.device)
-    return total.sqrt()
 
 
 def data_parallel_world_size() -> int:
@@ -275,8 +253,6 @@ def average_gradients(grads: Sequence[Optional[Tensor]]) -> None:
     world = data_parallel_world_size()
     if world <= 1:
         return
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for g in grads:
         if g is not None:
@@ -352,8 +328,6 @@ def _check_optimizer_state_loaded(path: Path, key: str, loaded: dict[str, Any]) 
     Raises:
         ModelLoadError: naming the first entries of the checkpoint's optimizer state that were not loaded.
     """
-    from tar_lightning.checkpoint import read_dcp_metadata
-
     prefix = f"{key}.state."
     saved = {k[len(prefix):] for k in read_dcp_metadata(path).state_dict_metadata if k.startswith(prefix)}
     got = {f"{fqn}.{name}" for fqn, state in loaded.get("state", {}).items() for name in state}
@@ -422,11 +396,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
-        from torch.distributed.checkpoint import FileSystemWriter
-        from torch.distributed.checkpoint import save as dcp_save
-
-
         path = Path(self.broadcast(str(filepath)))
         rank_local = checkpoint.pop(RANK_LOCAL_KEY, None)
         converted = {"state_dict": checkpoint.pop("state_dict")}
@@ -447,8 +416,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             except OSError as e:
                 error = e
         if not self._any_rank(error is not None):
-            from torch.distributed.checkpoint.api import CheckpointException
-
             try:  # collective: every rank writes its shards, rank 0 the .metadata
                 dcp_save(converted, storage_writer=FileSystemWriter(partial))
             except CheckpointException as e:
@@ -502,8 +469,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     # ---------------------------------------------------------------------------------------------- loading
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a sharded folder (safely, see the class) or a single ``.ckpt`` file (``weights_only=True``)."""
-        from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-
         path = Path(self.broadcast(str(checkpoint_path)))
         if self.is_global_zero:
             path = recover_interrupted_save(path)
@@ -515,16 +480,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         return self._load_sharded(path)
 
     def _load_sharded(self, path: Path) -> dict[str, Any]:
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
-        from torch.distributed.checkpoint import load as dcp_load
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
-
         module = self.model
         assert module is not None and self.lightning_module is not None
         meta_file = path / _METADATA_FILENAME

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from tar_lightning.adversaries.config import AdversaryConfig
-from tar_lightning.common import is_number
+from tar_lightning.common import is_int, is_number
 from tar_lightning.errors import ConfigError
+from tar_lightning.schema import from_mapping
 
 __all__ = ["TARConfig"]
 
@@ -91,9 +92,7 @@ class TARConfig:
             ConfigError: an unknown key (the message lists the valid ones), a value of the wrong type, or an
                 invalid value or combination (see :meth:`validate`).
         """
-        from tar_lightning.adversaries.config import _build_dataclass
-
-        return _build_dataclass(cls, data, where, "").validate()
+        return from_mapping(cls, data, where).validate()
 
     def validate(self) -> TARConfig:
         """Check every field and every adversary; returns self.
@@ -107,7 +106,7 @@ class TARConfig:
 
         for key in ("inner_steps", "tr_every", "trajectories"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise bad(key, "expected a positive integer")
         if self.tr_every > self.inner_steps:
             raise bad(
@@ -131,7 +130,7 @@ class TARConfig:
         for key in ("normalize_weights", "retain_representation", "representation_squared"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "expected true or false")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             raise bad("seed", "expected an integer")
         for key in ("tr_stream", "retain_stream"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
@@ -168,14 +167,14 @@ class TARConfig:
             if adv.name in names:
                 raise ConfigError(f"TARConfig.adversaries[{i}].name={adv.name!r}: adversary names must be unique")
             names.add(adv.name)
-        if not isinstance(self.persistent_pool, int) or isinstance(self.persistent_pool, bool) or self.persistent_pool < 0:
+        if not is_int(self.persistent_pool) or self.persistent_pool < 0:
             raise bad("persistent_pool", "expected an integer >= 0 (0 turns persistent adversaries off)")
         p = self.persistent_probability
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
             raise bad("persistent_probability", "expected a probability in [0, 1]")
         if self.persistent_pool:
             h = self.persistent_horizon
-            if not isinstance(h, int) or isinstance(h, bool) or h <= self.inner_steps:
+            if not is_int(h) or h <= self.inner_steps:
                 raise bad(
                     "persistent_horizon",
                     f"expected an integer > inner_steps={self.inner_steps} (a trajectory of K steps is then retired "
@@ -186,7 +185,7 @@ class TARConfig:
         if self.snapshot_device is not None and self.snapshot_device != "cpu":
             raise bad("snapshot_device", "expected null (next to the weights) or 'cpu'")
         value = self.max_nonfinite_in_a_row
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise bad("max_nonfinite_in_a_row", "expected a positive integer (skipped non-finite steps in a row)")
         return self
 

@@ -34,14 +34,16 @@ from tar_lightning.base_module import (
     ModelArg,
     OptimizerFactory,
     SchedulerFactory,
+    model_source_from_mapping,
     resolve_model,
 )
+from tar_lightning.checkpoint import check_finite
 from tar_lightning.errors import ConfigError
 from tar_lightning.grad_sync import GradientSync, choose_gradient_sync
 from tar_lightning.guards import NonFiniteGuard
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
-from tar_lightning.models import ModelSource, freeze, frozen_copy, meta_copy
+from tar_lightning.models import ModelSource, freeze, frozen_copy, load_model, meta_copy
 from tar_lightning.persistent import AdversaryPool
 from tar_lightning.sharding import ShardingConfig, apply_activation_checkpointing, fully_shard_model
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
@@ -293,9 +295,6 @@ class TARModule(CausalLMModule):
 
     def _sharded_reference(self, mesh, source: Any) -> nn.Module:
         """The FSDP2 reference model (see :meth:`_setup_reference`)."""
-        from tar_lightning.base_module import _model_source_from_mapping
-        from tar_lightning.models import load_model
-
         param_dtype, buffer_dtype = self._reference_dtypes()
         if source is None:
             values, template = self.model, self._reference_skeleton  # the policy (sharded) and its structure
@@ -303,7 +302,7 @@ class TARModule(CausalLMModule):
             if isinstance(source, nn.Module):
                 values = source
             else:
-                spec = _model_source_from_mapping(source) if isinstance(source, Mapping) else source
+                spec = model_source_from_mapping(source) if isinstance(source, Mapping) else source
                 values = freeze(load_model(spec, dtype=param_dtype)[0])
             template = values
         reference = meta_copy(template, param_dtype=param_dtype, buffer_dtype=buffer_dtype)
@@ -619,8 +618,6 @@ class TARModule(CausalLMModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        from tar_lightning.checkpoint import check_finite
-
         check_finite(checkpoint.get("state_dict", {}), f"a TARModule checkpoint at step {self.global_step}")
         checkpoint["tar_nonfinite"] = self.nonfinite_guard.state_dict()
         if self.adversary_pool is not None:

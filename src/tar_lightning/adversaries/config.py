@@ -10,12 +10,10 @@ from YAML. Every random choice (adversary, learning rate, switch point) draws on
 the caller passes, so ranks seeded alike make identical choices without communicating.
 """
 
-import dataclasses
 import importlib.util
 import math
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -29,6 +27,7 @@ from tar_lightning.adversaries.optim import (
 )
 from tar_lightning.common import is_int, is_number
 from tar_lightning.errors import ConfigError
+from tar_lightning.schema import from_mapping
 
 __all__ = [
     "OPTIMIZERS",
@@ -205,9 +204,10 @@ class AdversaryConfig:
         # Python users may write nested settings as plain dicts, as in YAML.
         where = f"adversary {self.name!r}"
         if isinstance(self.lora, Mapping):
-            self.lora = _nested_from_dict(LoRAConfig, self.lora, f"{where}: lora")
+            self.lora = from_mapping(LoRAConfig, self.lora, where, "lora")
         if isinstance(self.switch, Mapping):
-            self.switch = _nested_from_dict(SwitchConfig, self.switch, f"{where}: switch")
+            _check_switch_keys(self.switch, where)
+            self.switch = from_mapping(SwitchConfig, self.switch, where, "switch")
 
     def validate(self) -> "AdversaryConfig":
         """Checks every field and the combinations between them.
@@ -355,15 +355,15 @@ class AdversaryConfig:
             label = f"adversary {d['name']!r}"
         if where:
             label = f"{label} ({where})"
-        return _build_dataclass(cls, d, label, "")
+        if isinstance(d, Mapping) and isinstance(d.get("switch"), Mapping):
+            _check_switch_keys(d["switch"], label)
+        return from_mapping(cls, d, label)
 
 
-def _nested_from_dict(cls, d: Mapping, where: str):
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
-    return cls(**d)
+def _check_switch_keys(switch: Mapping, label: str) -> None:
+    # SwitchConfig drops its default beta when a fraction is given, so both keys written out are caught here
+    if switch.get("beta") is not None and switch.get("fraction") is not None:
+        raise ConfigError(f"{label}: give exactly one of switch.beta and switch.fraction, not both")
 
 
 def sample_adversary(adversaries: list[AdversaryConfig], generator: torch.Generator) -> int:
@@ -410,89 +410,3 @@ def check_lora_targets(model: torch.nn.Module, adversaries: list["AdversaryConfi
                 f"adversary {adversary.name!r}: lora.targets {missing} match no module of the "
                 f"{type(model).__name__}; linear layers are named {linear} (or use 'all-linear')"
             )
-
-
-def _build_dataclass(cls: type, data: Any, label: str, path: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    where = f"{label}: {path}" if path else label
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            inside = f" in {path}" if path else ""
-            raise ConfigError(f"{label}: unknown key {key!r}{inside}; valid keys: {names}")
-    if cls is SwitchConfig and data.get("beta") is not None and data.get("fraction") is not None:
-        raise ConfigError(f"{label}: give exactly one of switch.beta and switch.fraction, not both")
-    values = {}
-    for key, value in data.items():
-        field_path = f"{path}.{key}" if path else key
-        values[key] = _coerce(value, hints[key], label, field_path)
-    return cls(**values)
-
-
-def _coerce(value: Any, tp: Any, label: str, path: str) -> Any:
-    """Converts plain data to the annotated type, or raises ConfigError naming the field."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, label, path)
-    if origin is Union:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{label}: {path} must not be null")
-        options = [option for option in args if option is not type(None)]
-        if len(options) == 1:
-            return _coerce(value, options[0], label, path)
-        for option in options:
-            try:
-                return _coerce(value, option, label, path)
-            except ConfigError:
-                pass
-        expected = str(tp).replace("typing.", "")
-        raise ConfigError(f"{label}: {path} must be of type {expected}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{label}: {path} must be one of {list(args)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{label}: {path} must be a list, got {value!r}")
-        return [_coerce(v, args[0], label, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{label}: {path} must be a list of {len(args)} values, got {value!r}")
-        return tuple(
-            _coerce(v, t, label, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True))
-        )
-    if tp is dict or origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{label}: {path} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{label}: {path} must be true or false, got {value!r}")
-    if tp is int:
-        if is_int(value):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{label}: {path} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{label}: {path} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{label}: {path} must be a string, got {value!r}")
-    return value

@@ -44,11 +44,17 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
+import schedulefree
 import torch
+import transformers
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
+
+# The schedules are transformers' own, called as ``transformers.get_*``: transformers imports its optimization
+# module on the first such call, not at import (that module pulls in peft and bitsandbytes when installed).
 
 if TYPE_CHECKING:
     from tar_lightning.adversaries.config import AdversaryConfig
@@ -114,12 +120,10 @@ def optimizer_class(name: str) -> type[Optimizer]:
     if name == "adadelta":
         return torch.optim.Adadelta
     if name == "schedule_free_adamw":
-        import schedulefree
-
         return schedulefree.AdamWScheduleFree
     if name == "adamw_8bit":
         try:
-            import bitsandbytes.optim as bnb_optim
+            import bitsandbytes.optim as bnb_optim  # optional dependency: the [quant] extra
         except ImportError as err:
             raise ConfigError(
                 "optimizer 'adamw_8bit' needs bitsandbytes: install the `quant` extra "
@@ -204,7 +208,7 @@ def check_schedule(name: str, kwargs: Mapping[str, Any]) -> None:
     if "num_cycles" in kwargs:
         cycles = kwargs["num_cycles"]
         if name == "cosine_restarts":
-            if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+            if not is_int(cycles) or cycles < 1:
                 raise ConfigError(f"schedule_kwargs 'num_cycles' must be an integer >= 1, got {cycles!r}")
         elif number("num_cycles") <= 0:
             raise ConfigError(f"schedule_kwargs 'num_cycles' must be > 0, got {cycles!r}")
@@ -269,25 +273,23 @@ def build_scheduler(
         ConfigError: If the name or a keyword is unknown, a value is out of range, ``total_steps < 1``,
             ``warmup_steps < 0``, or a non-constant schedule has ``warmup_steps >= total_steps``.
     """
-    from transformers import optimization as hf
-
     check_schedule(name, kwargs)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if not is_int(total_steps) or total_steps < 1:
         raise ConfigError(f"schedule {name!r}: total_steps must be an integer >= 1, got {total_steps!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    if not is_int(warmup_steps) or warmup_steps < 0:
         raise ConfigError(f"schedule {name!r}: warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if name == "constant":
-        return hf.get_constant_schedule(optimizer)
+        return transformers.get_constant_schedule(optimizer)
     if warmup_steps >= total_steps:
         raise ConfigError(
             f"schedule {name!r}: warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps})"
         )
     if name == "linear_warmup":
-        return hf.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+        return transformers.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
     if name == "warmup_cosine":
         num_cycles = float(kwargs.get("num_cycles", 0.5))
         if "min_lr" in kwargs or "min_lr_ratio" in kwargs:
-            return hf.get_cosine_with_min_lr_schedule_with_warmup(
+            return transformers.get_cosine_with_min_lr_schedule_with_warmup(
                 optimizer,
                 num_warmup_steps=warmup_steps,
                 num_training_steps=total_steps,
@@ -295,12 +297,12 @@ def build_scheduler(
                 min_lr=kwargs.get("min_lr"),
                 min_lr_rate=kwargs.get("min_lr_ratio"),
             )
-        return hf.get_cosine_schedule_with_warmup(
+        return transformers.get_cosine_schedule_with_warmup(
             optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, num_cycles=num_cycles
         )
     if name == "cosine_restarts":
         num_cycles = kwargs.get("num_cycles", max(1, round((total_steps - warmup_steps) / 100)))
-        return hf.get_cosine_with_hard_restarts_schedule_with_warmup(
+        return transformers.get_cosine_with_hard_restarts_schedule_with_warmup(
             optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, num_cycles=num_cycles
         )
     # exponential_warmup: no library has it.

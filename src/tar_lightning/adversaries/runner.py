@@ -1,7 +1,9 @@
 """Applying one adversary (a fine-tuning attack) to a model in place.
 
 The same runner serves TAR's inner loop (train-time attacks) and the red team (test-time attacks), so the two
-are the same code: an attack that broke a safeguard can be put into the training family unchanged.
+are the same code: an attack that broke a safeguard can be put into the training family unchanged. A whole
+test-time attack around it (seeded learning rate, evaluations, weights put back) is
+:func:`tar_lightning.adversaries.attack.run_attack`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.adversaries.optim import build_adversary_optimizer
@@ -41,8 +44,6 @@ def _sharded_weights_hidden(model: nn.Module) -> Iterator[None]:
     ``in_features``/``out_features`` give, and that is what peft uses for a plain weight. The real parameters are
     put back unchanged (the same objects FSDP manages), with the ``requires_grad`` peft gave the placeholders.
     """
-    from torch.distributed.tensor import DTensor
-
     hidden = []
     for module in model.modules():
         weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
@@ -119,9 +120,9 @@ class AdversaryRun:
     # -- LoRA -------------------------------------------------------------------------------------------
 
     def _inject_lora(self) -> list[nn.Parameter]:
-        try:
-            from peft import LoraConfig
-            from peft.tuners.lora import LoraModel
+        try:  # optional dependency: peft (the lora extra)
+            from peft import LoraConfig  # optional dependency
+            from peft.tuners.lora import LoraModel  # optional dependency
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ConfigError(
                 f"adversary {self.config.name!r} uses LoRA, which needs peft: pip install 'tar_lightning[lora]'"
@@ -147,7 +148,7 @@ class AdversaryRun:
 
     def _check_adapter_shapes(self) -> None:
         """Every adapter must be sized for its base layer's full (unsharded) projection."""
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # optional dependency (only reached with peft installed)
 
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and LORA_ADAPTER_NAME in module.lora_A:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
 
 from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.mcq import MCQ_TASKS, load_mcq, load_task_items, score_mcq
 
 __all__ = ["MCQValidation"]
 
@@ -56,10 +58,6 @@ class MCQValidation(L.Callback):
         self._items: Optional[dict[str, list]] = None
 
     def _load(self) -> dict[str, list]:
-        from pathlib import Path
-
-        from tar_lightning.evaluation.mcq import MCQ_TASKS, load_mcq, load_task_items
-
         items = {}
         for name, task in self.tasks.items():
             if task in MCQ_TASKS:
@@ -78,8 +76,6 @@ class MCQValidation(L.Callback):
             self._items = self._load()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from tar_lightning.evaluation.mcq import score_mcq
-
         if trainer.sanity_checking or self._items is None:
             return
         tokenizer = getattr(pl_module, "tokenizer", None)

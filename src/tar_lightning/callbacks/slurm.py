@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -52,8 +54,6 @@ def close_process_group() -> bool:
     it when the process is done with distributed work (``tar-lightning fit|validate`` calls it before
     returning); :class:`SlurmRequeue` also registers it with :mod:`atexit`.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return False
     dist.destroy_process_group()
@@ -121,8 +121,6 @@ class SlurmRequeue(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             raise ConfigError(
@@ -180,8 +178,6 @@ class SlurmRequeue(Callback):
         if not (self.requeue and job is not None):
             rank_zero_info(f"SlurmRequeue: not requeueing (no Slurm job); resume with --ckpt_path {self.saved_path}")
             return
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if trainer.is_global_zero:

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
+from tar_lightning.adversaries.attack import run_attack
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.adversaries.runner import AdversaryRun
+from tar_lightning.base_module import reshard_fsdp
+from tar_lightning.common import is_int
 from tar_lightning.data.sources import DataSource, as_source, load_records
 from tar_lightning.data.tokenize import TokenPool, tokenize_records
 from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.mcq import load_mcq, score_mcq
+from tar_lightning.evaluation.redteam.batches import AttackBatches, run_seed, seeded
+from tar_lightning.evaluation.redteam.metrics import evaluation_mode
 from tar_lightning.losses import causal_lm_loss
-from tar_lightning.snapshot import ParameterSnapshot
 from tar_lightning.strategy import average_gradients, data_parallel_world_size, has_sharded_parameters
 
 __all__ = ["TamperProbe"]
@@ -28,17 +33,17 @@ _DEFAULT_ATTACK = {"name": "probe", "data": "forget", "optimizer": "adamw", "lr"
 
 def _is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is (partly) FSDP2-sharded: no rank holds all of its weights, nor can copy them."""
-    from torch.distributed.fsdp import FSDPModule
-
     return has_sharded_parameters(list(model.parameters())) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class TamperProbe(L.Callback):
     """Every ``every_n_steps`` outer steps, attacks the weights and logs how much the attack recovered.
 
-    The probe runs at the end of a training batch (TAR has restored the weights by then). The attack goes through
-    :class:`~tar_lightning.adversaries.AdversaryRun`, the runner of TAR's inner loop and of the red team, on seeded
-    shuffled batches (:class:`~tar_lightning.evaluation.redteam.AttackBatches`). The live model's weights,
+    The probe runs at the end of a training batch (TAR has restored the weights by then). The attack is
+    :func:`~tar_lightning.adversaries.attack.run_attack` (the red team's attack loop, around
+    :class:`~tar_lightning.adversaries.AdversaryRun`, the runner of TAR's inner loop) on seeded shuffled batches
+    (:class:`~tar_lightning.evaluation.redteam.AttackBatches`), seeded as a red-team run is
+    (:func:`~tar_lightning.evaluation.redteam.seeded`). The live model's weights,
     gradients, train/eval mode and the global random state are the same after a probe as before it.
 
     - Plain parameters (one device, DDP): rank 0 attacks a deep copy of ``pl_module.model``, freed afterwards;
@@ -119,7 +124,7 @@ class TamperProbe(L.Callback):
             ("eval_batch_size", eval_batch_size),
             ("eval_limit", eval_limit),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"TamperProbe.{name} must be an integer >= 1, got {value!r}")
         if isinstance(attack, AdversaryConfig):
             adversary = copy.deepcopy(attack)
@@ -243,8 +248,6 @@ class TamperProbe(L.Callback):
     def _mcq_acc(self, model: nn.Module, tokenizer: Any) -> Optional[float]:
         if self.mcq is None:
             return None
-        from tar_lightning.evaluation.mcq import load_mcq, score_mcq
-
         if self._mcq_items is None:
             self._mcq_items = load_mcq(self.mcq["path"], limit=self.mcq.get("limit"))
         options = dict(self.mcq.get("options") or {})
@@ -252,40 +255,14 @@ class TamperProbe(L.Callback):
         return float(score_mcq(model, tokenizer, self._mcq_items, **options).accuracy)
 
     # -- the probe ----------------------------------------------------------------------------------------
-    @staticmethod
-    @contextlib.contextmanager
-    def _in_place(pl_module: L.LightningModule) -> Iterator[nn.Module]:
-        """The live, sharded model to attack in place; on exit its trainable shards, ``.grad`` and train/eval mode
-        are as they were on entry and every FSDP module is resharded. Every rank must enter it together."""
-        from tar_lightning.base_module import reshard_fsdp
-
-        live: nn.Module = pl_module.model
-        reshard_fsdp(live)  # the snapshot must hold the sharded parameters, not FSDP's temporary full tensors
-        params = [p for p in live.parameters() if p.requires_grad]
-        device = getattr(getattr(pl_module, "config", None), "snapshot_device", None)
-        snapshot = ParameterSnapshot(params, device=device)
-        grads = [p.grad for p in params]
-        was_training = live.training
-        for p in params:
-            p.grad = None
-        try:
-            yield live
-        finally:
-            # no-grad forwards (the evaluations) leave the root unsharded: reshard before writing the shards back
-            reshard_fsdp(live)
-            snapshot.restore()
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            live.train(was_training)
-            del snapshot
-
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping) -> dict[str, float]:
         """Runs one probe and returns its metrics (also appended to ``history``).
 
-        Under sharded (FSDP2) parameters every rank must call this at the same step (it runs collectives).
+        The attack is :func:`~tar_lightning.adversaries.attack.run_attack`, the red team's loop. Under sharded
+        (FSDP2) parameters every rank must call this at the same step (it runs collectives); the live model is
+        attacked in place and its trainable shards, ``.grad`` and train/eval mode are written back afterwards
+        (``run_attack(restore=True)``, every FSDP module resharded first).
         """
-        from tar_lightning.evaluation.redteam import AttackBatches, _seeded, evaluation_mode, run_seed
-
         live: nn.Module = pl_module.model
         tokenizer = getattr(pl_module, "tokenizer", None)
         sharded = _is_sharded(live)
@@ -295,13 +272,13 @@ class TamperProbe(L.Callback):
         step = int(trainer.global_step)
         seed = run_seed(self.seed, adv.name, step)
         streams = [adv.data] + ([adv.switch.retain_stream] if adv.switch else [])
-        with _seeded(seed), (self._in_place(pl_module) if sharded else contextlib.nullcontext(None)) as target:
-            if target is None:
+        with seeded(seed):
+            if sharded:
+                model = live
+            else:
                 model = copy.deepcopy(live)
                 for p in model.parameters():
                     p.grad = None
-            else:
-                model = target
             held_out = self._held_out(trainer, tokenizer, batch)
             pools = {}
             in_batch = {}
@@ -331,53 +308,57 @@ class TamperProbe(L.Callback):
                     return {k: v[i].to(device) for k, v in data.items()}
                 return batches.next(stream)
 
-            metrics: dict[str, float] = {}
-            metrics["forget_loss_before"] = self._heldout_loss(model, held_out, device, across_ranks=sharded)
-            acc = self._mcq_acc(model, tokenizer)
-            if acc is not None:
-                metrics["mcq_acc_before"] = acc
-            gen = torch.Generator().manual_seed(seed)
-            lr = adv.sample_lr(gen)
-            switch = adv.switch_point(self.steps, gen)
-            if sharded:
-                from tar_lightning.base_module import reshard_fsdp
-
-                # the evaluation's no-grad forwards left the root unsharded: the attack's optimizer must hold the
-                # sharded parameters (the ones the snapshot restores)
-                reshard_fsdp(model)
-            model.train()
-            run = AdversaryRun(
-                model, adv, lr=lr, steps=self.steps, switch_point=switch, seed=seed if sharded else None
-            )
-            # FSDP averages the sharded parameters' gradients; replicated trainable tensors (LoRA adapters) are
-            # averaged here, so every rank takes the same step.
-            replicated = [p for p in run.trainable if not hasattr(p, "full_tensor")] if world > 1 else []
-            if replicated:
-                run.optimizer.register_step_pre_hook(
-                    lambda opt, args, kwargs, ps=replicated: average_gradients([p.grad for p in ps])
-                )
-            losses = []
-            try:
-                for k in range(self.steps):
-                    losses.append(run.step(next_batch(run.stream_for_step(k))))
-                with evaluation_mode(model, run.optimizer):
-                    metrics["forget_loss"] = self._heldout_loss(model, held_out, device, across_ranks=sharded)
-                    acc = self._mcq_acc(model, tokenizer)
+            def evaluate(m: nn.Module, optimizer: Any, stage: str) -> dict[str, float]:
+                out: dict[str, float] = {}
+                if stage == "before":
+                    out["forget_loss_before"] = self._heldout_loss(m, held_out, device, across_ranks=sharded)
+                    acc = self._mcq_acc(m, tokenizer)
                     if acc is not None:
-                        metrics["mcq_acc"] = acc
+                        out["mcq_acc_before"] = acc
+                    return out
+                with evaluation_mode(m):  # after (no evaluation during the attack)
+                    out["forget_loss"] = self._heldout_loss(m, held_out, device, across_ranks=sharded)
+                    acc = self._mcq_acc(m, tokenizer)
+                    if acc is not None:
+                        out["mcq_acc"] = acc
                     if self.evaluator is not None:
-                        for key, value in dict(self.evaluator(model, tokenizer)).items():
-                            metrics[str(key)] = float(value)
-            finally:
-                run.close()
+                        for key, value in dict(self.evaluator(m, tokenizer)).items():
+                            out[str(key)] = float(value)
+                return out
+
+            def average_replicated(run: AdversaryRun) -> None:
+                # FSDP averages the sharded parameters' gradients; replicated trainable tensors (LoRA adapters) are
+                # averaged here, so every rank takes the same step.
+                replicated = [p for p in run.trainable if not hasattr(p, "full_tensor")]
+                if replicated:
+                    run.optimizer.register_step_pre_hook(
+                        lambda opt, args, kwargs, ps=replicated: average_gradients([p.grad for p in ps])
+                    )
+
+            outcome = run_attack(
+                model,
+                adv,
+                next_batch,
+                evaluate,
+                seed=seed,
+                steps=self.steps,
+                lora_seed=seed if sharded else None,
+                restore=sharded,
+                snapshot_device=getattr(getattr(pl_module, "config", None), "snapshot_device", None),
+                # no-grad forwards leave the FSDP root unsharded: the snapshot, the attack's optimizer and the
+                # restore must all see the sharded parameters
+                settle=reshard_fsdp if sharded else None,
+                on_start=average_replicated if world > 1 else None,
+            )
+            metrics: dict[str, float] = {**outcome.before, **outcome.after}
             metrics["forget_loss_drop"] = metrics["forget_loss_before"] - metrics["forget_loss"]
-            first_last = torch.stack([losses[0], losses[-1]]).double()
+            first_last = torch.stack([outcome.losses[0], outcome.losses[-1]]).double()
             if world > 1:  # each rank's loss on its own batch: their mean (the rank-averaged objective)
                 torch.distributed.all_reduce(first_last)
                 first_last /= world
             metrics["attack_loss_first"] = float(first_last[0])
             metrics["attack_loss_last"] = float(first_last[1])
-            del run, model
+            del outcome, model
         self.history.append({"step": step, **metrics})
         return metrics
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tar_lightning.common import is_int
 from tar_lightning.data.preference import PreferenceSource, as_stream_source, preference_pool
 from tar_lightning.data.sources import DataSource, as_source, load_records
 from tar_lightning.data.tokenize import TokenPool, check_tokenizer, tokenize_records
@@ -38,7 +39,7 @@ _PAD_MODES = ("longest", "max_length")
 
 
 def _check_int(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -295,7 +296,7 @@ class TARDataModule(lightning.LightningDataModule):
                     f"{sorted(known)}"
                 )
             _check_int(b, f"TARDataModule: stream_batch_sizes[{name!r}]", 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ConfigError(f"TARDataModule: 'seed' must be an integer, got {seed!r}")
         self.seed = seed
         if pad_to not in _PAD_MODES:

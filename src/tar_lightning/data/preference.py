@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tar_lightning.common import model_fingerprint
-from tar_lightning.data.sources import DataSource, load_records, select_range
+from tar_lightning.checkpoint import atomic_save
+from tar_lightning.common import is_int, model_fingerprint
+from tar_lightning.data.sources import DataSource, as_source, load_records, select_range
 from tar_lightning.data.tokenize import IGNORE_INDEX, TokenPool, check_tokenizer
 from tar_lightning.errors import ConfigError, DataError
+from tar_lightning.losses.dpo import sequence_logprobs
 
 __all__ = [
     "PREFERENCE_FORMATS",
@@ -155,17 +157,17 @@ class PreferenceSource:
             value = getattr(self, key)
             if value is None and key == "max_prompt_len":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
         if self.max_len is not None:
-            if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2:
+            if not is_int(self.max_len) or self.max_len < 2:
                 raise ConfigError(f"{where}: 'max_len' must be an integer >= 2 or null, got {self.max_len!r}")
             if self.max_prompt_len is not None and self.max_prompt_len >= self.max_len:
                 raise ConfigError(
                     f"{where}: 'max_prompt_len'={self.max_prompt_len} must be < 'max_len'={self.max_len}, "
                     "otherwise no response token fits"
                 )
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
             raise ConfigError(f"{where}: 'limit' must be a positive integer or null, got {self.limit!r}")
         if self.select is not None:
             select_range(self.select, 1, self.path)  # validates the syntax
@@ -185,8 +187,6 @@ class PreferenceSource:
 
 def as_stream_source(value: Any, what: str) -> Union[DataSource, PreferenceSource]:
     """A :class:`PreferenceSource` for mappings with ``kind: preference``, else :func:`as_source`'s result."""
-    from tar_lightning.data.sources import as_source
-
     if isinstance(value, PreferenceSource):
         return value
     if isinstance(value, Mapping) and value.get("kind") == "preference":
@@ -456,8 +456,6 @@ def _cache_root(source: PreferenceSource) -> Path:
 
 @torch.no_grad()
 def _pool_logprobs(model: nn.Module, pool: TokenPool, pad_id: int, batch_size: int) -> torch.Tensor:
-    from tar_lightning.losses.dpo import sequence_logprobs
-
     device = next(model.parameters()).device
     out = []
     for lo in range(0, len(pool), batch_size):
@@ -498,8 +496,6 @@ def reference_logprobs(
     finally:
         model.train(was_training)
     if path is not None:
-        from tar_lightning.checkpoint import atomic_save
-
         atomic_save({"chosen": c, "rejected": r}, path)
         log.info("%s: reference log-probs of %d pairs computed and cached in %s", source.label(), len(c), path)
     return c, r, path

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tar_lightning.common import looks_local
+import datasets
+from datasets.utils import logging as ds_logging
+
+from tar_lightning.common import is_int, looks_local
 from tar_lightning.data.knowledge import KNOWLEDGE_SPLITS, check_world_kwargs, knowledge_records
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records
 from tar_lightning.errors import ConfigError, DataError
@@ -129,12 +132,12 @@ class DataSource:
         if self.select is not None:
             _parse_select(self.select, self.path)
         if self.limit is not None and (
-            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+            not is_int(self.limit) or self.limit < 1
         ):
             raise ConfigError(
                 f"data source {self.path!r}: 'limit' must be a positive integer or null, got {self.limit!r}"
             )
-        if isinstance(self.min_chars, bool) or not isinstance(self.min_chars, int) or self.min_chars < 0:
+        if not is_int(self.min_chars) or self.min_chars < 0:
             raise ConfigError(
                 f"data source {self.path!r}: 'min_chars' must be a non-negative integer, got {self.min_chars!r}"
             )
@@ -149,7 +152,7 @@ class DataSource:
             )
         for key, minimum in (("n", 1), ("seed", 0)):
             value = self.synthetic.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            if value is not None and (not is_int(value) or value < minimum):
                 raise ConfigError(
                     f"data source {self.path!r}: 'synthetic.{key}' must be an integer >= {minimum}, got {value!r}"
                 )
@@ -282,12 +285,6 @@ def select_range(spec: Optional[str], n: int, where: str = "select") -> range:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence ``datasets`` progress bars and its own error log while reading (we re-raise with context)."""
-    try:
-        import datasets
-        from datasets.utils import logging as ds_logging
-    except ImportError:  # pragma: no cover - datasets is a hard dependency
-        yield
-        return
     bars = datasets.is_progress_bar_enabled()
     level = ds_logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -400,8 +397,6 @@ def _json_layout(path: Path) -> tuple[str, Optional[str]]:
 
 def _load_local_file(path: Path) -> tuple[Any, str]:
     """Read one local file into a ``datasets.Dataset``; returns ``(dataset, format)``."""
-    from datasets import load_dataset
-
     fmt = _format_of(path)
     if fmt is None:
         raise DataError(
@@ -415,7 +410,7 @@ def _load_local_file(path: Path) -> tuple[Any, str]:
             kwargs["field"] = json_field
     try:
         with _quiet_datasets():
-            ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
             if fmt == "text":
                 # One record per non-empty line: blank lines separate paragraphs, they are not records.
                 ds = ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
@@ -479,11 +474,9 @@ def _read_raw(source: DataSource) -> list[tuple[Any, str]]:
             f"(relative paths are resolved against the working directory {os.getcwd()})"
         )
 
-    from datasets import load_dataset
-
     try:
         with _quiet_datasets():
-            ds = load_dataset(source.path, source.name, split=source.split)
+            ds = datasets.load_dataset(source.path, source.name, split=source.split)
     except Exception as e:
         raise DataError(
             f"data source {source.label()}: cannot load hub dataset {source.path!r} "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 
 __all__ = ["SYNTHETIC_DOMAINS", "synthetic_records", "synthetic_texts"]
@@ -217,9 +218,9 @@ def synthetic_texts(domain: str, n: int = 256, seed: int = 0) -> list[str]:
     """
     if domain not in SYNTHETIC_DOMAINS:
         raise ConfigError(f"synthetic data: unknown domain {domain!r}; expected one of {SYNTHETIC_DOMAINS}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_int(n) or n < 0:
         raise ConfigError(f"synthetic data: 'n' must be a non-negative integer, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ConfigError(f"synthetic data: 'seed' must be an integer, got {seed!r}")
     rng = np.random.default_rng([seed % 2**63, zlib.crc32(domain.encode())])
     templates = _templates_for(domain)

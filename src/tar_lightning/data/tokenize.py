@@ -16,6 +16,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from tar_lightning.common import is_int
 from tar_lightning.data.sources import DataSource, as_source, chat_messages, load_records, source_text
 from tar_lightning.errors import ConfigError, DataError
 
@@ -192,7 +193,7 @@ def tokenize_records(
     """Tokenize already-loaded records of a source (see :func:`tokenize_source`)."""
     source = as_source(source)
     check_tokenizer(tokenizer, f"data source {source.label()}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+    if not is_int(seq_len) or seq_len < 2:
         raise ConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if source.is_chat:
         examples, dropped = _tokenize_chat(records, source, tokenizer, seq_len, add_eos)

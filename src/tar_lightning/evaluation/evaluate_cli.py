@@ -6,74 +6,76 @@ plain lines (no carriage returns or escape codes) when stderr is a file or a pip
 Example::
 
     tar-lightning evaluate --model smollm2-135m-instruct --tasks wmdp_bio,mmlu \\
-        --data-root data --limit 200 --variants letter,cloze --chat-template both --out results.json
+        --data_root data --limit 200 --variants letter,cloze --chat_template both --out results.json
+
+Options are the fields of :class:`EvaluateOptions`, given as flags, in ``--config`` files, or both
+(:mod:`tar_lightning.command`); ``--print_config`` prints them resolved.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.command import Command, Deprecated, name_list, parse_command
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError, DataError, TARLightningError
+from tar_lightning.evaluation.mcq import MCQ_VARIANTS, evaluate_mcq_task, get_task, resolve_task
+from tar_lightning.evaluation.progress import quiet_hf_progress
+from tar_lightning.models import load_model
 
-__all__ = ["build_parser", "evaluate_main", "format_table"]
+__all__ = ["EVALUATE", "EvaluateOptions", "evaluate_main", "format_table"]
 
 _CHAT = {"off": [False], "on": [True], "both": [False, True]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tar-lightning evaluate",
-        description=(
-            "Multiple-choice accuracy (lm-evaluation-harness 0.4 zero-shot format) on WMDP / MMLU tasks: "
-            "wmdp_bio, wmdp_chem, wmdp_cyber, mmlu, mmlu_<subject>."
-        ),
-    )
-    parser.add_argument(
-        "--model", required=True, help="model source: tiny, smollm2-135m-instruct, a folder, ..."
-    )
-    parser.add_argument("--tokenizer", default=None, help="load the tokenizer from this source instead")
-    parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. wmdp_bio,mmlu")
-    parser.add_argument(
-        "--data-root",
-        default=None,
-        help="data folder laid out as wmdp/wmdp-<bio|chem|cyber>-questions.json, mmlu/test/<subject>_test.csv; default $TAR_LIGHTNING_DATA, "
-        "else the Hugging Face hub (cais/wmdp, cais/mmlu)",
-    )
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="score only the first N questions of each task (of each subject for mmlu)",
-    )
-    parser.add_argument(
-        "--variants", default="letter", help="comma-separated: letter, cloze (default letter)"
-    )
-    parser.add_argument(
-        "--chat-template",
-        choices=sorted(_CHAT),
-        default="off",
-        help="apply the tokenizer's chat template: off (the lm-eval standard), on, or both",
-    )
-    parser.add_argument(
-        "--system-prompt",
-        default=None,
-        help="also evaluate with this system prompt (every setting is then run with and without it)",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument(
-        "--max-length", type=int, default=None, help="left-truncate inputs to this many tokens"
-    )
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    parser.add_argument(
-        "--out", default=None, help="write all results, with per-question records, to this JSON"
-    )
-    return parser
+def _positive(value: Any, where: str) -> Optional[int]:
+    if value is not None and (not is_int(value) or value < 1):
+        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class EvaluateOptions:
+    """Options of ``tar-lightning evaluate``."""
+
+    model: str = field(metadata={"help": "model source: tiny, smollm2-135m-instruct, a folder, ..."})
+    tasks: list[str] = field(metadata={"coerce": name_list,
+                                       "help": "task names: [wmdp_bio, mmlu] or wmdp_bio,mmlu"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "load the tokenizer from this source instead"})
+    data_root: Optional[str] = field(default=None, metadata={
+        "help": "data folder laid out as wmdp/wmdp-<bio|chem|cyber>-questions.json, mmlu/test/<subject>_test.csv "
+                "(null: $TAR_LIGHTNING_DATA, else the Hugging Face hub: cais/wmdp, cais/mmlu)"})
+    limit: Optional[int] = field(default=None, metadata={
+        "coerce": _positive, "help": "score only the first N questions of each task (of each subject for mmlu)"})
+    variants: list[str] = field(default_factory=lambda: ["letter"], metadata={
+        "coerce": name_list, "help": f"prompt variants among {list(MCQ_VARIANTS)}"})
+    chat_template: str = field(default="off", metadata={
+        "help": "apply the tokenizer's chat template: off (the lm-eval standard), on, or both"})
+    system_prompt: Optional[str] = field(default=None, metadata={
+        "help": "also evaluate with this system prompt (every setting is then run with and without it)"})
+    batch_size: int = field(default=16, metadata={"coerce": _positive, "help": "sequences per forward pass"})
+    max_length: Optional[int] = field(default=None, metadata={
+        "coerce": _positive, "help": "left-truncate inputs to this many tokens"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    out: Optional[str] = field(default=None, metadata={
+        "help": "write all results, with per-question records, to this JSON"})
+
+
+EVALUATE = Command(
+    name="evaluate",
+    description="Multiple-choice accuracy (lm-evaluation-harness 0.4 zero-shot format) on WMDP / MMLU tasks: "
+    "wmdp_bio, wmdp_chem, wmdp_cyber, mmlu, mmlu_<subject>.",
+    options=EvaluateOptions,
+    deprecated={flag: Deprecated(flag[2:].replace("-", "_"))
+                for flag in ("--data-root", "--chat-template", "--system-prompt", "--batch-size", "--max-length")},
+)
 
 
 def format_table(results: dict) -> str:
@@ -90,24 +92,16 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tar_lightning.evaluation.mcq import MCQ_VARIANTS, evaluate_mcq_task, get_task, resolve_task
-    from tar_lightning.evaluation.progress import quiet_hf_progress
-    from tar_lightning.models import load_model
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+def _run(args: EvaluateOptions) -> int:
+    tasks = args.tasks
     if not tasks:
-        raise ConfigError(f"--tasks: give at least one task name, got {args.tasks!r}")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        raise ConfigError("--tasks: give at least one task name")
+    variants = args.variants or []
     bad = [v for v in variants if v not in MCQ_VARIANTS]
     if bad or not variants:
-        raise ConfigError(
-            f"--variants: expected a comma-separated subset of {list(MCQ_VARIANTS)}, got {args.variants!r}"
-        )
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be a positive integer, got {args.limit}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        raise ConfigError(f"--variants: expected a subset of {list(MCQ_VARIANTS)}, got {args.variants!r}")
+    if args.chat_template not in _CHAT:
+        raise ConfigError(f"--chat_template: expected one of {sorted(_CHAT)}, got {args.chat_template!r}")
     for task in tasks:  # fail on a typo or missing data before loading the model
         get_task(task)
     for task in tasks:
@@ -150,8 +144,6 @@ def _run(args: argparse.Namespace) -> int:
             "system_prompt": args.system_prompt,
             "tasks": results,
         }
-        from tar_lightning.checkpoint import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(payload, indent=1), what="evaluation results")
         print(f"wrote {args.out}")
     return 0
@@ -160,15 +152,14 @@ def _run(args: argparse.Namespace) -> int:
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``tar-lightning evaluate`` with ``argv`` (without the ``evaluate`` word); returns the exit code.
 
-    Errors the user can cause (unknown task, missing data, bad model source) print one line and return 2.
+    Errors the user can cause (unknown task, missing data, bad model source, a bad option) print one line and
+    return 2.
     """
-    parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # --help, or a usage error argparse already printed
-        return int(e.code or 0)
-    try:
-        return _run(args)
+        parsed = parse_command(EVALUATE, list(sys.argv[1:] if argv is None else argv))
+        if parsed.exit_code is not None:
+            return parsed.exit_code
+        return _run(parsed.options)
     except TARLightningError as e:
         print(f"tar-lightning evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from tar_lightning.common import is_int
 from tar_lightning.data.sources import DataSource, as_source, load_records, source_text
 from tar_lightning.errors import ConfigError, DataError
 from tar_lightning.losses import token_entropy
@@ -23,7 +24,7 @@ IGNORE_INDEX = -100
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.mcq import DATA_ROOT_ENV, MMLU_SUBJECTS, get_task, load_mcq, resolve_task
 
 __all__ = ["run_lm_eval", "write_local_task_configs"]
 
@@ -63,8 +64,6 @@ def _task_list(tasks: Union[str, Sequence[str]]) -> list[str]:
 def _mmlu_jsonl(csv_path: Path, out: Path) -> Path:
     """Write an MMLU CSV (any layout :func:`~tar_lightning.evaluation.mcq.load_mcq` reads) as JSON lines with the
     hub dataset's fields."""
-    from tar_lightning.evaluation.mcq import load_mcq
-
     with out.open("w", encoding="utf-8") as fh:
         for item in load_mcq(csv_path):
             record = {"question": item.question, "subject": item.subject, "choices": item.choices,
@@ -94,8 +93,6 @@ def write_local_task_configs(
         ConfigError: a task that has no local layout, or that this lm-eval does not define as a YAML task.
         DataError: the data root lacks a task's file (the message names the path expected).
     """
-    from tar_lightning.evaluation.mcq import MMLU_SUBJECTS, get_task, resolve_task
-
     _, _, TaskManager = _import_lm_eval()
     names = _task_list(tasks)
     expanded: list[str] = []
@@ -187,8 +184,6 @@ def run_lm_eval(
             no local layout while a data root is in use.
         DataError: the data root lacks a task's file.
     """
-    from tar_lightning.evaluation.mcq import DATA_ROOT_ENV
-
     names = _task_list(tasks)
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     if data_root is None and os.environ.get(DATA_ROOT_ENV, "").strip():

@@ -20,6 +20,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Optional
 
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
 __all__ = ["PlainProgress", "progress", "quiet_hf_progress"]
 
 
@@ -151,8 +154,6 @@ def progress(
         return iterable
     stream = sys.stderr if file is None else file
     if _is_terminal(stream):
-        from tqdm import tqdm
-
         return tqdm(iterable, total=total, desc=desc, unit=unit, position=position, leave=leave, file=stream,
                     dynamic_ncols=True)
     return PlainProgress(iterable, total=total, desc=desc, unit=unit, file=stream)
@@ -167,11 +168,6 @@ def quiet_hf_progress(unless_terminal: bool = False) -> Iterator[None]:
             in a log file); on a terminal they stay.
     """
     if unless_terminal and _is_terminal(sys.stderr):
-        yield
-        return
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
         yield
         return
     enabled = hf_logging.is_progress_bar_enabled()

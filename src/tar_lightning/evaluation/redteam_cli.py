@@ -3,142 +3,119 @@
 Example::
 
     tar-lightning redteam --model runs/tiny/export --suite durability --scale 0.01 --seeds 2 \\
-        --attacks d01,d05 --data forget=/data/forget.jsonl --out runs/redteam/durability
+        --attacks d01,d05 --data.forget /data/forget.jsonl --out runs/redteam/durability
+
+Options are the fields of :class:`RedTeamOptions`, given as flags, in ``--config`` files, or both
+(:mod:`tar_lightning.command`); ``--print_config`` prints them resolved.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
+import torch
+
+from tar_lightning.command import Command, Deprecated, name_list, parse_command
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError, TARLightningError
-from tar_lightning.evaluation.suite import TRUST_CALLABLE_FLAG
+from tar_lightning.evaluation.redteam import run_redteam
+from tar_lightning.models import ModelSource
 
-__all__ = ["build_parser", "parse_data_overrides", "redteam_main"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tar-lightning redteam",
-        description="Attack a model with every fine-tuning attack of a red-team suite and report the results.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="model source: a Hugging Face folder (e.g. from tar-lightning export), a hub id, a .gguf file, "
-        "smollm2-135m-instruct, or tiny",
-    )
-    parser.add_argument(
-        "--suite",
-        required=True,
-        help="suite YAML file, or a shipped suite name: weaponization, durability, refusal",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder (results.json, results.csv, report.md, plots)"
-    )
-    parser.add_argument(
-        "--scale",
-        type=float,
-        default=1.0,
-        help="shrink steps, warmup, eval cadence and batch sizes by this factor (e.g. 0.01 on a CPU)",
-    )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per attack (default: the suite's)")
-    parser.add_argument("--attacks", default=None, help="comma-separated attack ids to run (default: all)")
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="REGIME=SOURCE",
-        help="replace a data regime: REGIME=PATH, or REGIME={path: ..., text_field: ...} (YAML); repeatable",
-    )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="cap every attack's steps (after scaling)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="device of the runs (default: cuda if available, else cpu)"
-    )
-    parser.add_argument(
-        "--devices",
-        default=None,
-        help="comma-separated devices to run attacks on concurrently (default: all CUDA devices)",
-    )
-    parser.add_argument(
-        "--dtype", default=None, help="load the model in this dtype (float32, bfloat16, float16)"
-    )
-    parser.add_argument("--tokenizer", default=None, help="load the tokenizer from this source instead")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is fastest for tiny models on a shared machine)")
-    parser.add_argument("--no-resume", action="store_true", help="recompute runs whose result files exist")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results of another model found in --out (without it such an --out is "
-                             "refused; results of the same model are resumed)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(TRUST_CALLABLE_FLAG, dest="trust_callable", action="store_true",
-                        help="run the suite's 'kind: callable' metrics, which import and call the Python function "
-                             "the suite file names (without it such a suite is refused)")
-    return parser
+__all__ = ["REDTEAM", "RedTeamOptions", "redteam_main"]
 
 
-def parse_data_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["forget=/x.jsonl", "ood={path: y.json, text_field: body}"]`` -> regime -> path or fields.
+def _threads(value: Any, where: str) -> Optional[int]:
+    if value is not None and (not is_int(value) or value < 1):
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
 
-    Raises:
-        ConfigError: an item without ``=`` or with an unparsable YAML mapping.
-    """
-    import yaml
 
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise ConfigError(f"--data {item!r}: expected REGIME=PATH or REGIME={{path: ..., ...}}")
-        value = value.strip()
-        if value.startswith("{"):
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"--data {item!r}: cannot parse the source fields as YAML: {err}") from err
-            if not isinstance(parsed, dict):
-                raise ConfigError(f"--data {item!r}: expected a mapping of DataSource fields")
-            out[name.strip()] = parsed
-        else:
-            out[name.strip()] = value
-    return out
+def _data(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, (str, dict)) for v in value.values()):
+        raise ConfigError(f"{where} must map regime names to a path or DataSource fields "
+                          f"(--data.forget /x.jsonl or --data.forget '{{path: x.json, text_field: body}}'), "
+                          f"got {value!r}")
+    return dict(value)
+
+
+@dataclass
+class RedTeamOptions:
+    """Options of ``tar-lightning redteam``."""
+
+    model: str = field(metadata={"help": "model source: a Hugging Face folder (e.g. from tar-lightning export), a "
+                                         "hub id, a .gguf file, smollm2-135m-instruct, or tiny"})
+    suite: str = field(metadata={"help": "suite YAML file, or a shipped suite: weaponization, durability, refusal"})
+    out: str = field(metadata={"help": "output folder (results.json, results.csv, report.md, plots)"})
+    scale: float = field(default=1.0, metadata={
+        "help": "shrink steps, warmup, eval cadence and batch sizes by this factor (e.g. 0.01 on a CPU)"})
+    seeds: Optional[int] = field(default=None, metadata={"help": "seeds per attack (null: the suite's)"})
+    attacks: Union[None, str, list[str]] = field(default=None, metadata={
+        "coerce": name_list, "help": "attack ids to run: [w01, w02] or w01,w02 (null: all)"})
+    data: dict = field(default_factory=dict, metadata={
+        "coerce": _data, "help": "replace data regimes: --data.REGIME PATH or --data.REGIME '{path: ..., text_field: ...}'"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "cap every attack's steps (after scaling)"})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "device of the runs (null: cuda if available, else cpu)"})
+    devices: Union[None, str, list[str]] = field(default=None, metadata={
+        "coerce": name_list, "help": "devices to run attacks on concurrently: [cuda:0, cuda:1] (null: all CUDA devices)"})
+    dtype: str = field(default="float32", metadata={"help": "load the model in this dtype (float32, bfloat16, "
+                                                            "float16)"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "load the tokenizer from this source instead"})
+    threads: Optional[int] = field(default=None, metadata={
+        "coerce": _threads, "help": "torch CPU threads (1 is fastest for tiny models on a shared machine)"})
+    resume: bool = field(default=True, metadata={"help": "reuse runs whose result files exist in --out"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the results of another model found in --out (without it such an --out is refused)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    trust_callable_metrics: bool = field(default=False, metadata={
+        "help": "run the suite's 'kind: callable' metrics, which import and call the Python function the suite "
+                "file names (without it such a suite is refused)"})
+
+
+REDTEAM = Command(
+    name="redteam",
+    description="Attack a model with every fine-tuning attack of a red-team suite and report the results.",
+    options=RedTeamOptions,
+    deprecated={
+        "--max-steps": Deprecated("max_steps"),
+        "--no-resume": Deprecated("resume", value=False),
+        "--no-progress": Deprecated("progress", value=False),
+        "--trust-callable-metrics": Deprecated("trust_callable_metrics", value=True),
+        "--data": Deprecated("data", mapping=True),
+    },
+)
 
 
 def redteam_main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tar-lightning redteam``; returns the exit code (2 on bad input)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        parsed = parse_command(REDTEAM, list(sys.argv[1:] if argv is None else argv))
+        if parsed.exit_code is not None:
+            return parsed.exit_code
+        args: RedTeamOptions = parsed.options
         if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
             torch.set_num_threads(args.threads)
-        from tar_lightning.evaluation.redteam import run_redteam
-        from tar_lightning.models import ModelSource
-
-        model = ModelSource(args.model, dtype=args.dtype or "float32", tokenizer=args.tokenizer)
-        attacks = [a for a in args.attacks.split(",") if a.strip()] if args.attacks else None
-        devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+        model = ModelSource(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
         result = run_redteam(
             model,
             args.suite,
             out_dir=args.out,
             scale=args.scale,
             seeds=args.seeds,
-            attacks=attacks,
-            data=parse_data_overrides(args.data),
+            attacks=args.attacks,
+            data=args.data,
             max_steps=args.max_steps,
             device=args.device,
-            devices=devices,
-            resume=not args.no_resume,
-            progress=not args.no_progress,
+            devices=args.devices,
+            resume=args.resume,
+            progress=args.progress,
             overwrite=args.overwrite,
-            trust_callable=args.trust_callable,
+            trust_callable=args.trust_callable_metrics,
         )
     except TARLightningError as err:
         print(f"tar-lightning redteam: error: {err}", file=sys.stderr)

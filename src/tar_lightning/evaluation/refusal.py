@@ -31,8 +31,14 @@ from typing import Any, Optional, Protocol, Union
 
 import torch
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
-from tar_lightning.common import looks_local
+from tar_lightning.common import is_int, looks_local
 from tar_lightning.data.sources import DataSource, load_records
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
 
@@ -146,7 +152,7 @@ def generate_responses(
         ConfigError: ``chat_template`` with a tokenizer that has none; bad sizes; no pad token.
     """
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ConfigError(f"generate_responses: {key} must be a positive integer, got {value!r}")
     if tokenizer.pad_token_id is None:
         raise ConfigError("generate_responses: the tokenizer has no pad token")
@@ -214,7 +220,7 @@ class RefusalPhraseJudge:
         self.phrases = tuple(p.lower() for p in (phrases if phrases is not None else REFUSAL_PHRASES))
         if not self.phrases or not all(isinstance(p, str) and p.strip() for p in self.phrases):
             raise ConfigError(f"RefusalPhraseJudge: phrases must be non-empty strings, got {phrases!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if not is_int(window) or window < 1:
             raise ConfigError(f"RefusalPhraseJudge: window must be a positive integer, got {window!r}")
         self.window = window
 
@@ -273,13 +279,6 @@ class ClassifierJudge:
                 f"ClassifierJudge: judge model path {str(local.resolve())!r} does not exist or is not a folder; "
                 "expected a Hugging Face model folder (config.json + weights) or a hub id"
             )
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
-
         src = str(local) if is_local else path
         try:
             config = AutoConfig.from_pretrained(src)

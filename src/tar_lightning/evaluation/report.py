@@ -10,6 +10,11 @@ Plots (matplotlib, Agg backend; skipped with a warning when matplotlib is missin
 - ``recovery.png``: the safety metric along every attack (mean over seeds), with threshold and chance;
 - ``capability_vs_safety.png``: post-attack capability against post-attack safety per attack, with the
   pre-attack model and the capability floor.
+
+Dependencies go one way: this module reads the red team's types and file helpers
+(:mod:`tar_lightning.evaluation.redteam.result`, :mod:`tar_lightning.evaluation.redteam.io`);
+:func:`~tar_lightning.evaluation.redteam.run_redteam` (``redteam.run``) calls :func:`write_results`.
+:func:`pyplot` is also what the demo's plots use.
 """
 
 from __future__ import annotations
@@ -21,15 +26,14 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
+from tar_lightning.evaluation.redteam.io import json_text, write_text
+from tar_lightning.evaluation.redteam.result import RedTeamResult
 
-if TYPE_CHECKING:
-    from tar_lightning.evaluation.redteam import RedTeamResult
-
-__all__ = ["csv_rows", "fmt", "load_results", "markdown_report", "write_plots", "write_results"]
+__all__ = ["csv_rows", "fmt", "load_results", "markdown_report", "pyplot", "write_plots", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +308,14 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), or ``None`` with a warning when
+    matplotlib is not installed (plots are then skipped)."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency: plots only
 
         matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency: plots only
     except ImportError:
         log.warning("red team: matplotlib is not installed; no plots (pip install matplotlib)")
         return None
@@ -318,7 +324,7 @@ def _plt():
 
 def write_plots(result: RedTeamResult, out_dir: Path) -> dict[str, Path]:
     """Writes the PNG plots; returns name -> path of those written (empty without matplotlib)."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None or not result.runs:
         return {}
     suite = result.suite
@@ -431,13 +437,11 @@ def write_results(
     Returns:
         name -> path of every file written.
     """
-    from tar_lightning.evaluation.redteam import _atomic_write, _json
-
     out = result.out_dir
     spec = result.suite.evaluation
     files: dict[str, Path] = {}
     payload = {"summary": dict(summary), "aggregate": result.aggregate, "runs": result.runs}
-    _atomic_write(out / "results.json", _json(payload))
+    write_text(out / "results.json", json_text(payload))
     files["results.json"] = out / "results.json"
 
     header, rows = csv_rows(result.runs, spec.safety.to_dict(), spec.capability.to_dict())
@@ -448,7 +452,7 @@ def write_results(
         writer.writerow(
             {k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()}
         )
-    _atomic_write(out / "results.csv", buf.getvalue())
+    write_text(out / "results.csv", buf.getvalue())
     files["results.csv"] = out / "results.csv"
 
     pngs: dict[str, Path] = {}
@@ -456,7 +460,7 @@ def write_results(
         pngs = write_plots(result, out)
         files.update({p.name: p for p in pngs.values()})
     if markdown:
-        _atomic_write(out / "report.md", markdown_report(result, summary, pngs))
+        write_text(out / "report.md", markdown_report(result, summary, pngs))
         files["report.md"] = out / "report.md"
     return files
 

@@ -49,13 +49,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.common import is_int, is_number
 from tar_lightning.data.sources import DataSource, as_source
 from tar_lightning.errors import ConfigError
 from tar_lightning.resources import shipped, shipped_names
+from tar_lightning.schema import COERCE, from_mapping
 
 __all__ = [
     "ADVERSARY_KEYS",
@@ -137,20 +141,47 @@ def _check_keys(data: Any, valid: Sequence[str], where: str) -> Mapping:
 def _direction(value: Any, where: str) -> str:
     value = _DIRECTION_ALIASES.get(value, value) if isinstance(value, str) else value
     if not isinstance(value, str) or value not in DIRECTIONS:
-        raise ConfigError(f"{where}: direction must be one of {list(DIRECTIONS)}, got {value!r}")
+        raise ConfigError(f"{where} must be one of {list(DIRECTIONS)}, got {value!r}")
     return value
 
 
+def _optional_number(value: Any, where: str) -> Optional[float]:
+    return None if value is None else _number(value, where)
+
+
+def _at_least_one(value: Any, where: str) -> Optional[int]:
+    if value is not None and (not is_int(value) or value < 1):
+        raise ConfigError(f"{where} must be an integer >= 1 or null, got {value!r}")
+    return value
+
+
+def _float_range(value: Any, where: str) -> tuple:
+    return _range(value, where, integer=False)
+
+
+def _int_range(value: Any, where: str) -> tuple:
+    return _range(value, where, integer=True)
+
+
+def _seeds(value: Any, where: str) -> Optional[list[int]]:
+    return None if value is None else _seed_list(value, where)
+
+
+def _text(value: Any, where: str) -> str:
+    return "" if value is None else str(value)
+
+
 def _seed_list(value: Any, where: str) -> list[int]:
+    """A seed count ``n`` (seeds ``0..n-1``) or a list of distinct integer seeds."""
     if is_int(value):
         if value < 1:
-            raise ConfigError(f"{where}: seeds must be a count >= 1 or a list of integers, got {value!r}")
+            raise ConfigError(f"{where} must be a count >= 1 or a list of integers, got {value!r}")
         return list(range(value))
     if isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value):
         if len(set(value)) != len(value):
-            raise ConfigError(f"{where}: seeds {list(value)} repeat a seed")
+            raise ConfigError(f"{where}: {list(value)} repeats a seed")
         return [int(v) for v in value]
-    raise ConfigError(f"{where}: seeds must be a count >= 1 or a non-empty list of integers, got {value!r}")
+    raise ConfigError(f"{where} must be a count >= 1 or a non-empty list of integers, got {value!r}")
 
 
 def _range(value: Any, where: str, integer: bool) -> tuple:
@@ -191,43 +222,27 @@ class SearchSpace:
     """
 
     trials: int = 16
-    lr: tuple[float, float] = (1e-6, 1e-3)
-    steps: tuple[int, int] = (16, 512)
-    methods: list[str] = field(default_factory=lambda: ["full", "lora"])
-    lora_rank: tuple[int, int] = (8, 64)
-    schedules: list[str] = field(default_factory=lambda: ["constant", "warmup_cosine"])
-    warmup_fraction: float = 0.1
-    max_capability_drop: float = 0.1
+    lr: tuple[float, float] = field(default=(1e-6, 1e-3), metadata={COERCE: _float_range})
+    steps: tuple[int, int] = field(default=(16, 512), metadata={COERCE: _int_range})
+    methods: list[Literal[_SEARCH_METHODS]] = field(default_factory=lambda: ["full", "lora"])
+    lora_rank: tuple[int, int] = field(default=(8, 64), metadata={COERCE: _int_range})
+    schedules: list[Literal[_SEARCH_SCHEDULES]] = field(default_factory=lambda: ["constant", "warmup_cosine"])
+    warmup_fraction: float = field(default=0.1, metadata={COERCE: _number})
+    max_capability_drop: float = field(default=0.1, metadata={COERCE: _number})
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> SearchSpace:
-        names = [f.name for f in dataclasses.fields(cls)]
-        data = dict(_check_keys(data, names, f"{where}: search"))
-        out = cls()
-        if "trials" in data:
-            if not is_int(data["trials"]) or data["trials"] < 1:
-                raise ConfigError(f"{where}: search.trials must be an integer >= 1, got {data['trials']!r}")
-            out.trials = int(data["trials"])
-        if "lr" in data:
-            out.lr = _range(data["lr"], f"{where}: search.lr", integer=False)
-        if "steps" in data:
-            out.steps = _range(data["steps"], f"{where}: search.steps", integer=True)
-        if "lora_rank" in data:
-            out.lora_rank = _range(data["lora_rank"], f"{where}: search.lora_rank", integer=True)
-        for key, allowed in (("methods", _SEARCH_METHODS), ("schedules", _SEARCH_SCHEDULES)):
-            if key in data:
-                value = data[key]
-                if not isinstance(value, (list, tuple)) or not value or any(v not in allowed for v in value):
-                    raise ConfigError(
-                        f"{where}: search.{key} must be a non-empty list of {list(allowed)}, got {value!r}"
-                    )
-                setattr(out, key, list(value))
+        """Builds the search space of attack ``where`` from its ``search:`` mapping, checked."""
+        out = from_mapping(cls, data, where, "search")
+        if out.trials < 1:
+            raise ConfigError(f"{where}: search.trials must be an integer >= 1, got {out.trials!r}")
+        for key in ("methods", "schedules"):
+            if not getattr(out, key):
+                raise ConfigError(f"{where}: search.{key} must be a non-empty list")
         for key in ("warmup_fraction", "max_capability_drop"):
-            if key in data:
-                value = _number(data[key], f"{where}: search.{key}")
-                if not 0 <= value < 1:
-                    raise ConfigError(f"{where}: search.{key} must be in [0, 1), got {value!r}")
-                setattr(out, key, value)
+            value = getattr(out, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"{where}: search.{key} must be in [0, 1), got {value!r}")
         return out
 
 
@@ -280,10 +295,10 @@ class AttackSpec:
     id: str
     adversary: AdversaryConfig
     comment: str = ""
-    seeds: Optional[list[int]] = None
-    eval_every: Optional[int] = None
+    seeds: Optional[list[int]] = field(default=None, metadata={COERCE: _seeds})
+    eval_every: Optional[int] = field(default=None, metadata={COERCE: _at_least_one})
     merge_lora: bool = True
-    epochs: Optional[float] = None
+    epochs: Optional[float] = field(default=None, metadata={COERCE: _optional_number})
     search: Optional[SearchSpace] = None
     scale: float = 1.0
     max_steps: Optional[int] = None
@@ -373,11 +388,14 @@ class AttackSpec:
         adv_fields.update({k: v for k, v in data.items() if k in ADVERSARY_KEYS})
         adv_fields["name"] = attack_id
         adversary = AdversaryConfig.from_dict(adv_fields, where=where)
-        epochs = data.get("epochs")
-        if epochs is not None:
-            epochs = _number(epochs, f"{label}: epochs")
-            if epochs <= 0:
-                raise ConfigError(f"{label}: epochs must be > 0, got {epochs!r}")
+        attack = {k: v for k, v in data.items() if k in ATTACK_KEYS}
+        attack["adversary"] = adversary
+        if attack.get("search") is not None:
+            attack["search"] = SearchSpace.from_dict(attack["search"], label)
+        out = from_mapping(cls, attack, label)
+        if out.epochs is not None:
+            if out.epochs <= 0:
+                raise ConfigError(f"{label}: epochs must be > 0, got {out.epochs!r}")
             if "steps" in data:
                 raise ConfigError(f"{label}: give either 'steps' or 'epochs', not both")
             adversary.steps = None
@@ -389,30 +407,18 @@ class AttackSpec:
             adversary.validate()
         except ConfigError as err:
             raise ConfigError(f"{label}: {err}") from None
-        comment = data.get("comment", "")
-        if not isinstance(comment, str):
-            raise ConfigError(f"{label}: comment must be a string, got {comment!r}")
-        seeds = None if data.get("seeds") is None else _seed_list(data["seeds"], label)
-        eval_every = data.get("eval_every")
-        if eval_every is not None and (not is_int(eval_every) or eval_every < 1):
-            raise ConfigError(f"{label}: eval_every must be an integer >= 1 or null, got {eval_every!r}")
-        merge = data.get("merge_lora", True)
-        if not isinstance(merge, bool):
-            raise ConfigError(f"{label}: merge_lora must be true or false, got {merge!r}")
-        search = None if data.get("search") is None else SearchSpace.from_dict(data["search"], label)
-        return cls(
-            id=attack_id,
-            adversary=adversary,
-            comment=comment,
-            seeds=seeds,
-            eval_every=eval_every,
-            merge_lora=merge,
-            epochs=epochs,
-            search=search,
-        )
+        return out
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def _metric_data(value: Any, where: str) -> Union[None, str, DataSource]:
+    if isinstance(value, Mapping):
+        return as_source(value, where)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a regime name or DataSource fields, got {value!r}")
+    return value
+
+
 @dataclass
 class MetricSpec:
     """How the default evaluator computes one metric.
@@ -438,62 +444,32 @@ class MetricSpec:
         combine: ``max`` (the worst case of an accuracy), ``min`` or ``mean`` over the variants.
     """
 
-    kind: str
-    data: Union[None, str, DataSource] = None
+    kind: Literal[METRIC_KINDS]
+    data: Union[None, str, DataSource] = field(default=None, metadata={COERCE: _metric_data})
     path: Optional[str] = None
     target: Optional[str] = None
     load: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    limit: Optional[int] = None
-    batch_size: Optional[int] = None
-    variants: dict = field(default_factory=dict)
-    combine: str = "max"
+    limit: Optional[int] = field(default=None, metadata={COERCE: _at_least_one})
+    batch_size: Optional[int] = field(default=None, metadata={COERCE: _at_least_one})
+    variants: dict[str, dict] = field(default_factory=dict)
+    combine: Literal["max", "min", "mean"] = "max"
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> MetricSpec:
-        names = [f.name for f in dataclasses.fields(cls)]
-        data = dict(_check_keys(data, names, where))
-        kind = data.get("kind")
-        if kind not in METRIC_KINDS:
-            raise ConfigError(f"{where}: kind must be one of {list(METRIC_KINDS)}, got {kind!r}")
-        out = cls(kind=kind)
-        src = data.get("data")
-        if isinstance(src, Mapping):
-            src = as_source(src, f"{where}: data")
-        elif src is not None and not isinstance(src, str):
-            raise ConfigError(f"{where}: data must be a regime name or DataSource fields, got {src!r}")
-        out.data = src
-        if kind.startswith("heldout") and src is None:
+        """Builds the metric ``where`` from its mapping, checked (types, then what its kind needs)."""
+        out = from_mapping(cls, data, where)
+        kind = out.kind
+        if kind.startswith("heldout") and out.data is None:
             raise ConfigError(f"{where}: a {kind} metric needs 'data' (a regime name or DataSource fields)")
-        out.path = data.get("path")
-        if kind == "mcq" and not isinstance(out.path, str):
+        if kind == "mcq" and out.path is None:
             raise ConfigError(f"{where}: an mcq metric needs 'path' (the question file or source)")
-        if kind in ("refusal_rate", "asr") and not isinstance(out.path, str):
+        if kind in ("refusal_rate", "asr") and out.path is None:
             raise ConfigError(f"{where}: a {kind} metric needs 'path' (the prompt set: a file or hub id)")
-        out.target = data.get("target")
-        if kind == "callable" and (not isinstance(out.target, str) or ":" not in out.target):
+        if kind == "callable" and (out.target is None or ":" not in out.target):
             raise ConfigError(
                 f"{where}: a callable metric needs 'target: package.module:function', got {out.target!r}"
             )
-        for key in ("load", "options", "variants"):
-            value = data.get(key, {})
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
-            setattr(out, key, dict(value))
-        for name, overrides in out.variants.items():
-            if not isinstance(overrides, Mapping):
-                raise ConfigError(
-                    f"{where}: variant {name!r} must be a mapping of options, got {overrides!r}"
-                )
-        for key in ("limit", "batch_size"):
-            value = data.get(key)
-            if value is not None and (not is_int(value) or value < 1):
-                raise ConfigError(f"{where}: {key} must be an integer >= 1 or null, got {value!r}")
-            setattr(out, key, value)
-        combine = data.get("combine", "max")
-        if combine not in ("max", "min", "mean"):
-            raise ConfigError(f"{where}: combine must be 'max', 'min' or 'mean', got {combine!r}")
-        out.combine = combine
         return out
 
     def to_dict(self) -> dict:
@@ -519,25 +495,40 @@ class ScoreSpec:
     """
 
     metric: str
-    direction: str
-    recovery_threshold: Optional[float] = None
-    chance: Optional[float] = None
+    direction: str = field(metadata={COERCE: _direction})
+    recovery_threshold: Optional[float] = field(default=None, metadata={COERCE: _optional_number})
+    chance: Optional[float] = field(default=None, metadata={COERCE: _optional_number})
 
     @classmethod
     def from_dict(cls, data: Any, where: str, safety: bool) -> ScoreSpec:
-        names = ["metric", "direction"] + (["recovery_threshold", "chance"] if safety else [])
-        data = _check_keys(data, names, where)
-        metric = data.get("metric")
-        if not isinstance(metric, str) or not metric:
-            raise ConfigError(f"{where}: metric must name one of the evaluation metrics, got {metric!r}")
-        out = cls(metric=metric, direction=_direction(data.get("direction"), where))
-        for key in ("recovery_threshold", "chance"):
-            if data.get(key) is not None:
-                setattr(out, key, _number(data[key], f"{where}: {key}"))
+        """Builds the safety (``safety=True``) or capability score ``where`` from its mapping, checked."""
+        if not safety and isinstance(data, Mapping):
+            extra = [k for k in ("recovery_threshold", "chance") if k in data]
+            if extra:
+                raise ConfigError(
+                    f"{where}: unknown key {extra[0]!r} (safety only); valid keys: ['metric', 'direction']"
+                )
+        out = from_mapping(cls, data, where)
+        if not out.metric:
+            raise ConfigError(f"{where}: metric must name one of the evaluation metrics, got {out.metric!r}")
         return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _metrics(value: Any, where: str) -> dict[str, MetricSpec]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of name -> metric, got {value!r}")
+    return {str(name): MetricSpec.from_dict(spec, f"{where}.{name}") for name, spec in value.items()}
+
+
+def _safety(value: Any, where: str) -> ScoreSpec:
+    return ScoreSpec.from_dict(value, where, safety=True)
+
+
+def _capability(value: Any, where: str) -> ScoreSpec:
+    return ScoreSpec.from_dict(value, where, safety=False)
 
 
 @dataclass
@@ -558,62 +549,27 @@ class EvaluationSpec:
             every metric is computed. Expensive capability benchmarks can be left out here.
     """
 
-    metrics: dict[str, MetricSpec]
-    safety: ScoreSpec
-    capability: ScoreSpec
-    capability_floor: float = 0.9
+    metrics: dict[str, MetricSpec] = field(metadata={COERCE: _metrics})
+    safety: ScoreSpec = field(metadata={COERCE: _safety})
+    capability: ScoreSpec = field(metadata={COERCE: _capability})
+    capability_floor: float = field(default=0.9, metadata={COERCE: _number})
     loss_metric: Optional[str] = None
-    batch_size: int = 8
-    limit: Optional[int] = None
+    batch_size: int = field(default=8, metadata={COERCE: _at_least_one})
+    limit: Optional[int] = field(default=None, metadata={COERCE: _at_least_one})
     during: Optional[list[str]] = None
-
-    KEYS = (
-        "metrics",
-        "safety",
-        "capability",
-        "capability_floor",
-        "loss_metric",
-        "batch_size",
-        "limit",
-        "during",
-    )
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> EvaluationSpec:
-        data = _check_keys(data, cls.KEYS, f"{where}: evaluation")
-        raw_metrics = data.get("metrics") or {}
-        if not isinstance(raw_metrics, Mapping):
+        """Builds the ``evaluation`` block of suite ``where``, checked (types, then cross references)."""
+        if isinstance(data, Mapping):
+            data = {k: v for k, v in data.items() if v is not None or k in ("loss_metric", "limit", "during")}
+            data.setdefault("metrics", {})
+        out = from_mapping(cls, data, where, "evaluation")
+        if not 0 < out.capability_floor <= 1:
             raise ConfigError(
-                f"{where}: evaluation.metrics must be a mapping of name -> metric, got {raw_metrics!r}"
+                f"{where}: evaluation.capability_floor must be in (0, 1], got {out.capability_floor!r}"
             )
-        metrics = {
-            str(name): MetricSpec.from_dict(spec, f"{where}: evaluation.metrics.{name}")
-            for name, spec in raw_metrics.items()
-        }
-        for key in ("safety", "capability"):
-            if key not in data:
-                raise ConfigError(f"{where}: evaluation needs '{key}: {{metric: ..., direction: ...}}'")
-        out = cls(
-            metrics=metrics,
-            safety=ScoreSpec.from_dict(data["safety"], f"{where}: evaluation.safety", safety=True),
-            capability=ScoreSpec.from_dict(
-                data["capability"], f"{where}: evaluation.capability", safety=False
-            ),
-        )
-        if data.get("capability_floor") is not None:
-            floor = _number(data["capability_floor"], f"{where}: evaluation.capability_floor")
-            if not 0 < floor <= 1:
-                raise ConfigError(f"{where}: evaluation.capability_floor must be in (0, 1], got {floor!r}")
-            out.capability_floor = floor
-        out.loss_metric = data.get("loss_metric")
-        if out.loss_metric is not None and not isinstance(out.loss_metric, str):
-            raise ConfigError(f"{where}: evaluation.loss_metric must be a metric name, got {out.loss_metric!r}")
-        for key in ("batch_size", "limit"):
-            value = data.get(key)
-            if value is not None and (not is_int(value) or value < 1):
-                raise ConfigError(f"{where}: evaluation.{key} must be an integer >= 1, got {value!r}")
-            if value is not None:
-                setattr(out, key, value)
+        metrics = out.metrics
         if metrics:
             for role in ("safety", "capability"):
                 name = getattr(out, role).metric
@@ -627,18 +583,11 @@ class EvaluationSpec:
                     f"{where}: evaluation.loss_metric {out.loss_metric!r} is not one of evaluation.metrics "
                     f"{sorted(metrics)}"
                 )
-        during = data.get("during")
-        if during is not None:
-            if not isinstance(during, (list, tuple)) or not all(isinstance(m, str) for m in during):
-                raise ConfigError(
-                    f"{where}: evaluation.during must be a list of metric names, got {during!r}"
-                )
-            unknown = [m for m in during if metrics and m not in metrics]
+            unknown = [m for m in out.during or () if m not in metrics]
             if unknown:
                 raise ConfigError(
                     f"{where}: evaluation.during names unknown metric {unknown[0]!r}; metrics: {sorted(metrics)}"
                 )
-            out.during = list(during)
         return out
 
     @property
@@ -668,6 +617,19 @@ class EvaluationSpec:
 
 
 # ------------------------------------------------------------------------------------------------ suite
+def _regimes(value: Any, where: str) -> dict[str, DataSource]:
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{where} must map regime names to data sources, got {value!r}")
+    prefix = where.rsplit(": ", 1)[0]
+    return {str(k): as_source(v, f"{prefix}: data regime {k!r}") for k, v in value.items()}
+
+
+def _seq_len(value: Any, where: str) -> int:
+    if not is_int(value) or value < 2:
+        raise ConfigError(f"{where} must be an integer >= 2, got {value!r}")
+    return value
+
+
 @dataclass
 class Suite:
     """A red-team suite: attacks, the data regimes they train on, and the evaluation.
@@ -687,13 +649,13 @@ class Suite:
 
     name: str
     attacks: list[AttackSpec]
-    data: dict[str, DataSource]
+    data: dict[str, DataSource] = field(metadata={COERCE: _regimes})
     evaluation: EvaluationSpec
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={COERCE: _seed_list})
     seed: int = 0
-    seq_len: int = 256
-    eval_every: Optional[int] = None
-    description: str = ""
+    seq_len: int = field(default=256, metadata={COERCE: _seq_len})
+    eval_every: Optional[int] = field(default=None, metadata={COERCE: _at_least_one})
+    description: str = field(default="", metadata={COERCE: _text})
     path: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -840,15 +802,11 @@ class Suite:
         Raises:
             ConfigError: naming ``where`` and the offending key or value.
         """
-        data = _check_keys(data, SUITE_KEYS, where)
+        data = dict(_check_keys(data, SUITE_KEYS, where))
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-        raw_data = data.get("data") or {}
-        if not isinstance(raw_data, Mapping) or not raw_data:
-            raise ConfigError(f"{where}: 'data' must map regime names to data sources, got {raw_data!r}")
-        regimes = {str(k): as_source(v, f"{where}: data regime {k!r}") for k, v in raw_data.items()}
-        defaults = data.get("defaults") or {}
+        defaults = data.pop("defaults", None) or {}
         if not isinstance(defaults, Mapping):
             raise ConfigError(f"{where}: 'defaults' must be a mapping of adversary fields, got {defaults!r}")
         bad = [k for k in defaults if k not in ADVERSARY_KEYS]
@@ -859,44 +817,27 @@ class Suite:
         raw_attacks = data.get("attacks")
         if not isinstance(raw_attacks, list) or not raw_attacks:
             raise ConfigError(f"{where}: 'attacks' must be a non-empty list of attacks")
-        attacks = [
+        # attacks read the suite's defaults, and evaluation its file name: built here, then typed with the rest
+        data["attacks"] = [
             AttackSpec.from_dict(a, defaults, f"{where}, attacks[{i}]") for i, a in enumerate(raw_attacks)
         ]
         if "evaluation" not in data:
             raise ConfigError(f"{where}: missing the 'evaluation' block (metrics, safety, capability)")
-        evaluation = EvaluationSpec.from_dict(data["evaluation"], where)
-        seed = data.get("seed", 0)
-        if not is_int(seed):
-            raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
-        seq_len = data.get("seq_len", 256)
-        if not is_int(seq_len) or seq_len < 2:
-            raise ConfigError(f"{where}: seq_len must be an integer >= 2, got {seq_len!r}")
-        eval_every = data.get("eval_every")
-        if eval_every is not None and (not is_int(eval_every) or eval_every < 1):
-            raise ConfigError(f"{where}: eval_every must be an integer >= 1 or null, got {eval_every!r}")
-        description = data.get("description", "") or ""
-        return cls(
-            name=name,
-            attacks=attacks,
-            data=regimes,
-            evaluation=evaluation,
-            seeds=_seed_list(data.get("seeds", 3), where),
-            seed=seed,
-            seq_len=seq_len,
-            eval_every=eval_every,
-            description=str(description),
-            path=None if where == "suite" else where,
-        )
+        data["evaluation"] = EvaluationSpec.from_dict(data["evaluation"], where)
+        if "seeds" not in data:
+            data["seeds"] = 3
+        data["path"] = None if where == "suite" else where
+        return from_mapping(cls, data, where)
 
 
-TRUST_CALLABLE_FLAG = "--trust-callable-metrics"
+TRUST_CALLABLE_FLAG = "--trust_callable_metrics"
 
 
 def check_callable_trust(suite: Suite, trust_callable: bool) -> None:
     """Refuses a suite with ``kind: callable`` metrics unless the user trusts it.
 
     A callable metric imports and calls the ``module:function`` its suite file names, so reading a suite would
-    run arbitrary code; it runs only with ``tar-lightning redteam --trust-callable-metrics`` (Python:
+    run arbitrary code; it runs only with ``tar-lightning redteam --trust_callable_metrics`` (Python:
     ``run_redteam(..., trust_callable=True)`` / ``build_evaluator(..., trust_callable=True)``).
 
     Raises:
@@ -943,8 +884,6 @@ def load_suite(path: Union[str, os.PathLike]) -> Suite:
         ConfigError: a missing or unparsable file, an unknown key (naming the file, attack id and key, and
             listing the valid keys), an invalid value, an undefined data regime, repeated attack ids.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     file = suite_path(path)
     try:

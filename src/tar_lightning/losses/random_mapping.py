@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses._common import check_batch_seq, masked_mean
 
@@ -42,9 +43,9 @@ def random_mapping_table(
         ConfigError: ``vocab_size`` or ``hidden_size`` is not a positive int, or ``seed`` is not an int.
     """
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ConfigError(f"seed must be an int, got {seed!r}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     table = torch.randn(vocab_size, hidden_size, generator=generator, dtype=torch.float32, device="cpu")

@@ -1,5 +1,6 @@
-"""Stage-1 safeguards (TAR's starting checkpoints)."""
+"""The safeguard training modules: stage-1 safeguards (TAR's starting checkpoints) and plain LM teaching."""
 
+from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
 
-__all__ = ["RandomMappingModule"]
+__all__ = ["KnowledgeLMModule", "RandomMappingModule"]

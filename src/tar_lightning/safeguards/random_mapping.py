@@ -20,6 +20,7 @@ from tar_lightning.base_module import (
 )
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, random_mapping_loss, random_mapping_table
+from tar_lightning.sharding import fully_shard_model
 
 __all__ = ["RandomMappingModule"]
 
@@ -82,8 +83,6 @@ class RandomMappingModule(CausalLMModule):
         root (idempotent); under other strategies nothing."""
         mesh = self._fsdp2_mesh()
         if mesh is not None:
-            from tar_lightning.sharding import fully_shard_model
-
             fully_shard_model(self.model, mesh, trainer_precision=self.trainer.precision)
 
     def stream_steps(self) -> dict[str, int]:

@@ -11,20 +11,36 @@ a second thread), so everything after stage 0 takes about half as long.
 The numbers do not depend on ``workers``: every stage seeds itself and reads its parent's weights from the
 folder the parent exported (the same bytes a one-process run holds in memory), and every attack run is seeded
 by its own run seed. Stage and run files are the ones a one-process run writes, so the two modes resume each
-other's work. Progress: one bar per training stage (steps) and per red team (runs), drawn by the parent.
+other's work. Progress: one bar per training stage (steps) and per red team (runs), drawn by the parent with
+:func:`~tar_lightning.evaluation.progress.progress` (plain lines, no escape codes, when stderr is not a terminal).
+
+This module imports :mod:`tar_lightning.demo.pipeline`, never the other way round: :func:`~tar_lightning.demo.run.run_demo`
+chooses between :meth:`DemoPipeline.run_in_process` and :func:`run_stages_in_workers`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing as mp
+import queue as queue_mod
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import lightning as L
 import torch
+from tqdm import tqdm
 
+from tar_lightning.demo.config import DemoConfig
+from tar_lightning.demo.io import silence_lightning
+from tar_lightning.demo.pipeline import DemoPipeline, stage_label
+from tar_lightning.demo.report import DemoResult
 from tar_lightning.errors import TARLightningError
+from tar_lightning.evaluation.progress import PlainProgress, progress
+from tar_lightning.evaluation.redteam import run_redteam
 
 __all__ = ["run_stages_in_workers"]
 
@@ -33,38 +49,32 @@ _STATE: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------------------------------ worker side
-def _reporter(queue: Any, name: str, total: int):
-    import lightning as L
+class _Reporter(L.Callback):
+    """Sends ``("step", stage, done, total)`` to the parent's queue at most twice a second."""
 
-    class _Progress(L.Callback):
-        """Sends ``("step", stage, done, total)`` to the parent at most twice a second."""
+    def __init__(self, queue: Any, name: str, total: int) -> None:
+        self.queue, self.name, self.total = queue, name, total
+        self.done, self.last = 0, 0.0
 
-        def __init__(self) -> None:
-            self.done, self.last = 0, 0.0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.done += 1
-            now = time.monotonic()
-            if now - self.last >= 0.5 or self.done >= total:
-                self.last = now
-                queue.put(("step", name, self.done, total))
-
-    return _Progress()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= 0.5 or self.done >= self.total:
+            self.last = now
+            self.queue.put(("step", self.name, self.done, self.total))
 
 
 def _init(config: dict, queue: Any) -> None:
-    from tar_lightning.demo import DemoConfig, _Demo, _silence_lightning
-
     cfg = DemoConfig.from_dict({**config, "progress": False})
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    _silence_lightning()
+    silence_lightning()
     _STATE["queue"] = queue
     _STATE["models"] = {}
-    _STATE["demo"] = _Demo(
+    _STATE["demo"] = DemoPipeline(
         cfg,
         say=lambda text: queue.put(("say", text)),
-        train_callbacks=lambda name, steps: [_reporter(queue, name, steps)],
+        train_callbacks=lambda name, steps: [_Reporter(queue, name, steps)],
     )
 
 
@@ -73,8 +83,6 @@ def _ready() -> None:
 
 
 def _stage_job(name: str) -> dict:
-    from tar_lightning.demo import DemoResult
-
     demo = _STATE["demo"]
     demo.result = DemoResult(config=demo.cfg, out_dir=demo.out)
     if name == "stage0":
@@ -97,8 +105,6 @@ def _model(stage: str) -> tuple[Any, Any]:
 
 
 def _attack_job(defense: str, stage: str, attack: str) -> dict:
-    from tar_lightning.evaluation.redteam import run_redteam
-
     demo = _STATE["demo"]
     model, tok = _model(stage)
     start = time.perf_counter()
@@ -112,8 +118,6 @@ def _attack_job(defense: str, stage: str, attack: str) -> dict:
 
 def _collect_job(defense: str, stage: str, compute_s: float) -> dict:
     """A defense's red team once all its runs are on disk: aggregate, report and plots (nothing is computed)."""
-    from tar_lightning.demo import DemoResult
-
     demo = _STATE["demo"]
     demo.result = DemoResult(config=demo.cfg, out_dir=demo.out)
     return demo.redteam(defense, *_model(stage), compute_s=compute_s)
@@ -133,51 +137,42 @@ class _Job:
 
 @dataclass
 class _Bars:
-    """tqdm bars drawn by the parent (one per training stage and per red team); plain lines when disabled."""
+    """The parent's bars (one per training stage and per red team, :func:`~tar_lightning.evaluation.progress.
+    progress`: tqdm on a terminal, plain lines otherwise); nothing when disabled."""
 
     enabled: bool
     bars: dict[str, Any] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
 
     def update(self, key: str, label: str, done: int, total: int, unit: str) -> None:
-        if not self.enabled:
+        if not self.enabled or key in self.finished:
             return
-        from tqdm import tqdm
-
         bar = self.bars.get(key)
         if bar is None:
-            bar = self.bars[key] = tqdm(
-                total=total, desc=label, unit=unit, position=len(self.bars), leave=True, dynamic_ncols=True
-            )
+            bar = self.bars[key] = progress(total=total, desc=label, unit=unit, position=len(self.bars))
         bar.update(done - bar.n)
 
     def finish(self, key: str) -> None:
-        """Stops the clock of a finished bar (it stays on screen)."""
+        """Stops the clock of a finished bar (it stays on screen); later updates of it are ignored."""
         bar = self.bars.get(key)
-        if bar is not None:
-            bar.close()  # idempotent; a closed bar ignores later updates
+        if bar is not None and key not in self.finished:
+            self.finished.add(key)
+            bar.close()
 
     def write(self, text: str) -> None:
-        if self.bars:
-            from tqdm import tqdm
-
+        """A line of text that does not break the bars (tqdm's ``write`` while terminal bars are shown)."""
+        if any(not isinstance(bar, PlainProgress) for bar in self.bars.values()):
             tqdm.write(text)
         else:
             print(text, flush=True)
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        for key in list(self.bars):
+            self.finish(key)
         self.bars.clear()
 
 
-_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping"}
-
-
-def _label(stage: str) -> str:
-    return _LABELS.get(stage, f"stage 2: TAR {stage[len('tar_'):]}")
-
-
-def _jobs(demo) -> list[_Job]:
+def _jobs(demo: DemoPipeline) -> list[_Job]:
     """The jobs still to do: uncached training stages, then per uncached red team its attacks and the collection
     of their runs."""
     stages = list(demo.keys())
@@ -223,9 +218,9 @@ def _stop(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_stages_in_workers(demo) -> dict:
-    """Runs every stage of ``demo`` (a ``tar_lightning.demo._Demo``): stage 0 in this process while the
-    ``demo.cfg.workers`` worker processes start, everything else on the workers.
+def run_stages_in_workers(demo: DemoPipeline) -> dict:
+    """Runs every stage of ``demo``: stage 0 in this process while the ``demo.cfg.workers`` worker processes
+    start, everything else on the workers.
 
     Returns:
         defense -> red-team metadata, as the one-process run builds it.
@@ -233,13 +228,6 @@ def run_stages_in_workers(demo) -> dict:
     Raises:
         TARLightningError: a worker process died; any error a job raised, as raised.
     """
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    from tar_lightning.demo import _Demo
-
     cfg = demo.cfg
     jobs = _jobs(demo)
     bars = _Bars(bool(cfg.progress))
@@ -263,7 +251,7 @@ def run_stages_in_workers(demo) -> dict:
             bars.write(msg[1])
         elif msg[0] == "step":
             _, name, done, total = msg
-            bars.update(name, _label(name), done, total, "step")
+            bars.update(name, stage_label(name), done, total, "step")
 
     def drain(messages) -> None:
         while True:
@@ -305,9 +293,9 @@ def run_stages_in_workers(demo) -> dict:
             pool.submit(_ready)
         if "stage0" in pending:
             job = pending.pop("stage0")
-            local = _Demo(
+            local = DemoPipeline(
                 dataclasses.replace(cfg, progress=False), say=bars.write,
-                train_callbacks=lambda name, steps: [_reporter(_Local(handle), name, steps)],
+                train_callbacks=lambda name, steps: [_Reporter(_Local(handle), name, steps)],
             )
             local.stage0()
             finish(job, {"meta": local.result.stages["stage0"], "cached": "stage0" in local.result.cached})

@@ -1,0 +1,343 @@
+"""The demo's configuration: :class:`DemoConfig` and its stage sections, read by :func:`load_demo_config`.
+
+The schema of ``recipes/demo/default.yaml`` (every field is commented there): the model and world, then one
+section per stage (:class:`Stage0Config`, :class:`RandomMappingStage`, :class:`TARStage`, :class:`RedTeamStage`).
+:func:`load_demo_config` reads the YAML, merges a size preset and overrides over it
+(:func:`tar_lightning.schema.deep_merge`) and checks every value (unknown keys and wrong types are a :class:`~tar_lightning.errors.ConfigError` naming the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from transformers import LlamaConfig
+
+from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.common import is_int, is_number
+from tar_lightning.data.knowledge import check_world_kwargs
+from tar_lightning.demo.evaluator import METRICS, SAFETY
+from tar_lightning.errors import ConfigError
+from tar_lightning.resources import shipped
+from tar_lightning.schema import deep_merge, from_mapping
+from tar_lightning.tar_config import TARConfig
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DemoConfig",
+    "RandomMappingStage",
+    "RedTeamStage",
+    "Stage0Config",
+    "TARStage",
+    "demo_config_from_layers",
+    "load_demo_config",
+]
+
+log = logging.getLogger(__name__)
+
+#: The demo's defaults (the ``default`` size; other sizes are presets inside it).
+DEFAULT_CONFIG = shipped("recipes/demo/default.yaml")
+
+
+def _pos_int(value: Any, where: str, minimum: int = 1) -> None:
+    if not is_int(value) or value < minimum:
+        raise ConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+def _pos_num(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{where} must be a number > 0, got {value!r}")
+
+
+@dataclass
+class Stage0Config:
+    """Stage 0 (teaching both domains): AdamW, linear warmup then cosine decay to 10%."""
+
+    steps: int = 2000
+    lr: float = 3.0e-3
+    batch_size: int = 16  # per stream: a step sees batch_size forget + batch_size retain sentences
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+
+    def validate(self, where: str = "stage0") -> None:
+        _pos_int(self.steps, f"{where}.steps")
+        _pos_num(self.lr, f"{where}.lr")
+        _pos_int(self.batch_size, f"{where}.batch_size")
+        _pos_int(self.warmup_steps, f"{where}.warmup_steps", 0)
+
+
+@dataclass
+class RandomMappingStage:
+    """Stage 1: random mapping of forget_all hidden states, CE on retain; AdamW at a constant LR."""
+
+    steps: int = 600
+    lr: float = 1.0e-3
+    batch_size: int = 16
+    table_seed: int = 42
+
+    def validate(self, where: str = "random_mapping") -> None:
+        _pos_int(self.steps, f"{where}.steps")
+        _pos_num(self.lr, f"{where}.lr")
+        _pos_int(self.batch_size, f"{where}.batch_size")
+
+
+@dataclass
+class TARStage:
+    """Stage 2: TAR from the random-mapping model, once per family (``run`` lists which)."""
+
+    steps: int = 100
+    inner_steps: int = 16
+    tr_every: int = 4
+    tr_weight: float = 4.0
+    lr: float = 3.0e-4
+    batch_size: int = 32
+    entropy_positions: str = "labels"
+    retain_representation: bool = True
+    clip_grad_norm: Optional[float] = 1.0
+    run: list = field(default_factory=lambda: ["paper", "extended"])
+    families: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    def validate(self, where: str = "tar") -> None:
+        for key in ("steps", "inner_steps", "tr_every", "batch_size"):
+            _pos_int(getattr(self, key), f"{where}.{key}")
+        _pos_num(self.lr, f"{where}.lr")
+        if not isinstance(self.run, (list, tuple)):
+            raise ConfigError(f"{where}.run must be a list of family names, got {self.run!r}")
+        if self.entropy_positions not in ("attention", "labels", "all"):
+            raise ConfigError(f"{where}.entropy_positions must be 'attention', 'labels' or 'all', "
+                              f"got {self.entropy_positions!r}")
+        if self.clip_grad_norm is not None:
+            _pos_num(self.clip_grad_norm, f"{where}.clip_grad_norm")
+        if not isinstance(self.families, Mapping):
+            raise ConfigError(f"{where}.families must map family names to lists of adversaries, got {self.families!r}")
+        for name in self.run:
+            if not isinstance(name, str) or name not in self.families:
+                raise ConfigError(f"{where}.run names family {name!r}, not in {where}.families {sorted(self.families)}")
+        for name, family in self.families.items():
+            if not isinstance(family, (list, tuple)) or not family:
+                raise ConfigError(f"{where}.families.{name} must be a non-empty list of adversaries")
+            for i, adversary in enumerate(family):
+                AdversaryConfig.from_dict(adversary, where=f"{where}.families.{name}[{i}]").validate()
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"{where}.options must map family names to TARConfig fields, got {self.options!r}")
+        allowed = {f.name for f in dataclasses.fields(TARConfig)} - {"adversaries", "seed"}
+        for name, opts in self.options.items():
+            if name not in self.families:
+                raise ConfigError(f"{where}.options names family {name!r}, not in {where}.families {sorted(self.families)}")
+            if not isinstance(opts, Mapping):
+                raise ConfigError(f"{where}.options.{name} must be a mapping of TARConfig fields, got {opts!r}")
+            unknown = sorted(set(opts) - allowed)
+            if unknown:
+                raise ConfigError(f"{where}.options.{name}: unknown TARConfig fields {unknown}; expected some of {sorted(allowed)}")
+            try:
+                self.tar_config(name, where=where)
+            except (ConfigError, TypeError, ValueError) as err:
+                raise ConfigError(f"{where}.options.{name}: {err}") from None
+
+    def tar_config(self, family: str, seed: int = 0, where: str = "tar"):
+        """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options)."""
+        advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{family}[{i}]")
+                for i, a in enumerate(self.families[family])]
+        fields = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
+                      entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
+                      clip_grad_norm=self.clip_grad_norm, seed=seed)
+        return TARConfig(**{**fields, **dict(self.options.get(family, {}))}, adversaries=advs).validate()
+
+
+@dataclass
+class RedTeamStage:
+    """Stage 3: which suite attacks, how they are scaled, and how the attacked models are scored."""
+
+    attacks: dict = field(default_factory=lambda: {"weaponization": ["w03"], "durability": ["d01"]})
+    scale: float = 0.3
+    max_steps: Optional[int] = 300
+    max_batch_size: Optional[int] = 32
+    lr_multiplier: float = 50.0
+    seeds: int = 1
+    eval_every: Optional[int] = None
+    recovery_threshold: float = 0.5
+    capability_floor: float = 0.9
+    unrelated_examples: int = 10
+    during: Optional[list] = field(default_factory=lambda: [SAFETY, "forget_loss"])
+
+    def validate(self, where: str = "redteam") -> None:
+        if self.during is not None:
+            if not isinstance(self.during, (list, tuple)):
+                raise ConfigError(f"{where}.during must be a list of metric names, got {self.during!r}")
+            bad = [m for m in self.during if not isinstance(m, str) or m not in METRICS]
+            if bad:
+                raise ConfigError(
+                    f"{where}.during must list metrics among {list(METRICS)}, got {self.during!r}"
+                )
+        if (
+            not isinstance(self.attacks, Mapping)
+            or not self.attacks
+            or not all(isinstance(ids, (list, tuple)) and ids and all(isinstance(i, str) for i in ids)
+                       for ids in self.attacks.values())
+        ):
+            raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids, got {self.attacks!r}")
+        _pos_num(self.recovery_threshold, f"{where}.recovery_threshold")
+        if not is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
+            raise ConfigError(f"{where}.capability_floor must be in (0, 1], got {self.capability_floor!r}")
+        _pos_int(self.unrelated_examples, f"{where}.unrelated_examples")
+        _pos_num(self.scale, f"{where}.scale")
+        _pos_num(self.lr_multiplier, f"{where}.lr_multiplier")
+        _pos_int(self.seeds, f"{where}.seeds")
+        for key in ("max_steps", "max_batch_size", "eval_every"):
+            if getattr(self, key) is not None:
+                _pos_int(getattr(self, key), f"{where}.{key}")
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does; see ``recipes/demo/default.yaml`` for every field with a comment."""
+
+    model: str = field(default="tiny", metadata={"help": "'tiny' (a Llama built in code) or a model source, e.g. "
+                                                         "smollm2-135m-instruct (selects the smollm2 size)"})
+    tiny: dict = field(
+        metadata={"help": "LlamaConfig fields of the tiny model"},
+        default_factory=lambda: {
+            "num_hidden_layers": 4,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 4,
+        }
+    )
+    world: dict = field(default_factory=lambda: {"n_forget": 100, "n_retain": 100, "seed": 0},
+                        metadata={"help": "the invented knowledge world (build_world arguments)"})
+    seq_len: int = field(default=48, metadata={"help": "tokens per sentence at most"})
+    seed: int = field(default=0, metadata={"help": "seeds model init, data order, TAR sampling and the red team"})
+    threads: Optional[int] = field(default=1, metadata={"help": "torch threads per process (null: torch's)"})
+    workers: int = field(default=1, metadata={"help": "processes running independent stages and attacks at once "
+                                                      "(the numbers do not depend on it)"})
+    out: str = field(default="runs/demo", metadata={"help": "output folder; finished stages there are reused"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    eval_batch_size: int = field(default=64, metadata={"help": "sequences per forward pass when scoring"})
+    mcq_limit: Optional[int] = field(default=None, metadata={"help": "first N questions per MCQ split (null: all)"})
+    heldout_limit: Optional[int] = field(default=256, metadata={"help": "B sentences for the held-out forget loss"})
+    stage0: Stage0Config = field(default_factory=Stage0Config,
+                                 metadata={"help": "0. teach both domains (steps, lr, batch_size, warmup_steps, ...)"})
+    random_mapping: RandomMappingStage = field(default_factory=RandomMappingStage,
+                                               metadata={"help": "1. random mapping (steps, lr, batch_size, table_seed)"})
+    tar: TARStage = field(default_factory=TARStage,
+                          metadata={"help": "2. TAR per adversary family (steps, inner_steps, tr_every, families, ...)"})
+    redteam: RedTeamStage = field(default_factory=RedTeamStage,
+                                  metadata={"help": "3. red team (attacks, scale, max_steps, seeds, ...)"})
+    size: str = field(default="default", metadata={"help": "size preset: default, minimal or smollm2"})
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "demo config") -> DemoConfig:
+        """Builds and validates the demo's configuration from plain data (the merged YAML layers)."""
+        return from_mapping(cls, data, where).validate()
+
+    def validate(self) -> DemoConfig:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model must be 'tiny' or a model source, got {self.model!r}")
+        if not isinstance(self.tiny, Mapping):
+            raise ConfigError(f"tiny must be a mapping of LlamaConfig fields, got {self.tiny!r}")
+        for key, value in self.tiny.items():
+            _pos_int(value, f"tiny.{key}")
+        unknown = [k for k in self.tiny if not hasattr(LlamaConfig(), k)]
+        if unknown:
+            raise ConfigError(f"tiny: {unknown[0]!r} is not a LlamaConfig field (e.g. num_hidden_layers, hidden_size)")
+        try:
+            check_world_kwargs(self.world)
+        except ConfigError as err:
+            raise ConfigError(f"world: {err}") from None
+        _pos_int(self.seq_len, "seq_len", 8)
+        _pos_int(self.eval_batch_size, "eval_batch_size")
+        if self.threads is not None:
+            _pos_int(self.threads, "threads")
+        _pos_int(self.workers, "workers")
+        for key in ("mcq_limit", "heldout_limit"):
+            if getattr(self, key) is not None:
+                _pos_int(getattr(self, key), key)
+        self.stage0.validate()
+        self.random_mapping.validate()
+        self.tar.validate()
+        self.redteam.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_demo_config(
+    path: Union[str, os.PathLike, None] = None,
+    size: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> DemoConfig:
+    """Reads the demo's YAML (plain YAML, no interpolation), applies a size preset and overrides.
+
+    Args:
+        path: the YAML file (default ``recipes/demo/default.yaml``).
+        size: ``default`` or a preset under the file's ``sizes`` mapping (``minimal``, ``smollm2``); its values
+            are merged (deeply) over the file's top level. ``None``: the preset whose ``model`` is the
+            ``model`` of ``overrides`` when there is one (``--model smollm2-135m-instruct`` picks ``smollm2``: the
+            tiny model's step counts and learning rates are wrong for a pretrained 135M model), else ``default``.
+        overrides: nested values merged last (``{"out": ..., "redteam": {"seeds": 3}}``).
+
+    Raises:
+        ConfigError: a missing or unparsable file, an unknown size, key or invalid value.
+    """
+    file = Path(os.fspath(path)) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"demo config {file}: cannot read it ({err})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"demo config {file}: not valid YAML ({err})") from err
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"demo config {file}: expected a mapping at the top level")
+    flags = dict(overrides or {})
+    if size is not None:
+        flags["size"] = size
+    return demo_config_from_layers([(file, dict(raw))], flags)
+
+
+def demo_config_from_layers(layers: Sequence[tuple[Path, Mapping]], overrides: Mapping[str, Any]) -> DemoConfig:
+    """The demo's configuration from YAML layers and overrides, with its size preset in between.
+
+    The layers merge in order. The last layer that defines ``sizes`` (the shipped ``default.yaml``, or a full demo
+    file of the user's) and those before it form the base; the chosen preset merges over the base; the later layers
+    (partial files, a ``--print_config`` output) and then ``overrides`` merge over that. The preset is
+    ``overrides["size"]``, else the later layers' ``size``, else the base's, else the preset whose ``model`` is the
+    requested model (``--model smollm2-135m-instruct`` picks ``smollm2``), else ``default``.
+
+    Raises:
+        ConfigError: a malformed ``sizes``, an unknown size, key or invalid value (naming the files).
+    """
+    where = "demo config " + ", ".join(str(p) for p, _ in layers)
+    full = [i for i, (_, data) in enumerate(layers) if "sizes" in data]
+    cut = full[-1] + 1 if full else 0
+    base: dict = {}
+    for _, data in layers[:cut]:
+        base = deep_merge(base, data)
+    rest: dict = {}
+    for _, data in layers[cut:]:
+        rest = deep_merge(rest, data)
+    sizes = base.pop("sizes", {}) or {}
+    if not isinstance(sizes, Mapping) or not all(isinstance(v, Mapping) for v in sizes.values()):
+        raise ConfigError(f"{where}: 'sizes' must map preset names to mappings of demo fields")
+    size = overrides.get("size") or rest.get("size") or base.get("size")
+    model = overrides.get("model") or rest.get("model")
+    if size is None and model is not None:
+        matching = [name for name, preset in sizes.items() if preset.get("model") == model]
+        if matching:
+            size = matching[0]
+            log.info("demo: model %s selects the size preset %r", model, size)
+    size = size or "default"
+    if size != "default":
+        if size not in sizes:
+            raise ConfigError(f"{where}: unknown size {size!r}; sizes: {['default', *sizes]}")
+        base = deep_merge(base, sizes[size])
+    raw = deep_merge(deep_merge(base, rest), dict(overrides))
+    raw["size"] = size
+    return DemoConfig.from_dict(raw, where=where)

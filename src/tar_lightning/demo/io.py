@@ -1,0 +1,97 @@
+"""The demo's small helpers: stable hashes of stage keys, JSON files, torch threads and a quiet Lightning.
+
+- :func:`stable_hash`: the hash that keys every cached stage (a change upstream changes every hash below it);
+- :func:`write_json` / :func:`read_json`: the stage and result files (written atomically; a missing or damaged
+  file reads as ``None``, i.e. "not cached");
+- :func:`torch_threads`: the demo's ``threads`` setting for the duration of a block;
+- :func:`silence_lightning` / :func:`quiet_lightning`: drop Lightning's start-up chatter and the warnings in
+  :data:`HARMLESS_WARNINGS`, for good (worker processes) or for a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tar_lightning.checkpoint import atomic_write_text
+
+__all__ = [
+    "HARMLESS_WARNINGS",
+    "quiet_lightning",
+    "read_json",
+    "silence_lightning",
+    "stable_hash",
+    "torch_threads",
+    "write_json",
+]
+
+
+def stable_hash(value: Any) -> str:
+    """20 hex digits of the SHA-256 of ``value`` as sorted JSON (non-JSON values by ``str``)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes ``value`` as indented JSON, atomically (non-JSON values by ``str``)."""
+    atomic_write_text(path, json.dumps(value, indent=1, default=str), what="demo file")
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON in ``path``, or ``None`` when it is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block (``None``: unchanged), the previous count after it."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+#: Lightning messages that say nothing about a single-process CPU demo (our own warnings still show).
+HARMLESS_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",  # the demo is one process by design
+    r".*isinstance\(treespec, LeafSpec\)",  # a deprecation inside Lightning itself
+    r"Total length of `.*` across ranks is zero",  # the streams' empty validation loader
+)
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+def silence_lightning() -> dict[str, int]:
+    """Drops Lightning's start-up chatter (device lines, the logger tip) and the warnings in
+    :data:`HARMLESS_WARNINGS`, for good (worker processes call this); returns the previous logger levels."""
+    levels = {n: logging.getLogger(n).level for n in _LIGHTNING_LOGGERS}
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for n in _LIGHTNING_LOGGERS:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    return levels
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """:func:`silence_lightning` for the duration of the block."""
+    with warnings.catch_warnings():
+        levels = silence_lightning()
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)

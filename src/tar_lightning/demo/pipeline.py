@@ -1,0 +1,401 @@
+"""The demo's stage pipeline: :class:`DemoPipeline`, every stage of one configuration, cached on disk.
+
+Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.KnowledgeLMModule`), stage 1 trains random
+mapping, stage 2 TAR once per adversary family, stage 3 red-teams every defense. Each training stage is keyed by
+its configuration and its parent's key (:meth:`DemoPipeline.keys`): a stage whose key did not change is loaded
+from ``out/<stage>`` instead of being trained again, and a red team from ``out/redteam/<defense>``.
+
+:meth:`DemoPipeline.run_in_process` runs everything in this process; :mod:`tar_lightning.demo.workers` runs the
+same stage methods on worker processes. Progress: one bar per training stage, counting its optimizer steps
+(:class:`StepProgress`), and the red team's own bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from tar_lightning.data.datamodule import TARDataModule
+from tar_lightning.demo.config import DemoConfig
+from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
+from tar_lightning.demo.io import read_json, stable_hash, write_json
+from tar_lightning.demo.report import DemoResult, format_metrics, mean_or_none
+from tar_lightning.demo.suite import build_suite, knowledge_source
+from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.progress import progress, quiet_hf_progress
+from tar_lightning.evaluation.redteam import run_redteam
+from tar_lightning.models import export_pretrained, load_model, tiny_model
+from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
+from tar_lightning.safeguards.random_mapping import RandomMappingModule
+from tar_lightning.tar_module import TARModule
+
+__all__ = ["DEFENSES_BASE", "DemoPipeline", "StepProgress", "stage_label"]
+
+log = logging.getLogger(__name__)
+
+#: Defenses red-teamed besides the TAR families, in report order.
+DEFENSES_BASE = ("no_defense", "random_mapping")
+
+_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping"}
+
+
+def stage_label(stage: str) -> str:
+    """The progress-bar label of a training stage (``stage0``, ``random_mapping``, ``tar_<family>``)."""
+    return _LABELS.get(stage, f"stage 2: TAR {stage[len('tar_'):]}")
+
+
+class StepProgress(L.Callback):
+    """A progress bar over a training stage's ``total`` steps (:func:`~tar_lightning.evaluation.progress.progress`:
+    a bar on a terminal, plain lines in a file or pipe); Lightning's own bar is off in the demo."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.bar: Any = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.bar = progress(total=self.total, desc=self.label, unit="step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _trainer(steps: int, root: Path, callbacks: Sequence[Any] = ()) -> L.Trainer:
+    """A one-process CPU trainer without logger, checkpoints or Lightning's progress bar (the demo draws its
+    own, :class:`StepProgress`)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        log_every_n_steps=max(1, min(50, steps)),
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+    )
+
+
+
+class DemoPipeline:
+    """The stages of one demo configuration, each cached under ``config.out``.
+
+    Args:
+        config: the configuration.
+        say: where progress lines go (default: printed); worker processes send them to the parent.
+        train_callbacks: ``(stage name, steps) -> Lightning callbacks`` added to a stage's trainer (default: a
+            :class:`StepProgress` bar when ``config.progress``, else none).
+
+    Attributes:
+        cfg: the configuration; ``out``: the output folder (absolute); ``result``: the :class:`DemoResult` the
+            stage methods fill; ``evaluator``: the :class:`KnowledgeEvaluator` every stage is scored with.
+    """
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        say: Optional[Callable[[str], None]] = None,
+        train_callbacks: Optional[Callable[[str, int], Sequence[Any]]] = None,
+    ) -> None:
+        self.cfg = config
+        self.out = Path(os.path.expanduser(config.out)).absolute()
+        self.result = DemoResult(config=config, out_dir=self.out)
+        self.evaluator = KnowledgeEvaluator(
+            config.world, config.seq_len, config.eval_batch_size, config.mcq_limit, config.heldout_limit
+        )
+        self.say = say or (lambda text: print(text, flush=True))
+        self.train_callbacks = train_callbacks or (
+            lambda name, steps: [StepProgress(stage_label(name), steps)] if config.progress else []
+        )
+        self._suite = None
+
+    # -- models ----------------------------------------------------------------------------------------
+    def fresh_model(self):
+        cfg = self.cfg
+        if cfg.model == "tiny":
+            return tiny_model("llama", seed=cfg.seed, **dict(cfg.tiny))
+        model, tok = load_model(cfg.model, dtype="float32")
+        return model, tok
+
+    def _model_key(self) -> dict:
+        return {"model": self.cfg.model, "tiny": dict(self.cfg.tiny) if self.cfg.model == "tiny" else None}
+
+    def keys(self) -> dict[str, tuple[dict, str]]:
+        """Stage name -> (key, hash) for every training stage; a stage's key holds its parent's hash, so a
+        change anywhere upstream reruns everything below it."""
+        cfg = self.cfg
+        out: dict[str, tuple[dict, str]] = {}
+
+        def add(name: str, key: dict) -> str:
+            out[name] = (key, stable_hash(key))
+            return out[name][1]
+
+        h0 = add("stage0", {"stage": 0, **self._model_key(), "world": cfg.world, "seq_len": cfg.seq_len,
+                            "seed": cfg.seed, "config": dataclasses.asdict(cfg.stage0)})
+        h1 = add("random_mapping", {"stage": 1, "parent": h0, "config": dataclasses.asdict(cfg.random_mapping)})
+        s = cfg.tar
+        for family in s.run:
+            key = {"stage": 2, "parent": h1, "family": family, "adversaries": s.families[family],
+                   "config": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("run", "families", "options")}}
+            options = dict(s.options.get(family, {}))
+            if options:
+                key["options"] = options
+            add(f"tar_{family}", key)
+        return out
+
+    def defenses(self) -> dict[str, str]:
+        """Defense -> the training stage whose model it is, in report order."""
+        return {"no_defense": "stage0", "random_mapping": "random_mapping",
+                **{f"tar_{f}": f"tar_{f}" for f in self.cfg.tar.run}}
+
+    def cached_stage(self, name: str) -> Optional[dict]:
+        """The metadata of stage ``name`` when ``out/name`` holds a finished run of its current key."""
+        folder = self.out / name
+        meta = read_json(folder / "stage.json")
+        if meta is not None and meta.get("hash") == self.keys()[name][1] and (folder / "model" / "config.json").is_file():
+            return meta
+        return None
+
+    def load_stage(self, name: str) -> tuple[Any, Any]:
+        """The model and tokenizer a finished stage exported to ``out/name/model``."""
+        with quiet_hf_progress():
+            model, tok = load_model(str(self.out / name / "model"), dtype="float32")
+        model.train()
+        meta = read_json(self.out / name / "stage.json") or {}
+        if meta.get("evaluator") == self.evaluator.fingerprint and isinstance(meta.get("metrics"), Mapping):
+            with contextlib.suppress(ConfigError):  # a stage written before a metric existed is scored again
+                self.evaluator.remember(model, tok, meta["metrics"])
+        return model, tok
+
+    def stage(self, name: str, train) -> tuple[Any, Any, str]:
+        """Runs ``train() -> (model, tokenizer)`` unless ``out/name`` holds a finished run of the same key."""
+        key, h = self.keys()[name]
+        folder = self.out / name
+        meta = self.cached_stage(name)
+        if meta is not None:
+            model, tok = self.load_stage(name)
+            self.result.stages[name] = {**meta, "cached": True}
+            self.result.cached.append(name)
+            log.info("demo: stage %s is cached in %s", name, folder)
+            return model, tok, h
+        (folder / "stage.json").unlink(missing_ok=True)
+        start = time.perf_counter()
+        model, tok = train()
+        wall = time.perf_counter() - start
+        with torch.no_grad():
+            metrics = self.evaluator(model, tok)
+        model.train()
+        with quiet_hf_progress():
+            export_pretrained(model, tok, folder / "model", overwrite=True)
+        meta = {"hash": h, "key": key, "metrics": metrics, "evaluator": self.evaluator.fingerprint, "wall_time_s": wall}
+        write_json(folder / "stage.json", meta)
+        self.result.stages[name] = {**meta, "cached": False}
+        self.result.ran.append(name)
+        self.say(f"[demo] {name}: {format_metrics(metrics)} ({wall:.0f} s)")
+        return model, tok, h
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def stage0(self):
+        cfg, s = self.cfg, self.cfg.stage0
+
+        def train():
+            model, tok = self.fresh_model()
+            L.seed_everything(cfg.seed, verbose=False)
+            module = KnowledgeLMModule(model, tok, s.lr, s.steps, s.warmup_steps, s.weight_decay)
+            data = TARDataModule(
+                streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
+                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed, tokenizer=tok,
+            )
+            self.say(f"[demo] stage 0: teaching both domains ({s.steps} steps)")
+            _trainer(s.steps, self.out / "stage0", self.train_callbacks("stage0", s.steps)).fit(
+                module, data
+            )
+            return module.model, tok
+
+        return self.stage("stage0", train)
+
+    def stage_rm(self, base, tok):
+        cfg, s = self.cfg, self.cfg.random_mapping
+
+        def train():
+            L.seed_everything(cfg.seed, verbose=False)
+            module = RandomMappingModule(
+                copy.deepcopy(base), optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
+                table_seed=s.table_seed,
+            )
+            data = TARDataModule(
+                streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
+                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 1, tokenizer=tok,
+            )
+            self.say(f"[demo] stage 1: random mapping ({s.steps} steps)")
+            callbacks = self.train_callbacks("random_mapping", s.steps)
+            _trainer(s.steps, self.out / "random_mapping", callbacks).fit(module, data)
+            return module.model, tok
+
+        return self.stage("random_mapping", train)
+
+    def stage_tar(self, family: str, base, tok):
+        cfg, s = self.cfg, self.cfg.tar
+
+        def train():
+            L.seed_everything(cfg.seed, verbose=False)
+            tar_cfg = s.tar_config(family, seed=cfg.seed)
+            module = TARModule(
+                copy.deepcopy(base), tar_cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
+                reference_model=base,
+            )
+            label_span = ["answer_start", "answer_end"] if s.entropy_positions == "labels" else None
+            streams = {
+                "retain": knowledge_source("retain", cfg.world),
+                "forget": knowledge_source("forget_A", cfg.world),
+                "tr": knowledge_source("forget_all", cfg.world, label_span=label_span),
+                "retain_domain": knowledge_source("retain_domain", cfg.world),
+            }
+            needed = tar_cfg.stream_steps()
+            data = TARDataModule(
+                streams={k: v for k, v in streams.items() if k in needed},
+                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 2, tokenizer=tok,
+            )
+            self.say(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={s.inner_steps})")
+            callbacks = self.train_callbacks(f"tar_{family}", s.steps)
+            _trainer(s.steps, self.out / f"tar_{family}", callbacks).fit(module, data)
+            return module.model, tok
+
+        return self.stage(f"tar_{family}", train)
+
+    # -- red team ------------------------------------------------------------------------------------------
+    def suite(self):
+        """The demo's red-team suite (built once)."""
+        if self._suite is None:
+            self._suite = build_suite(self.cfg)
+        return self._suite
+
+    def _redteam_key(self, defense: str) -> tuple[dict, str]:
+        parent = self.keys()[self.defenses()[defense]][1]
+        key = {"stage": 3, "parent": parent, "suite": self.suite().to_dict(), "evaluator": self.evaluator.fingerprint}
+        return key, stable_hash(key)
+
+    def cached_redteam(self, defense: str) -> Optional[dict]:
+        """The red team of ``defense`` when ``out/redteam/defense`` holds a finished one of its current key."""
+        meta = read_json(self.out / "redteam" / defense / "demo_stage.json")
+        if meta is not None and meta.get("hash") == self._redteam_key(defense)[1]:
+            return meta
+        return None
+
+    def redteam(self, defense: str, model, tok, compute_s: Optional[float] = None) -> dict:
+        """Stage 3 for one defense: every attack × seed (finished run files in its folder are reused).
+
+        ``compute_s``: the runs were computed elsewhere (worker processes) in this many seconds; this call only
+        collects them."""
+        suite = self.suite()
+        folder = self.out / "redteam" / defense
+        h = self._redteam_key(defense)[1]
+        name = f"redteam_{defense}"
+        meta = self.cached_redteam(defense)
+        if meta is not None:
+            self.result.stages[name] = {"hash": h, "wall_time_s": meta["wall_time_s"], "cached": True}
+            self.result.cached.append(name)
+            return meta
+        if compute_s is None:
+            self.say(f"[demo] stage 3: red team on {defense} ({len(suite.attacks)} attacks x {len(suite.seeds)} seeds)")
+        start = time.perf_counter()
+        res = run_redteam(
+            model, suite, out_dir=folder, tokenizer=tok, evaluator=self.evaluator, device="cpu",
+            progress=self.cfg.progress and compute_s is None,
+            overwrite=True,  # the demo keys its folders itself: a changed defense replaces its old red team
+        )
+        wall = time.perf_counter() - start if compute_s is None else compute_s
+        meta = {
+            "hash": h,
+            "wall_time_s": wall,
+            "aggregate": res.aggregate,
+            "attacks": {a.id: a.comment for a in res.suite.attacks},
+            "runs": [
+                {k: run.get(k) for k in ("attack", "seed", "before", "after", "trajectory", "lr", "steps", "config")}
+                for run in res.runs
+            ],
+            "files": {k: str(v) for k, v in res.files.items()},
+        }
+        write_json(folder / "demo_stage.json", meta)
+        self.result.stages[name] = {"hash": h, "wall_time_s": wall, "cached": False}
+        self.result.ran.append(name)
+        return meta
+
+    def run_in_process(self) -> tuple[dict, dict]:
+        """Runs (or loads) every stage in this process; returns ``(defense -> (model, tokenizer), defense ->
+        red-team metadata)``."""
+        m0, tok, _ = self.stage0()
+        rm, tok, _ = self.stage_rm(m0, tok)
+        defenses = {"no_defense": (m0, tok), "random_mapping": (rm, tok)}
+        for family in self.cfg.tar.run:
+            m, _, _ = self.stage_tar(family, rm, tok)
+            defenses[f"tar_{family}"] = (m, tok)
+        reds = {}
+        for defense, (model, _) in defenses.items():
+            model.eval()
+            reds[defense] = self.redteam(defense, model, tok)
+        return defenses, reds
+
+    def collect(self, reds: Mapping, model_of: Callable[[str], tuple[Any, Any]]) -> None:
+        """Fills cells and summary from the red-team metadata; ``model_of(defense) -> (model, tokenizer)``."""
+        stage_of = {"no_defense": "stage0", "random_mapping": "random_mapping"}
+        suite_of = {a: suite for suite, ids in self.cfg.redteam.attacks.items() for a in ids}
+        for defense, meta in reds.items():
+            agg = meta["aggregate"]
+            cells = {}
+            for attack, s in agg["attacks"].items():
+                runs = [r for r in meta["runs"] if r["attack"] == attack]
+                cells[attack] = {
+                    "suite": suite_of.get(attack),
+                    "comment": meta["attacks"].get(attack, ""),
+                    "safety_before": s["safety_before"],
+                    "safety_after": s["safety_after"],
+                    "safety_after_std": s["safety_after_std"],
+                    "capability_before": s["capability_before"],
+                    "capability_after": s["capability_after"],
+                    "capability_kept": s["capability_kept"],
+                    "broke": s["broke"],
+                    "auc": s["auc"],
+                    "curve": s["curve"],
+                    "forget_A_after": mean_or_none([r["after"].get("forget_A_acc") for r in runs]),
+                    "forget_loss_after": mean_or_none([r["after"].get("forget_loss") for r in runs]),
+                    "steps": runs[0]["steps"] if runs else None,
+                    "lr": runs[0]["lr"] if runs else None,
+                    "seeds": s["seeds"],
+                }
+            self.result.cells[defense] = cells
+            stage = self.result.stages.get(stage_of.get(defense, defense), {})
+            before = stage.get("metrics", {})
+            if stage and "retain_loss" not in before:  # a stage cached by a version without this metric
+                model, tok = model_of(defense)
+                with torch.no_grad():
+                    before.update(self.evaluator(model, tok, only=["retain_loss"]))
+            self.result.summary[defense] = {
+                "before": before.get(SAFETY),
+                "before_A": before.get("forget_A_acc"),
+                "before_retain": before.get(CAPABILITY),
+                "before_forget_loss": before.get("forget_loss"),
+                "before_retain_loss": before.get("retain_loss"),
+                "mean": agg["suite_mean"],
+                "worst": agg["worst_case"],
+                "bounded_worst": agg["bounded_worst_case"],
+                "retain_after_mean": mean_or_none([c["capability_after"] for c in cells.values()]),
+                "broken": agg["broken"],
+            }

@@ -1,0 +1,132 @@
+"""The red team's files: JSON text, configuration hashes, run files, and the output folder's ownership.
+
+- :func:`json_text` / :func:`config_hash`: the JSON form of run records (paths, numpy numbers, tuples and
+  dataclasses as plain values) and the hash that keys a run's configuration;
+- :func:`write_text`: every red-team result file goes through :func:`tar_lightning.checkpoint.atomic_write_text`
+  (the library's one atomic writer);
+- :func:`load_finished`: a finished run file of the same configuration (resume);
+- :func:`claim_out_dir`: refuses (or, with ``overwrite``, clears) an output folder holding another model's results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.redteam.result import RESULT_VERSION
+
+__all__ = [
+    "SUMMARY_FILES",
+    "claim_out_dir",
+    "config_hash",
+    "describe_model",
+    "json_default",
+    "json_text",
+    "load_finished",
+    "write_text",
+]
+
+log = logging.getLogger(__name__)
+
+#: what ``report.write_results`` writes for the folder as a whole (replaced when its runs are another model's)
+SUMMARY_FILES = ("results.json", "results.csv", "report.md")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A result file, atomically and with the umask's permissions (the library's one atomic writer)."""
+    atomic_write_text(path, text, what="red-team result")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as the indented JSON of run files and results.json (see :func:`json_default`)."""
+    return json.dumps(value, indent=1, sort_keys=False, default=json_default)
+
+
+def json_default(value: Any) -> Any:
+    """The JSON form of what run records hold besides JSON types: paths, numpy numbers, tuples, dataclasses."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def config_hash(value: Any) -> str:
+    """20 hex digits of the SHA-256 of ``value``'s key-sorted JSON: a run's configuration key."""
+    text = json.dumps(value, sort_keys=True, default=json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def describe_model(identity: Mapping[str, Any]) -> str:
+    """A model identity (as run files record it) in words."""
+    if "source" in identity:
+        return f"{identity['source']} ({identity.get('dtype')})"
+    return f"a {identity.get('module')} module (weights {identity.get('weights')})"
+
+
+def claim_out_dir(out: Path, identity: Mapping[str, Any], overwrite: bool) -> None:
+    """Refuses an output folder holding red-team results of another model (its run files or results.json name a
+    different model identity); with ``overwrite`` deletes them instead. Results of the same model are kept
+    (resumed); run files that name no model (older versions) are left to the configuration-hash check.
+
+    Raises:
+        ConfigError: ``out`` holds another model's results and ``overwrite`` is false.
+    """
+    identity = json.loads(json_text(identity))  # as the files hold it (tuples are lists)
+    found: dict[Path, Any] = {}
+    runs = sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    for path in runs + [out / "results.json"]:
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: load_finished reports it and runs it again
+        model = record.get("summary", {}).get("model") if path.name == "results.json" else record.get("model")
+        if isinstance(model, dict) and model != identity:
+            found[path] = model
+    if not found:
+        return
+    if not overwrite:
+        first = next(iter(found.values()))
+        raise ConfigError(
+            f"{out} holds red-team results of another model ({describe_model(first)}, {len(found)} file(s), "
+            f"e.g. {next(iter(found))}), not of {describe_model(identity)}: choose another --out, or pass "
+            "--overwrite (overwrite=True) to replace them"
+        )
+    for path in found:
+        path.unlink(missing_ok=True)
+    if out / "results.json" in found:
+        for name in SUMMARY_FILES:
+            (out / name).unlink(missing_ok=True)
+    log.info("red team: removed %d result file(s) of another model from %s (overwrite)", len(found), out)
+
+
+def load_finished(path: Path, config_hash: str) -> Optional[dict]:
+    """The run record in ``path`` if it was written for ``config_hash`` (and this file format), else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        log.warning("red team: ignoring unreadable run file %s (%s); running it again", path, err)
+        return None
+    if record.get("config_hash") != config_hash or record.get("version") != RESULT_VERSION:
+        log.info("red team: %s was written for another configuration; running it again", path.name)
+        return None
+    return record

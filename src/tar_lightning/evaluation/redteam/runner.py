@@ -1,0 +1,351 @@
+"""Executing red-team runs: one attack × seed on a fresh model copy, or a bounded random search.
+
+- :class:`RunTask`: one run to execute (attack, seed, resolved configuration, its hash and file);
+- :class:`AttackRunner`: what a process needs to execute runs (model handle, data, evaluator, suite); each attack
+  goes through :func:`tar_lightning.adversaries.attack.run_attack`, the loop TamperProbe uses as well;
+- :func:`sample_trial`: one configuration of a bounded random search;
+- :func:`run_bar`: the progress bar of runs and steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from tar_lightning.adversaries.attack import run_attack
+from tar_lightning.adversaries.config import AdversaryConfig, LoRAConfig
+from tar_lightning.adversaries.runner import AdversaryRun
+from tar_lightning.common import model_fingerprint
+from tar_lightning.errors import ConfigError, TARLightningError
+from tar_lightning.evaluation import aggregate as agg
+from tar_lightning.evaluation.progress import progress as progress_bar
+from tar_lightning.evaluation.redteam.batches import AttackBatches, DataCache, seeded
+from tar_lightning.evaluation.redteam.handle import ModelHandle
+from tar_lightning.evaluation.redteam.metrics import Evaluator, SuiteEvaluator, accepts_only, evaluation_mode
+from tar_lightning.evaluation.redteam.result import RESULT_VERSION
+from tar_lightning.evaluation.suite import AttackSpec, ResolvedAttack, SearchSpace, Suite
+from tar_lightning.models.quantized import packed_for_cpu_inference
+
+__all__ = ["AttackRunner", "RunTask", "run_bar", "sample_trial"]
+
+
+@dataclass
+class RunTask:
+    """One run of a red team: an attack × seed, its resolved configuration, hash and run file."""
+
+    attack: AttackSpec
+    seed: int
+    resolved: ResolvedAttack
+    run_seed: int
+    config_hash: str
+    config: dict
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack.id}__seed{self.seed}"
+
+
+def sample_trial(
+    space: SearchSpace, base: AdversaryConfig, rng: np.random.Generator, name: str
+) -> AdversaryConfig:
+    """One configuration of a bounded random search (d08), drawn from ``rng``.
+
+    LR and steps are log-uniform in their ranges; method, rank (log-uniform integer, alpha = 2·rank) and
+    schedule are drawn every time (so the sequence of draws does not depend on earlier choices). Data,
+    optimizer, weight decay, batch size and switch come from ``base``.
+    """
+    lr = float(math.exp(rng.uniform(math.log(space.lr[0]), math.log(space.lr[1]))))
+    lo, hi = space.steps
+    steps = int(min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))))
+    method = space.methods[int(rng.integers(len(space.methods)))]
+    r_lo, r_hi = space.lora_rank
+    rank = int(min(r_hi, max(r_lo, round(math.exp(rng.uniform(math.log(r_lo), math.log(r_hi)))))))
+    schedule = space.schedules[int(rng.integers(len(space.schedules)))]
+    warmup = 0
+    if schedule != "constant" and steps > 1:
+        warmup = min(steps - 1, int(math.floor(steps * space.warmup_fraction)))
+    return AdversaryConfig(
+        name=name,
+        data=base.data,
+        method=method,
+        lora=LoRAConfig(rank=rank, alpha=2.0 * rank, dropout=0.0, targets=base.lora.targets),
+        optimizer=base.optimizer,
+        optimizer_kwargs=dict(base.optimizer_kwargs),
+        lr=lr,
+        weight_decay=base.weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup,
+        schedule_kwargs={},
+        switch=copy.deepcopy(base.switch),
+        steps=steps,
+        batch_size=base.batch_size,
+    ).validate()
+
+
+def run_bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit: str = "step"):
+    """A progress bar on a terminal, plain lines in a log file (:func:`~tar_lightning.evaluation.progress.progress`);
+    ``None`` when not ``enabled``."""
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=enabled, position=position, leave=False)
+
+
+def _guard_gradients(run: AdversaryRun, name: str) -> None:
+    """Fails the first optimizer step if no trainable parameter received a gradient.
+
+    bitsandbytes 4-bit models on CPU can silently stop producing gradients (e.g. after ``generate()``); an attack that
+    trains nothing must not be reported as a harmless attack.
+    """
+    state = {"checked": False}
+
+    def hook(optimizer, args, kwargs):
+        if state["checked"]:
+            return
+        state["checked"] = True
+        if not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
+            raise TARLightningError(
+                f"attack {name!r}: no gradient reached any trainable parameter at the first step (a 4-bit "
+                "model that ran generate() on CPU, or frozen weights); the attack would train nothing"
+            )
+
+    run.optimizer.register_step_pre_hook(hook)
+
+
+def _free_memory(device: Union[str, torch.device]) -> None:
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class AttackRunner:
+    """Everything one process needs to execute runs: model handle, data, evaluator, suite.
+
+    Args:
+        suite: the suite as run.
+        handle: the model under attack.
+        evaluator: ``evaluator(model, tokenizer[, only=...]) -> {metric: value}``.
+        data: the suite's tokenized data regimes.
+        progress: show a progress bar per run.
+    """
+
+    def __init__(
+        self,
+        suite: Suite,
+        handle: ModelHandle,
+        evaluator: Evaluator,
+        data: DataCache,
+        progress: bool,
+    ) -> None:
+        self.suite = suite
+        self.handle = handle
+        self.evaluator = evaluator
+        self.data = data
+        self.progress = progress
+        self._only = accepts_only(evaluator)
+        spec = suite.evaluation
+        self.required = [spec.safety.metric, spec.capability.metric]
+        self._before_memo: dict[str, dict[str, float]] = {}
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, optimizer=None, during: bool = False) -> dict[str, float]:
+        """The evaluator's metrics (``evaluation.during`` only when ``during`` and the evaluator takes ``only``)."""
+        only = self.suite.evaluation.during if during else None
+        with evaluation_mode(model, optimizer):
+            if only is not None and self._only:
+                values = self.evaluator(model, self.handle.tokenizer, only=only)
+            else:
+                values = self.evaluator(model, self.handle.tokenizer)
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"the evaluator must return a mapping of metric -> value, got {type(values).__name__}"
+            )
+        out = {str(k): float(v) for k, v in values.items()}
+        if not during:
+            missing = [m for m in self.required if m not in out]
+            if missing:
+                raise ConfigError(
+                    f"the evaluator returned {sorted(out)}, without the suite's safety/capability metric(s) "
+                    f"{missing}"
+                )
+        return out
+
+    def _pre_attack(self, model: nn.Module) -> dict[str, float]:
+        """The pre-attack evaluation; with the default evaluator (deterministic: losses, greedy generation) it is
+        computed once per distinct starting weights and reused by the other runs (generation is expensive)."""
+        if not isinstance(self.evaluator, SuiteEvaluator):
+            return self.evaluate(model)
+        key = model_fingerprint(model)
+        if key not in self._before_memo:
+            self._before_memo[key] = self.evaluate(model)
+        return dict(self._before_memo[key])
+
+    def _evaluate_at(self, model: nn.Module, optimizer: Any, stage: str) -> dict[str, float]:
+        """:func:`run_attack`'s evaluator: the (memoised) pre-attack evaluation, ``during`` metrics, the full set."""
+        if stage == "before":
+            return self._pre_attack(model)
+        return self.evaluate(model, optimizer, during=stage == "during")
+
+    # -- one attack -----------------------------------------------------------------------------------
+    def attack_once(
+        self,
+        adversary: AdversaryConfig,
+        eval_every: Optional[int],
+        merge_lora: bool,
+        seed: int,
+        before: Optional[dict[str, float]] = None,
+        bar: Any = None,
+    ) -> dict[str, Any]:
+        """Runs one adversary on a fresh model copy; returns before/after/trajectory/losses."""
+        steps = int(adversary.steps)
+        device = self.handle.device
+        with seeded(seed):
+            model = self.handle.fresh(adversary)
+            quantized = adversary.method == "lora" and adversary.lora.quantize_base is not None
+            if before is None:
+                before = self._pre_attack(model)
+            streams = [adversary.data] + ([adversary.switch.retain_stream] if adversary.switch else [])
+            batches = AttackBatches(
+                {s: self.data.pool(s) for s in streams},
+                int(adversary.batch_size),
+                seed,
+                self.handle.tokenizer.pad_token_id,
+                device=device,
+            )
+
+            def start(run: AdversaryRun) -> None:
+                if quantized:  # checked after the pre-attack evaluation, whose eval-mode forwards could repack
+                    packed = packed_for_cpu_inference(run.model)
+                    if packed:
+                        raise TARLightningError(
+                            f"attack {adversary.name!r}: 4-bit layers {packed[:3]} were repacked for CPU inference; "
+                            "training through them gives wrong gradients"
+                        )
+                _guard_gradients(run, adversary.name)
+
+            # Unmerged adapters compute the same function; a quantized base is not merged because folding the
+            # adapters into 4/8-bit weights re-quantizes them.
+            outcome = run_attack(
+                model,
+                adversary,
+                batches.next,
+                self._evaluate_at,
+                seed=seed,
+                steps=steps,
+                before=before,
+                eval_every=eval_every,
+                merge_lora=merge_lora and not quantized,
+                on_start=start,
+                on_step=(lambda done: bar.update(1)) if bar is not None else None,
+            )
+            loss_values = torch.stack(outcome.losses).float().cpu().tolist() if outcome.losses else []
+            del model, batches
+        _free_memory(device)
+        return {
+            "before": outcome.before,
+            "after": outcome.after,
+            "trajectory": outcome.trajectory,
+            "train_loss": loss_values,
+            "lr": outcome.lr,
+            "switch_point": outcome.switch_point,
+            "steps": steps,
+        }
+
+    def search(self, task: RunTask, bar: Any = None) -> dict[str, Any]:
+        """Bounded random search (d08): the most damaging trial that keeps enough capability."""
+        space = task.resolved.search
+        assert space is not None
+        base = task.resolved.adversary
+        cap = self.suite.evaluation.capability
+        safety = self.suite.evaluation.safety
+        with seeded(task.run_seed):
+            model = self.handle.fresh(base)
+            before = self.evaluate(model)
+            del model
+        trials, results = [], []
+        for i in range(space.trials):
+            rng = np.random.default_rng([task.run_seed, i])
+            config = sample_trial(space, base, rng, f"{task.attack.id}/trial{i:02d}")
+            seed = int(rng.integers(0, 2**62))
+            result = self.attack_once(
+                config, task.resolved.eval_every, task.resolved.merge_lora, seed, before, bar
+            )
+            kept = agg.capability_kept(
+                before[cap.metric],
+                result["after"][cap.metric],
+                1.0 - space.max_capability_drop,
+                cap.direction,
+            )
+            results.append(result)
+            trials.append(
+                {
+                    "trial": i,
+                    "method": config.method,
+                    "lora_rank": config.lora.rank if config.method == "lora" else None,
+                    "lr": config.lr,
+                    "steps": config.steps,
+                    "schedule": config.schedule,
+                    "warmup_steps": config.warmup_steps,
+                    "after": result["after"],
+                    "qualified": kept,
+                }
+            )
+        qualified = [t["trial"] for t in trials if t["qualified"]]
+        if qualified:
+            chosen = qualified[0]
+            for i in qualified[1:]:
+                if agg.less_safe(
+                    trials[i]["after"][safety.metric],
+                    trials[chosen]["after"][safety.metric],
+                    safety.direction,
+                ):
+                    chosen = i
+        else:  # nothing kept enough capability: report the trial that kept the most, flagged
+
+            def retained(t):
+                b, a = before[cap.metric], t["after"][cap.metric]
+                return a - b if cap.direction == "higher_is_better" else b - a
+
+            chosen = max(range(len(trials)), key=lambda i: retained(trials[i]))
+        out = dict(results[chosen])
+        out["search"] = {"trials": trials, "chosen": chosen, "qualified": bool(qualified)}
+        return out
+
+    def execute(self, task: RunTask, position: int = 0) -> dict[str, Any]:
+        """One attack × seed: the run's full result record."""
+        resolved = task.resolved
+        total = resolved.adversary.steps if resolved.search is None else None  # trial lengths are drawn later
+        bar = run_bar(total, f"{task.attack.id} seed {task.seed}", self.progress, position)
+        start = time.perf_counter()
+        try:
+            if resolved.search is not None:
+                result = self.search(task, bar)
+            else:
+                result = self.attack_once(
+                    resolved.adversary, resolved.eval_every, resolved.merge_lora, task.run_seed, bar=bar
+                )
+        finally:
+            if bar is not None:
+                bar.close()
+        record = {
+            "version": RESULT_VERSION,
+            "attack": task.attack.id,
+            "comment": task.attack.comment,
+            "seed": task.seed,
+            "run_seed": task.run_seed,
+            "config_hash": task.config_hash,
+            "model": task.config["model"],
+            "config": task.config["attack"],
+            "device": str(self.handle.device),
+            "wall_time_s": time.perf_counter() - start,
+        }
+        record.update(result)
+        return record
