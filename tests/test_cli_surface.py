@@ -25,7 +25,7 @@ import tar_lightning
 from tar_lightning.cli import TARCLI, main
 
 TINY_TAR = REPO / "recipes" / "tiny" / "tar.yaml"
-SUBCOMMANDS = ("fit", "validate", "demo", "redteam", "evaluate", "export")
+SUBCOMMANDS = ("fit", "validate", "demo", "redteam", "evaluate", "export", "report")
 
 
 def _outputs(root: Path, steps: int = 1) -> list[str]:

@@ -90,3 +90,46 @@ def test_no_warning_for_the_current_spelling(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         printed(["export", "--ckpt", "a", "--out", "b"], capsys)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def test_demo_nested_options_presets_and_partial_files(tmp_path, capsys):
+    minimal = printed(["demo", "--size", "minimal"], capsys)
+    assert minimal["size"] == "minimal" and minimal["stage0"]["steps"] == 30  # the shipped preset
+    # a dotted override wins over the preset; the rest of the section keeps the preset's values
+    assert printed(["demo", "--size", "minimal", "--stage0.steps", "7"], capsys)["stage0"] == {
+        **minimal["stage0"], "steps": 7}
+    # a partial file merges over the shipped configuration and its preset
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("size: minimal\nredteam: {seeds: 2}\n")
+    from_file = printed(["demo", "--config", str(partial)], capsys)
+    assert from_file == {**minimal, "redteam": {**minimal["redteam"], "seeds": 2}}
+    # --print_config output is a file that reproduces itself, even after a preset and overrides
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(printed(["demo", "--size", "minimal", "--tar.steps", "3"], capsys)))
+    again = printed(["demo", "--config", str(saved)], capsys)
+    assert again["tar"]["steps"] == 3 and again == yaml.safe_load(saved.read_text())
+
+
+def test_demo_errors_name_the_nested_option(capsys):
+    code, _, err = run(["demo", "--stage0.stepz", "3"], capsys)
+    assert code == 2 and "unknown option --stage0.stepz; did you mean --stage0.steps?" in err
+    code, _, err = run(["demo", "--size", "minimal", "--stage0.steps", "many"], capsys)
+    assert code == 2 and "stage0.steps must be an integer, got 'many'" in err
+
+
+def test_demo_01_flags_still_work_with_a_warning(capsys):
+    with pytest.warns(FutureWarning, match=r"--seeds is deprecated .* use --redteam.seeds"):
+        old = printed(["demo", "--size", "minimal", "--seeds", "2", "--no-progress"], capsys)
+    assert old == printed(["demo", "--size", "minimal", "--redteam.seeds", "2", "--progress", "false"], capsys)
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_lists_take_yaml_or_commas_and_old_flags_warn(capsys):
+    new = printed(["evaluate", "--model", "tiny", "--tasks", "[wmdp_bio, mmlu]", "--data_root", "d",
+                   "--chat_template", "both"], capsys)
+    assert new["tasks"] == ["wmdp_bio", "mmlu"] and new["variants"] == ["letter"]
+    with pytest.warns(FutureWarning, match="--data-root is deprecated"):
+        old = printed(["evaluate", "--model", "tiny", "--tasks", "wmdp_bio,mmlu", "--data-root", "d",
+                       "--chat-template", "both"], capsys)
+    assert old == new

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import tar_lightning
 from tar_lightning.demo import (
     DEFAULT_CONFIG,
     DemoConfig,
@@ -20,7 +22,9 @@ from tar_lightning.demo import (
     run_demo,
 )
 from tar_lightning.demo.cli import demo_main
+from tar_lightning.demo.pipeline import STAGE_CODE
 from tar_lightning.errors import ConfigError
+from tar_lightning.safeguards import random_mapping as random_mapping_module
 
 DEFENSES = ["no_defense", "random_mapping", "tar_paper", "tar_extended"]
 STAGES = ["stage0", "random_mapping", "tar_paper", "tar_extended"]
@@ -136,6 +140,51 @@ def test_rerun_skips_finished_stages_and_reruns_only_what_changed(demo_run):
 
 def _plain(value):
     return json.loads(json.dumps(value))
+
+
+@pytest.mark.slow
+def test_a_code_or_version_change_reruns_that_stage_and_those_after_it(demo_run, tmp_path, monkeypatch, capsys):
+    """Cache keys hold the library version and the bytes of each stage's code (STAGE_CODE): the random-mapping
+    module with one more comment line (a copy its ``__file__`` points to, read by the real fingerprint) reruns
+    random mapping and everything after it, with the same numbers; another version reruns everything, red-team
+    run files included."""
+    config, first, _ = demo_run
+    out = tmp_path / "copy"
+    shutil.copytree(config.out, out)  # another test of this module changes config.out's TAR stages
+    cfg = dataclasses.replace(config, out=str(out))
+    assert random_mapping_module.__name__ in STAGE_CODE["random_mapping"]
+    source = Path(random_mapping_module.__file__)
+    edited = tmp_path / "edited" / source.name
+    edited.parent.mkdir()
+    edited.write_bytes(source.read_bytes() + b"# one more comment line\n")
+    monkeypatch.setattr(random_mapping_module, "__file__", str(edited))
+    capsys.readouterr()
+    second = run_demo(cfg)
+    printed = capsys.readouterr().out
+    after_rm = ["random_mapping", "tar_paper", "tar_extended"]
+    assert second.ran == after_rm + [f"redteam_{d}" for d in DEFENSES[1:]]
+    assert second.cached == ["stage0", "redteam_no_defense"]
+    assert "[demo] stage random_mapping: code changed since the cached run; retraining" in printed
+    assert "stage tar_paper: code changed" not in printed  # it reruns because its parent did
+    for stage in STAGES:
+        assert second.stages[stage]["metrics"] == first.stages[stage]["metrics"], stage
+    assert _plain(second.cells) == _plain(first.cells)
+
+    monkeypatch.setattr(random_mapping_module, "__file__", str(source))  # the real code again
+    old_version = tar_lightning.__version__
+    run_file = out / "redteam" / "no_defense" / "runs" / "w03__seed0.json"
+    written = run_file.stat().st_mtime_ns
+    monkeypatch.setattr(tar_lightning, "__version__", "99.0.0")
+    capsys.readouterr()
+    third = run_demo(cfg)
+    printed = capsys.readouterr().out
+    assert third.ran == STAGES + [f"redteam_{d}" for d in DEFENSES] and third.cached == []
+    for name in STAGES + [f"redteam_{d}" for d in DEFENSES]:
+        again = "running it again" if name.startswith("redteam_") else "retraining"
+        assert (f"[demo] stage {name}: tar_lightning version changed since the cached run "
+                f"({old_version} -> 99.0.0); {again}") in printed, name
+    assert run_file.stat().st_mtime_ns != written  # the red team ran again rather than reusing old run files
+    assert _plain(third.cells) == _plain(first.cells)
 
 
 def test_workers_give_the_same_numbers_and_resume_each_others_work(demo_run, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tar_lightning import RandomMappingModule, TARDataModule, TARModule
+from tar_lightning import RandomMappingModule, RMUModule, TARDataModule, TARModule
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.cli import TARCLI, main
 from tar_lightning.export import checkpoint_to_model
@@ -33,6 +33,7 @@ OVERLAY_BASE = REPO / "recipes" / "tiny" / "tar.yaml"
 EXPECTED = {
     "recipes/tiny/tar.yaml",
     "recipes/tiny/random_mapping.yaml",
+    "recipes/tiny/rmu.yaml",
     "recipes/stage1/bio_llama3_8b.yaml",
     "recipes/tar/bio_llama3_8b.yaml",
     "recipes/tar/chem_llama3_8b.yaml",
@@ -135,7 +136,7 @@ def _check_semantics(cfg, where: str) -> dict:
     if issubclass(module_cls, TARModule):
         tar_config = _tar_config(model_args["config"], where)
         needed = tar_config.stream_steps()
-    elif issubclass(module_cls, RandomMappingModule):
+    elif issubclass(module_cls, (RandomMappingModule, RMUModule)):
         needed = {model_args["retain_stream"]: 1, model_args["forget_stream"]: 1}
     else:
         pytest.fail(

@@ -1,5 +1,6 @@
-"""The ``tar-lightning`` command: ``fit | validate`` through LightningCLI, plus ``demo``, ``redteam``, ``evaluate`` and
-``export``; ``tar-lightning --help`` lists them all, ``--version`` prints the library's version."""
+"""The ``tar-lightning`` command: ``fit | validate`` through LightningCLI, plus ``demo``, ``redteam``, ``evaluate``,
+``export`` and ``report`` (:mod:`tar_lightning.command`); ``tar-lightning --help`` lists them all, ``--version`` prints
+the library's version."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from tar_lightning.errors import ConfigError, TARLightningError
 from tar_lightning.evaluation.evaluate_cli import evaluate_main
 from tar_lightning.evaluation.redteam_cli import redteam_main
 from tar_lightning.export import RunRecordCallback, export_checkpoint
+from tar_lightning.report_cli import report_main
 
 __all__ = [
     "MergingConfigFile", "RichStepProgressBar", "RunFolderGuard", "TARArgumentParser", "TARCLI",
@@ -49,6 +52,7 @@ SUBCOMMAND_HELP = {
     "redteam": "attack a model with every fine-tuning attack of a red-team suite and report the results",
     "evaluate": "multiple-choice accuracy (WMDP / MMLU, lm-eval zero-shot format) of a model",
     "export": "write a training checkpoint as a Hugging Face folder (weights, config, tokenizer)",
+    "report": "plot a TAR run's logs (adversary loss per inner step across outer steps, TR loss, retain loss)",
 }
 #: Lightning subcommands that are not offered, and what to use instead
 NOT_OFFERED = {
@@ -477,9 +481,19 @@ def top_level_help() -> str:
     return "\n".join(lines)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A deprecated flag's ``FutureWarning`` as one line on the console (other warnings as Python shows them)."""
+    if issubclass(category, FutureWarning) and str(message).startswith("tar-lightning "):
+        print(f"tar-lightning: warning: {str(message).removeprefix('tar-lightning ')}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tar-lightning`` console script."""
     from_command_line = argv is None
+    if from_command_line:
+        warnings.showwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help(), file=sys.stdout if argv else sys.stderr)
@@ -499,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return evaluate_main(argv[1:])
         if argv[0] == "redteam":
             return redteam_main(argv[1:])
+        if argv[0] == "report":
+            return report_main(argv[1:])
         if argv[0] not in LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
             print(f"tar-lightning: unknown command {argv[0]!r}; expected one of {', '.join(SUBCOMMAND_HELP)} "
                   "(tar-lightning --help)", file=sys.stderr)

@@ -18,6 +18,7 @@ __all__ = ["TARConfig"]
 TR_LOSSES = ("max_entropy", "neg_ce", "dpo")
 WEIGHTINGS = ("uniform", "exponential")
 ENTROPY_POSITIONS = ("attention", "labels", "all")
+PERSISTENT_STATES = ("delta", "full")
 
 
 @dataclass
@@ -48,6 +49,42 @@ class TARConfig:
             weights, kept on ``snapshot_device``.
         persistent_probability: chance that a trajectory continues a stored one (when the pool is not empty).
         persistent_horizon: a stored trajectory is retired once it has run this many adversary steps in total.
+        persistent_state: what a continued trajectory takes over from the stored one. ``delta`` (default, the
+            behaviour before this option): the weight delta only; the continued trajectory starts a fresh
+            adversary optimizer and schedule, and its TR weights are those of a K-step trajectory.
+            ``full``: the delta *and* the adversary optimizer's state (AdamW moments, step counts, schedule-free
+            iterates) and its LR schedule position, so that a continued trajectory is exactly the next K steps
+            of one longer attack of L = :meth:`attack_horizon` steps (the schedule is laid out over L; a
+            schedule-free adversary's delta is taken at its training point y, not at x). Its TR evaluation
+            points are weighted by their *global* step in that attack (:meth:`tr_weights` with ``start``). Each
+            pool entry then also holds the optimizer state (AdamW: two more copies of the trainable weights);
+            under FSDP2 as this rank's shards, checkpointed per rank like the deltas. Needs ``inner_steps`` to
+            be a multiple of ``tr_every``. No extra forward/backward passes.
+        fork_every: N > 0 turns on MUDMAN's forked persistent adversary (Sondej et al. 2025): one adversary,
+            forked from the current weights every N outer steps (steps 0, N, 2N, ...; a diverged adversary is
+            dropped and the next step forks anew, which shifts that cadence), trains K = ``inner_steps`` steps per outer step continuing from its own *absolute* weights and
+            optimizer state (it does not follow the outer updates in between, as in MUDMAN's code), and the TR
+            gradient is taken at its weights at the evaluation points. A trajectory spans N outer steps, an attack
+            of L = N·K steps, at the cost of K adversary steps per outer step; the TR weights and schedule follow
+            the global step as with ``persistent_state: full``. MUDMAN itself: K = 1, ``tr_every: 1``, an SGD
+            adversary, with ``disruption_mask`` and ``normalize_tr_grad``. Unlike MUDMAN, the TR loss is taken
+            after the adversary's step (TAR's convention), not before it. Needs ``trajectories: 1`` and
+            ``persistent_pool: 0``; 0 (default): off.
+        disruption_mask: MUDMAN's disruption masking (Sondej et al. 2025): before the outer step, every element of
+            the tamper-resistance gradient g_TR (the weighted sum over trajectories and evaluation points, after
+            the data-parallel average) whose sign differs from that of the retain gradient
+            g_R = λ_retain·∇L_retain(θ) at the same element is set to 0 (kept where ``sign(g_TR) == sign(g_R)``,
+            as MUDMAN's ``p.grad *= retain.sign() == p.grad.sign()``; an element where g_R is exactly 0 is masked).
+            The retain gradient itself is never masked: the outer gradient is ``g_R + mask ⊙ g_TR``, so the TR
+            step never works against retention to first order. MUDMAN compares with a running average of the
+            retain gradient (momentum ≤ 0.99); here the current step's, i.e. MUDMAN with momentum 0 (an outer
+            optimizer with momentum averages the combined gradient afterwards). Needs ``retain_weight > 0``. No
+            extra forward/backward passes.
+        normalize_tr_grad: MUDMAN's normalised unlearning gradient: g_TR is divided by its global 2-norm (over all
+            parameters and FSDP2 shards; taken *before* the disruption mask, as MUDMAN's code does, so a masked
+            gradient has norm ≤ λ_TR) and multiplied by ``tr_weight``; the outer gradient is
+            ``g_R + λ_TR·(mask ⊙ G)/‖G‖`` with G the TR gradient. ``tr_weight`` is then the TR step's norm (MUDMAN
+            calibrates it once on the first batch). No extra passes.
         seed: seeds every random choice of an outer step (adversary, LR, switch point) as a function of
             (seed, outer step, trajectory), so all ranks agree without communication and resume reproduces it.
         tr_stream: name of the held-out forget stream.
@@ -78,6 +115,10 @@ class TARConfig:
     persistent_pool: int = 0
     persistent_probability: float = 0.5
     persistent_horizon: int = 256
+    persistent_state: Literal["delta", "full"] = "delta"
+    fork_every: int = 0
+    disruption_mask: bool = False
+    normalize_tr_grad: bool = False
     seed: int = 0
     tr_stream: str = "tr"
     retain_stream: str = "retain"
@@ -127,7 +168,8 @@ class TARConfig:
             raise bad("clip_grad_norm", "expected a positive finite number or null")
         if not is_number(self.dpo_beta) or self.dpo_beta <= 0:
             raise bad("dpo_beta", "expected a finite number > 0 (the paper uses 0.1)")
-        for key in ("normalize_weights", "retain_representation", "representation_squared"):
+        for key in ("normalize_weights", "retain_representation", "representation_squared", "disruption_mask",
+                    "normalize_tr_grad"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "expected true or false")
         if not is_int(self.seed):
@@ -182,6 +224,26 @@ class TARConfig:
                 )
             if all(a.method == "lora" for a in self.adversaries):
                 raise bad("persistent_pool", "only full-parameter trajectories are stored, and every adversary is LoRA")
+        if not isinstance(self.persistent_state, str) or self.persistent_state not in PERSISTENT_STATES:
+            raise bad("persistent_state", f"expected one of {list(PERSISTENT_STATES)}")
+        if not is_int(self.fork_every) or self.fork_every < 0:
+            raise bad("fork_every", "expected an integer >= 0 (0 turns the forked adversary off)")
+        if self.fork_every:
+            if self.persistent_pool:
+                raise bad("fork_every", "the forked adversary and the persistent pool are alternatives; set "
+                          "persistent_pool: 0 or fork_every: 0")
+            if self.trajectories != 1:
+                raise bad("fork_every", f"the forked adversary is one trajectory per outer step; got "
+                          f"trajectories={self.trajectories}, expected 1")
+            if all(a.method == "lora" for a in self.adversaries):
+                raise bad("fork_every", "only full-parameter adversaries persist, and every adversary is LoRA")
+        if self.long_horizon() and self.inner_steps % self.tr_every:
+            key = "fork_every" if self.fork_every else "persistent_state"
+            raise bad(key, f"needs inner_steps={self.inner_steps} to be a multiple of tr_every={self.tr_every}, so "
+                      "the evaluation points of a continued trajectory fall on the same inner steps")
+        if self.disruption_mask and not self.retain_weight > 0:
+            raise bad("disruption_mask", f"needs retain_weight > 0 (got {self.retain_weight}): the mask keeps the "
+                      "TR gradient where its sign agrees with the retain gradient's, which is then 0 everywhere")
         if self.snapshot_device is not None and self.snapshot_device != "cpu":
             raise bad("snapshot_device", "expected null (next to the weights) or 'cpu'")
         value = self.max_nonfinite_in_a_row
@@ -195,19 +257,61 @@ class TARConfig:
         """Inner-step indices k (0-based) after whose adversary update the TR loss is evaluated."""
         return [k for k in range(self.inner_steps) if (k + 1) % self.tr_every == 0]
 
-    def tr_weights(self) -> list[float]:
-        """w_k for every TR point (before λ_TR and the 1/T trajectory average): uniform 1/E over the E points, or
-        exponential exp(rate·(k − (K−1))), optionally normalised to sum to 1."""
+    def long_horizon(self) -> bool:
+        """Whether continued trajectories are one longer attack (``persistent_state: full`` with the pool, or the
+        forked adversary): optimizer state and schedule position carried over, TR weights by global step."""
+        return bool(self.fork_every) or (bool(self.persistent_pool) and self.persistent_state == "full")
+
+    def attack_horizon(self) -> int:
+        """L, the length in adversary steps of the longest attack a trajectory can become: N·K for the forked
+        adversary, K·⌈persistent_horizon/K⌉ for the pool with ``persistent_state: full`` (an entry is retired
+        once it has run ``persistent_horizon`` steps, at the end of the piece that reaches it), else K."""
+        K = self.inner_steps
+        if self.fork_every:
+            return self.fork_every * K
+        if self.long_horizon():
+            return K * -(-self.persistent_horizon // K)
+        return K
+
+    def tr_weights(self, start: int = 0) -> list[float]:
+        """w for every TR point of a trajectory (before λ_TR and the 1/T trajectory average).
+
+        Per trajectory of K steps (the default, and ``persistent_state: delta``; ``start`` is ignored): uniform
+        1/E over its E = K/``tr_every`` points, or exponential exp(rate·(k − (K−1))), optionally normalised to sum
+        to 1 over the E points.
+
+        With :meth:`long_horizon` a trajectory that has already run ``start`` adversary steps is steps
+        ``start .. start+K−1`` of one attack of L = :meth:`attack_horizon` steps, and its point at inner step k
+        has the global step g = start + k: uniform 1/(L/``tr_every``), or exponential exp(rate·(g − (L−1))) (the
+        last step of the whole attack weighs 1); ``normalize_weights`` divides by the sum over all L/``tr_every``
+        points of the whole attack. So the weights of the pieces of one attack are exactly the weights of that
+        attack run at once. A fresh trajectory's exponential weights are then exp(−rate·(L−K)) times smaller
+        than without the option: lower ``weighting_rate`` (e.g. to about 4/L) or use ``uniform``.
+
+        Args:
+            start: adversary steps the trajectory ran in earlier outer steps (0 for a fresh one).
+        """
         points = self.tr_points()
-        if self.weighting == "uniform":
-            weights = [1.0 / len(points)] * len(points)
-        else:
-            last = self.inner_steps - 1
-            weights = [math.exp(self.weighting_rate * (k - last)) for k in points]
-        if self.normalize_weights:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        return weights
+        if not self.long_horizon():
+            if self.weighting == "uniform":
+                weights = [1.0 / len(points)] * len(points)
+            else:
+                last = self.inner_steps - 1
+                weights = [math.exp(self.weighting_rate * (k - last)) for k in points]
+            if self.normalize_weights:
+                total = sum(weights)
+                weights = [w / total for w in weights]
+            return weights
+        horizon = self.attack_horizon()
+        every = [g for g in range(horizon) if (g + 1) % self.tr_every == 0]
+
+        def weight(g: int) -> float:
+            if self.weighting == "uniform":
+                return 1.0 / len(every)
+            return math.exp(self.weighting_rate * (g - (horizon - 1)))
+
+        total = sum(weight(g) for g in every) if self.normalize_weights else 1.0
+        return [weight(start + k) / total for k in points]
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches each data stream must supply per outer step."""

@@ -13,6 +13,12 @@ One training batch is one outer step (TAR's stage 2)::
 the averaging of gradients over data-parallel ranks, chosen once per fit (:mod:`tar_lightning.grad_sync`), the
 NaN/Inf check of every outer step (:class:`tar_lightning.guards.NonFiniteGuard`) and the persistent adversaries
 (:class:`tar_lightning.persistent.AdversaryPool`).
+
+Options beyond the paper, all off by default (``TARConfig``; docs/TAR_OPTIONS.md): ``persistent_state: full``
+(a continued pooled trajectory is one longer attack: optimizer state, schedule position and TR weights by global
+step), ``fork_every`` (MUDMAN's forked persistent adversary), and MUDMAN's ``disruption_mask`` and
+``normalize_tr_grad``, applied to the TR gradient between phase 2's retain backward and phase 3
+(:meth:`TARModule._add_tr_gradient`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from tar_lightning.guards import NonFiniteGuard
 from tar_lightning.losses import max_entropy_loss, negative_ce_loss, retain_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.models import ModelSource, freeze, frozen_copy, load_model, meta_copy
-from tar_lightning.persistent import AdversaryPool
+from tar_lightning.persistent import AdversaryPool, load_optimizer_state, optimizer_state
 from tar_lightning.sharding import ShardingConfig, apply_activation_checkpointing, fully_shard_model
 from tar_lightning.snapshot import GradientBuffer, ParameterSnapshot, local_tensor
 from tar_lightning.strategy import (
@@ -86,6 +92,7 @@ class _Trajectory:
     init_seed: int  # of LoRA adapters
     resume_from: Optional[int] = None  # the persistent-pool entry it continues
     slot: int = 0  # the pool entry a fresh trajectory replaces once the pool is full
+    start: int = 0  # adversary steps the continued entry ran before (its global step offset)
 
 
 @dataclass
@@ -171,11 +178,12 @@ class TARModule(CausalLMModule):
         )
         self._tr_weights = self.config.tr_weights()
         self._tr_points = set(self.config.tr_points())
-        self.adversary_pool = (
-            AdversaryPool(cfg.persistent_pool, cfg.persistent_horizon, cfg.snapshot_device)
-            if cfg.persistent_pool
-            else None
-        )
+        if cfg.fork_every:  # MUDMAN's forked adversary: one absolute entry, retired after fork_every outer steps
+            self.adversary_pool = AdversaryPool(1, cfg.attack_horizon(), cfg.snapshot_device, relative=False)
+        elif cfg.persistent_pool:
+            self.adversary_pool = AdversaryPool(cfg.persistent_pool, cfg.persistent_horizon, cfg.snapshot_device)
+        else:
+            self.adversary_pool = None
         self.nonfinite_guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)  # its counters are checkpointed
         self._grad_sync: Optional[GradientSync] = None  # chosen by configure_model (none / DDP / FSDP2)
 
@@ -227,12 +235,13 @@ class TARModule(CausalLMModule):
         """
         if data_parallel_world_size() <= 1 or isinstance(self._trainer.strategy, FSDP2Strategy):
             return
+        key = "fork_every" if self.config.fork_every else "persistent_pool"
         raise ConfigError(
-            f"TARConfig.persistent_pool={self.config.persistent_pool} under {type(self._trainer.strategy).__name__} "
+            f"TARConfig.{key}={getattr(self.config, key)} under {type(self._trainer.strategy).__name__} "
             f"with {data_parallel_world_size()} ranks: the stored adversary deltas are sharded like the weights and "
             "this strategy saves non-weight checkpoint entries from rank 0 only, so a checkpoint would lose the other "
             "ranks' shards. Use strategy tar_lightning.strategy.FSDP2Strategy (what the recipes/launch/fsdp2_*.yaml "
-            "overlays set), or persistent_pool: 0"
+            f"overlays set), or {key}: 0"
         )
 
     def on_fit_start(self) -> None:
@@ -481,6 +490,7 @@ class TARModule(CausalLMModule):
             for t < T:  θ'_0 = θ (or θ + δ from the persistent pool);  θ'_{k+1} = adversary step on θ'_k, k < K
             g_TR = Σ_t Σ_{k∈E} λ_TR·w_k/T · ∇L_TR(θ'_{k+1});  θ restored    (:meth:`_attack_trajectories`)
             g    = g_TR + λ_retain·∇L_retain(θ), averaged over the ranks     (:meth:`_retain_gradient`)
+                   (MUDMAN options: g_R + λ_TR·(m ⊙ g_TR)/‖g_TR‖, :meth:`_add_tr_gradient`)
             θ   ← outer optimizer step with clip(g); skipped on NaN/Inf      (:meth:`_outer_update`)
 
         E: the steps after which the attacker is scored (``config.tr_points()``), w their weights
@@ -540,46 +550,65 @@ class TARModule(CausalLMModule):
         if pool is not None:  # drawn on every step, so the sequence of draws never depends on the pool
             u = float(torch.rand((), generator=gen))
             plan.slot = int(torch.randint(2**31 - 1, (1,), generator=gen))
-            if len(pool) and u < cfg.persistent_probability:
+            probability = 1.0 if cfg.fork_every else cfg.persistent_probability  # the fork is always continued
+            if len(pool) and u < probability:
                 plan.resume_from = plan.slot % len(pool)
                 entry = pool.entries[plan.resume_from]
                 plan.index, plan.lr, plan.switch = entry.adversary, entry.lr, None
+                plan.start = entry.steps
         return plan
 
     def _attack(self, batch: dict[str, dict[str, Tensor]], t: int, plan: _Trajectory, params: list[Tensor],
                 snapshot: ParameterSnapshot, attacks: _Attacks) -> None:
         """Trajectory ``t``: K adversary steps from θ (or from where a pooled trajectory ended), the TR gradient
-        at each evaluation point; with the persistent pool, where it ended is stored."""
+        at each evaluation point; with the persistent pool, where it ended is stored.
+
+        With ``config.long_horizon()`` (``persistent_state: full`` or the forked adversary) the trajectory is
+        steps ``plan.start .. plan.start+K−1`` of one attack of ``config.attack_horizon()`` steps: its schedule is
+        laid out over that attack, a continued one takes over the stored optimizer state and schedule position,
+        its TR weights follow the global step, and the optimizer state is stored with the weights (at the
+        training point, from which the next step starts)."""
         cfg, pool, K = self.config, self.adversary_pool, self.config.inner_steps
+        long = cfg.long_horizon()
+        entry = None
         if plan.resume_from is not None:
-            pool.apply(plan.resume_from, params)
+            entry = pool.apply(plan.resume_from, params)
             attacks.continued += 1
         attacks.adv_lrs.append(plan.lr)
         adversary = cfg.adversaries[plan.index]
         tr_batch = micro_batch(batch[cfg.tr_stream], t)
-        with AdversaryRun(self.model, adversary, lr=plan.lr, steps=K, switch_point=plan.switch, params=params,
+        weights = cfg.tr_weights(plan.start) if long else self._tr_weights
+        steps = cfg.attack_horizon() if long else K
+        with AdversaryRun(self.model, adversary, lr=plan.lr, steps=steps, switch_point=plan.switch, params=params,
                           seed=plan.init_seed) as run:
+            if long and entry is not None and entry.optimizer is not None:
+                load_optimizer_state(run.optimizer, run.trainable, entry.optimizer, run.scheduler)
             self.grad_sync.watch_adversary(run.optimizer, run.trainable)
             e = 0
             for k in range(K):
                 stream = run.stream_for_step(k)
                 attacks.adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / cfg.trajectories
                 if k in self._tr_points:
-                    self._tr_gradient(run, tr_batch, e, attacks)
+                    self._tr_gradient(run, tr_batch, e, attacks, weights[e])
                     e += 1
             if pool is not None and adversary.method != "lora":
-                with run.evaluation_point():
-                    pool.record(params, snapshot, continued=plan.resume_from, adversary=plan.index, lr=plan.lr,
-                                steps=K, replace=plan.slot)
+                record = dict(continued=plan.resume_from, adversary=plan.index, lr=plan.lr, steps=K, replace=plan.slot)
+                if long:
+                    state = optimizer_state(run.optimizer, run.trainable, run.scheduler, cfg.snapshot_device)
+                    pool.record(params, snapshot, optimizer=state, **record)
+                else:
+                    with run.evaluation_point():
+                        pool.record(params, snapshot, **record)
 
-    def _tr_gradient(self, run: AdversaryRun, tr_batch: dict[str, Tensor], e: int, attacks: _Attacks) -> None:
-        """λ_TR·w_e/T · ∇L_TR at evaluation point ``e``, added to the TR buffer; scored where the attacker
-        evaluates (schedule-free: x, not y), the gradient taken by the base weights (also under LoRA)."""
+    def _tr_gradient(self, run: AdversaryRun, tr_batch: dict[str, Tensor], e: int, attacks: _Attacks,
+                     weight: float) -> None:
+        """λ_TR·w_e/T · ∇L_TR at evaluation point ``e`` (``weight`` = w_e), added to the TR buffer; scored where the
+        attacker evaluates (schedule-free: x, not y), the gradient taken by the base weights (also under LoRA)."""
         T = self.config.trajectories
         with run.evaluation_point(), run.base_gradients():
             attacks.tr_grads.swap_in()
             loss, diag = self.tr_loss(tr_batch)
-            (loss * (self.config.tr_weight * self._tr_weights[e] / T)).backward()
+            (loss * (self.config.tr_weight * weight / T)).backward()
             attacks.tr_grads.swap_out()
         attacks.tr_losses[e] += loss.detach().float() / T
         attacks.tr_diag[e] += diag.float() / T
@@ -589,10 +618,48 @@ class TARModule(CausalLMModule):
     def _retain_gradient(self, batch: dict[str, dict[str, Tensor]], params: list[Tensor],
                          tr_grads: GradientBuffer) -> tuple[Tensor, dict[str, Tensor]]:
         """λ_retain·∇L_retain at the restored weights θ, averaged over the ranks and added to the TR gradient in
-        the parameters' ``.grad``. Returns the (λ-free) retain loss and its parts."""
-        retain, parts = self.retain_objective(micro_batch(batch[self.config.retain_stream], 0))
-        self.grad_sync.backward_retain(self.config.retain_weight * retain, params, tr_grads)
+        the parameters' ``.grad`` (masked and/or normalised first with ``disruption_mask`` / ``normalize_tr_grad``,
+        :meth:`_add_tr_gradient`). Returns the (λ-free) retain loss and its parts."""
+        cfg = self.config
+        retain, parts = self.retain_objective(micro_batch(batch[cfg.retain_stream], 0))
+        if cfg.disruption_mask or cfg.normalize_tr_grad:
+            # the retain gradient alone first (an empty buffer), averaged over the ranks; then the TR gradient
+            self.grad_sync.backward_retain(cfg.retain_weight * retain, params, GradientBuffer(params))
+            self._add_tr_gradient(params, tr_grads)
+        else:
+            self.grad_sync.backward_retain(cfg.retain_weight * retain, params, tr_grads)
         return retain, parts
+
+    @torch.no_grad()
+    def _add_tr_gradient(self, params: list[Tensor], tr_grads: GradientBuffer) -> None:
+        """``.grad ← g_R + λ_TR·(m ⊙ G)/‖G‖`` (MUDMAN), with ``.grad`` holding g_R (the averaged retain gradient)
+        and ``tr_grads`` G (the averaged TR gradient, λ_TR included).
+
+        ``normalize_tr_grad``: the factor λ_TR/‖G‖ (global 2-norm over all parameters and FSDP2 shards, taken before
+        the mask), else 1. ``disruption_mask``: m = [sign(G) = sign(g_R)] per element (a parameter the retain loss
+        does not reach has g_R = 0: its TR gradient is masked to 0), else 1. Both are elementwise or global, so
+        each rank works on its local shards; the ranks agree because G and g_R are averaged already.
+        """
+        cfg = self.config
+        scale = None
+        if cfg.normalize_tr_grad:
+            norm = tr_grads.norm()
+            scale = cfg.tr_weight / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # NaN stays NaN: the guard skips
+        for p, g in zip(params, tr_grads.grads, strict=True):
+            if g is None:
+                continue
+            tr = local_tensor(g)
+            if cfg.disruption_mask:
+                if p.grad is None:
+                    tr.zero_()
+                else:
+                    tr.mul_(torch.sign(tr) == torch.sign(local_tensor(p.grad)))
+            if scale is not None:
+                tr.mul_(scale.to(tr.device))
+            if p.grad is None:
+                p.grad = g
+            else:
+                local_tensor(p.grad).add_(tr)
 
     # phase 3: the outer update
 

@@ -1,6 +1,8 @@
 """The demo's small helpers: stable hashes of stage keys, JSON files, torch threads and a quiet Lightning.
 
 - :func:`stable_hash`: the hash that keys every cached stage (a change upstream changes every hash below it);
+- :func:`source_fingerprint`: the hash of the source files of some of our modules (part of those keys, so that
+  a stage trained by other code is not reused);
 - :func:`write_json` / :func:`read_json`: the stage and result files (written atomically; a missing or damaged
   file reads as ``None``, i.e. "not cached");
 - :func:`torch_threads`: the demo's ``threads`` setting for the duration of a block;
@@ -12,22 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.errors import ConfigError
 
 __all__ = [
     "HARMLESS_WARNINGS",
     "quiet_lightning",
     "read_json",
     "silence_lightning",
+    "source_files",
+    "source_fingerprint",
     "stable_hash",
     "torch_threads",
     "write_json",
@@ -37,6 +43,49 @@ __all__ = [
 def stable_hash(value: Any) -> str:
     """20 hex digits of the SHA-256 of ``value`` as sorted JSON (non-JSON values by ``str``)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def source_files(module_name: str) -> list[Path]:
+    """The source files of a module (its ``__file__``) or package (every ``*.py`` file under its folder,
+    subpackages included, sorted).
+
+    The module is taken from ``sys.modules`` (imported if it is not yet), and its files are found through its
+    ``__file__``: the code that runs, wherever the library is installed (a checkout or a wheel).
+
+    Raises:
+        ConfigError: the module cannot be imported or has no source file.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"demo: cannot fingerprint module {module_name!r}: {err}") from err
+    file = getattr(module, "__file__", None)
+    if not file or not Path(file).is_file():
+        raise ConfigError(f"demo: module {module_name!r} has no source file to fingerprint (__file__={file!r})")
+    path = Path(file)
+    if hasattr(module, "__path__"):  # a package: everything under its folder
+        return sorted(path.parent.rglob("*.py"))
+    return [path]
+
+
+def source_fingerprint(module_names: Sequence[str]) -> str:
+    """20 hex digits of the SHA-256 of the source bytes of ``module_names`` (see :func:`source_files`): each
+    module's name, and each file's path relative to its module's folder and its bytes. Any edit of those files,
+    a comment included, changes it; the folder the library is installed in does not.
+
+    Raises:
+        ConfigError: a module without source files.
+    """
+    digest = hashlib.sha256()
+    for name in module_names:
+        files = source_files(name)
+        root = Path(importlib.import_module(name).__file__).parent  # the package's folder, or the module's
+        digest.update(f"module {name}\n".encode())
+        for path in files:
+            data = path.read_bytes()
+            digest.update(f"file {path.relative_to(root).as_posix()} {len(data)}\n".encode())
+            digest.update(data)
+    return digest.hexdigest()[:20]
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -2,8 +2,11 @@
 
 Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.KnowledgeLMModule`), stage 1 trains random
 mapping, stage 2 TAR once per adversary family, stage 3 red-teams every defense. Each training stage is keyed by
-its configuration and its parent's key (:meth:`DemoPipeline.keys`): a stage whose key did not change is loaded
-from ``out/<stage>`` instead of being trained again, and a red team from ``out/redteam/<defense>``.
+its configuration, its parent's key, the library version and a fingerprint of the source code it runs
+(:data:`STAGE_CODE`, :meth:`DemoPipeline.keys`): a stage whose key did not change is loaded from ``out/<stage>``
+instead of being trained again, and a red team from ``out/redteam/<defense>``. After a library upgrade or an edit
+of a stage's code, that stage and every stage after it run again (the demo says so: ``stage X: code changed since
+the cached run; retraining``), so results of old code are never reused.
 
 :meth:`DemoPipeline.run_in_process` runs everything in this process; :mod:`tar_lightning.demo.workers` runs the
 same stage methods on worker processes. Progress: one bar per training stage, counting its optimizer steps
@@ -25,10 +28,11 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+import tar_lightning
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
-from tar_lightning.demo.io import read_json, stable_hash, write_json
+from tar_lightning.demo.io import read_json, source_fingerprint, stable_hash, write_json
 from tar_lightning.demo.report import DemoResult, format_metrics, mean_or_none
 from tar_lightning.demo.suite import build_suite, knowledge_source
 from tar_lightning.errors import ConfigError
@@ -39,7 +43,7 @@ from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
 from tar_lightning.tar_module import TARModule
 
-__all__ = ["DEFENSES_BASE", "DemoPipeline", "StepProgress", "stage_label"]
+__all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,21 @@ log = logging.getLogger(__name__)
 DEFENSES_BASE = ("no_defense", "random_mapping")
 
 _LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping"}
+
+#: The library code each kind of stage runs, beyond what its parent stage ran (a stage's key holds its parent's
+#: hash, so a change upstream reruns everything below): modules, or packages with every file under them. The
+#: bytes of these files are hashed into the stage's cache key (:func:`~tar_lightning.demo.io.source_fingerprint`),
+#: next to the library version. ``tar`` keys every TAR family; ``redteam`` every defense's red team.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "stage0": ("tar_lightning.safeguards.knowledge_lm", "tar_lightning.base_module", "tar_lightning.data",
+               "tar_lightning.losses", "tar_lightning.models"),
+    "random_mapping": ("tar_lightning.safeguards.random_mapping", "tar_lightning.base_module", "tar_lightning.losses"),
+    "tar": ("tar_lightning.tar_module", "tar_lightning.tar_config", "tar_lightning.base_module",
+            "tar_lightning.adversaries", "tar_lightning.persistent", "tar_lightning.snapshot",
+            "tar_lightning.grad_sync", "tar_lightning.guards", "tar_lightning.losses"),
+    "redteam": ("tar_lightning.evaluation.redteam", "tar_lightning.adversaries", "tar_lightning.evaluation.suite",
+                "tar_lightning.demo.evaluator"),
+}
 
 
 def stage_label(stage: str) -> str:
@@ -102,6 +121,8 @@ class DemoPipeline:
         say: where progress lines go (default: printed); worker processes send them to the parent.
         train_callbacks: ``(stage name, steps) -> Lightning callbacks`` added to a stage's trainer (default: a
             :class:`StepProgress` bar when ``config.progress``, else none).
+        code: the code fingerprints to key the stages with (:meth:`code_fingerprints`; worker processes get their
+            parent's); default: computed from the installed source on first use.
 
     Attributes:
         cfg: the configuration; ``out``: the output folder (absolute); ``result``: the :class:`DemoResult` the
@@ -113,8 +134,10 @@ class DemoPipeline:
         config: DemoConfig,
         say: Optional[Callable[[str], None]] = None,
         train_callbacks: Optional[Callable[[str, int], Sequence[Any]]] = None,
+        code: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.cfg = config
+        self._code = dict(code) if code is not None else None
         self.out = Path(os.path.expanduser(config.out)).absolute()
         self.result = DemoResult(config=config, out_dir=self.out)
         self.evaluator = KnowledgeEvaluator(
@@ -137,9 +160,20 @@ class DemoPipeline:
     def _model_key(self) -> dict:
         return {"model": self.cfg.model, "tiny": dict(self.cfg.tiny) if self.cfg.model == "tiny" else None}
 
+    def code_fingerprints(self) -> dict[str, str]:
+        """Kind of stage (a key of :data:`STAGE_CODE`) -> fingerprint of its source code, computed once."""
+        if self._code is None:
+            self._code = {kind: source_fingerprint(modules) for kind, modules in STAGE_CODE.items()}
+        return dict(self._code)
+
+    def _code_key(self, kind: str) -> dict:
+        """What a stage's key holds about the code that ran it: the library version and the fingerprint."""
+        return {"version": tar_lightning.__version__, "code": self.code_fingerprints()[kind]}
+
     def keys(self) -> dict[str, tuple[dict, str]]:
-        """Stage name -> (key, hash) for every training stage; a stage's key holds its parent's hash, so a
-        change anywhere upstream reruns everything below it."""
+        """Stage name -> (key, hash) for every training stage; a stage's key holds its parent's hash, the library
+        version and its code fingerprint, so a change anywhere upstream (configuration or code) reruns everything
+        below it."""
         cfg = self.cfg
         out: dict[str, tuple[dict, str]] = {}
 
@@ -148,12 +182,14 @@ class DemoPipeline:
             return out[name][1]
 
         h0 = add("stage0", {"stage": 0, **self._model_key(), "world": cfg.world, "seq_len": cfg.seq_len,
-                            "seed": cfg.seed, "config": dataclasses.asdict(cfg.stage0)})
-        h1 = add("random_mapping", {"stage": 1, "parent": h0, "config": dataclasses.asdict(cfg.random_mapping)})
+                            "seed": cfg.seed, "config": dataclasses.asdict(cfg.stage0), **self._code_key("stage0")})
+        h1 = add("random_mapping", {"stage": 1, "parent": h0, "config": dataclasses.asdict(cfg.random_mapping),
+                                    **self._code_key("random_mapping")})
         s = cfg.tar
         for family in s.run:
             key = {"stage": 2, "parent": h1, "family": family, "adversaries": s.families[family],
-                   "config": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("run", "families", "options")}}
+                   "config": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("run", "families", "options")},
+                   **self._code_key("tar")}
             options = dict(s.options.get(family, {}))
             if options:
                 key["options"] = options
@@ -171,6 +207,27 @@ class DemoPipeline:
         meta = read_json(folder / "stage.json")
         if meta is not None and meta.get("hash") == self.keys()[name][1] and (folder / "model" / "config.json").is_file():
             return meta
+        return None
+
+    def stale_reason(self, name: str) -> Optional[str]:
+        """Why ``out/name`` (a training stage) or ``out/redteam/<defense>`` (``name = "redteam_<defense>"``) holds a
+        run that cannot be reused, when the reason is the code that ran it: a line to show, or ``None`` (no run,
+        a reusable one, or one of another configuration or parent)."""
+        if name.startswith("redteam_"):
+            meta = read_json(self.out / "redteam" / name[len("redteam_"):] / "demo_stage.json")
+            key, h = self._redteam_key(name[len("redteam_"):])
+        else:
+            meta = read_json(self.out / name / "stage.json")
+            key, h = self.keys()[name]
+        if meta is None or meta.get("hash") == h:
+            return None
+        old = meta.get("key") if isinstance(meta.get("key"), Mapping) else {}
+        again = "running it again" if name.startswith("redteam_") else "retraining"
+        if old.get("version") != key["version"]:
+            return (f"stage {name}: tar_lightning version changed since the cached run "
+                    f"({old.get('version') or 'unknown'} -> {key['version']}); {again}")
+        if old.get("code") != key["code"]:
+            return f"stage {name}: code changed since the cached run; {again}"
         return None
 
     def load_stage(self, name: str) -> tuple[Any, Any]:
@@ -195,6 +252,9 @@ class DemoPipeline:
             self.result.cached.append(name)
             log.info("demo: stage %s is cached in %s", name, folder)
             return model, tok, h
+        reason = self.stale_reason(name)
+        if reason is not None:
+            self.say(f"[demo] {reason}")
         (folder / "stage.json").unlink(missing_ok=True)
         start = time.perf_counter()
         model, tok = train()
@@ -289,7 +349,8 @@ class DemoPipeline:
 
     def _redteam_key(self, defense: str) -> tuple[dict, str]:
         parent = self.keys()[self.defenses()[defense]][1]
-        key = {"stage": 3, "parent": parent, "suite": self.suite().to_dict(), "evaluator": self.evaluator.fingerprint}
+        key = {"stage": 3, "parent": parent, "suite": self.suite().to_dict(), "evaluator": self.evaluator.fingerprint,
+               **self._code_key("redteam")}
         return key, stable_hash(key)
 
     def cached_redteam(self, defense: str) -> Optional[dict]:
@@ -298,6 +359,19 @@ class DemoPipeline:
         if meta is not None and meta.get("hash") == self._redteam_key(defense)[1]:
             return meta
         return None
+
+    def discard_stale_redteam(self, defense: str) -> None:
+        """Before a red team that is not cached runs: when ``out/redteam/defense`` holds one run by other code (or
+        another library version), says so and deletes its run files, which the red team would otherwise reuse (they
+        are keyed by attack configuration and model, and the model may not have changed)."""
+        reason = self.stale_reason(f"redteam_{defense}")
+        if reason is None:
+            return
+        self.say(f"[demo] {reason}")
+        folder = self.out / "redteam" / defense
+        for path in sorted((folder / "runs").glob("*.json")) if (folder / "runs").is_dir() else []:
+            path.unlink(missing_ok=True)
+        (folder / "demo_stage.json").unlink(missing_ok=True)
 
     def redteam(self, defense: str, model, tok, compute_s: Optional[float] = None) -> dict:
         """Stage 3 for one defense: every attack × seed (finished run files in its folder are reused).
@@ -314,6 +388,7 @@ class DemoPipeline:
             self.result.cached.append(name)
             return meta
         if compute_s is None:
+            self.discard_stale_redteam(defense)
             self.say(f"[demo] stage 3: red team on {defense} ({len(suite.attacks)} attacks x {len(suite.seeds)} seeds)")
         start = time.perf_counter()
         res = run_redteam(
@@ -324,6 +399,7 @@ class DemoPipeline:
         wall = time.perf_counter() - start if compute_s is None else compute_s
         meta = {
             "hash": h,
+            "key": self._redteam_key(defense)[0],
             "wall_time_s": wall,
             "aggregate": res.aggregate,
             "attacks": {a.id: a.comment for a in res.suite.attacks},

@@ -11,8 +11,10 @@ a second thread), so everything after stage 0 takes about half as long.
 The numbers do not depend on ``workers``: every stage seeds itself and reads its parent's weights from the
 folder the parent exported (the same bytes a one-process run holds in memory), and every attack run is seeded
 by its own run seed. Stage and run files are the ones a one-process run writes, so the two modes resume each
-other's work. Progress: one bar per training stage (steps) and per red team (runs), drawn by the parent with
-:func:`~tar_lightning.evaluation.progress.progress` (plain lines, no escape codes, when stderr is not a terminal).
+other's work. The worker processes key the stages with the parent's code fingerprints
+(:meth:`~tar_lightning.demo.pipeline.DemoPipeline.code_fingerprints`). Progress: one bar per training stage
+(steps) and per red team (runs), drawn by the parent with :func:`~tar_lightning.evaluation.progress.progress`
+(plain lines, no escape codes, when stderr is not a terminal).
 
 This module imports :mod:`tar_lightning.demo.pipeline`, never the other way round: :func:`~tar_lightning.demo.run.run_demo`
 chooses between :meth:`DemoPipeline.run_in_process` and :func:`run_stages_in_workers`.
@@ -64,7 +66,7 @@ class _Reporter(L.Callback):
             self.queue.put(("step", self.name, self.done, self.total))
 
 
-def _init(config: dict, queue: Any) -> None:
+def _init(config: dict, queue: Any, code: dict[str, str]) -> None:
     cfg = DemoConfig.from_dict({**config, "progress": False})
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -75,6 +77,7 @@ def _init(config: dict, queue: Any) -> None:
         cfg,
         say=lambda text: queue.put(("say", text)),
         train_callbacks=lambda name, steps: [_Reporter(queue, name, steps)],
+        code=code,  # the parent's: every process keys the stages alike
     )
 
 
@@ -192,6 +195,7 @@ def _jobs(demo: DemoPipeline) -> list[_Job]:
     for i, (defense, stage) in enumerate(demo.defenses().items()):
         if demo.cached_redteam(defense) is not None:
             continue
+        demo.discard_stale_redteam(defense)
         attacks = []
         for j, attack in enumerate(suite.attacks):
             # Longest attacks first (LoRA before full fine-tuning of the same length), short ones fill the end.
@@ -282,7 +286,7 @@ def run_stages_in_workers(demo: DemoPipeline) -> dict:
     n = max(1, min(cfg.workers, sum(j.fn is not _collect_job for j in jobs)))
     pool = ProcessPoolExecutor(
         max_workers=n, mp_context=ctx, initializer=_init,
-        initargs=({**dataclasses.asdict(cfg), "out": str(demo.out)}, messages),
+        initargs=({**dataclasses.asdict(cfg), "out": str(demo.out)}, messages, demo.code_fingerprints()),
     )
     pending = {j.name: j for j in jobs}
     running: dict[Any, _Job] = {}
@@ -296,6 +300,7 @@ def run_stages_in_workers(demo: DemoPipeline) -> dict:
             local = DemoPipeline(
                 dataclasses.replace(cfg, progress=False), say=bars.write,
                 train_callbacks=lambda name, steps: [_Reporter(_Local(handle), name, steps)],
+                code=demo.code_fingerprints(),
             )
             local.stage0()
             finish(job, {"meta": local.result.stages["stage0"], "cached": "stage0" in local.result.cached})
