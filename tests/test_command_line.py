@@ -72,7 +72,7 @@ def test_bad_command_lines_are_one_line_errors(argv, expected, capsys):
     code, out, err = run(["export", *argv], capsys)
     assert code == 2 and out == ""
     line = err.strip()
-    assert "\n" not in line and line.startswith("tar-lightning: error:"), err
+    assert "\n" not in line and line.startswith("tar-lightning export: error:"), err
     for part in expected:
         assert part in line, (part, line)
 
@@ -133,3 +133,14 @@ def test_evaluate_lists_take_yaml_or_commas_and_old_flags_warn(capsys):
         old = printed(["evaluate", "--model", "tiny", "--tasks", "wmdp_bio,mmlu", "--data-root", "d",
                        "--chat-template", "both"], capsys)
     assert old == new
+
+
+def test_redteam_data_as_a_mapping_is_the_current_option_not_the_old_flag(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = printed(["redteam", "--model", "tiny", "--suite", "durability", "--out", "o",
+                       "--data", "{forget: /x.jsonl, ood: {path: y.json, text_field: body}}"], capsys)
+    assert new["data"] == {"forget": "/x.jsonl", "ood": {"path": "y.json", "text_field": "body"}}
+    with pytest.warns(FutureWarning, match="--data is deprecated"):
+        assert printed(["redteam", "--model", "tiny", "--suite", "durability", "--out", "o",
+                        "--data", "forget=/x.jsonl", "--data", "ood={path: y.json, text_field: body}"], capsys) == new

@@ -122,7 +122,7 @@ def test_export_refuses_a_red_team_folder_without_results(tiny_run, tmp_path, ca
         out = tmp_path / f"hf_{folder.name}"
         assert main(["export", "--ckpt", str(last), "--out", str(out), "--redteam", str(folder)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("tar-lightning: error: --redteam") and str(folder) in err and reason in err, err
+        assert err.startswith("tar-lightning export: error: --redteam") and str(folder) in err and reason in err, err
         assert not out.exists()  # checked before anything is written
 
 

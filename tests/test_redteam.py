@@ -38,7 +38,7 @@ from tar_lightning.losses import causal_lm_loss
 from tar_lightning.models import export_pretrained, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = {"weaponization": 26, "durability": 8, "refusal": 5}
+SUITES = {"weaponization": 26, "durability": 8, "refusal": 5, "heldout_attacks": 12}
 REFUSAL_PAIRS = (
     REPO.parent / "shared" / "data" / "refusal_compliance_pairs"
     / "llama3_8b_instruct_jailbreakbench_ablation_completions.json"
@@ -133,6 +133,60 @@ def test_scaling_rounds_half_up_and_keeps_warmup_below_steps(suites):
     d08 = suites["durability"].scaled(0.1).attack("d08").resolve()
     assert d08.search.trials == 2 and d08.search.steps == (2, 51)
     assert suites["durability"].scaled(0.5).attack("d08").resolve().search.trials == 8
+
+
+# Defaults of an adversary entry that omits a key (AdversaryConfig / LoRAConfig), written out here.
+_ADVERSARY_DEFAULTS = {"optimizer": "adamw", "schedule": "constant", "method": "full", "lora_rank": 16}
+
+
+def _axes(entry: dict, defaults: dict) -> tuple:
+    """(optimizer, schedule, method, LoRA rank or None) of an adversary entry, missing keys from ``defaults``."""
+    merged = {**defaults, **entry}
+    method = merged["method"]
+    rank = (merged.get("lora") or {}).get("rank", _ADVERSARY_DEFAULTS["lora_rank"]) if method == "lora" else None
+    return merged["optimizer"], merged["schedule"], method, rank
+
+
+def _train_time_adversaries() -> list[tuple[str, dict]]:
+    """Every train-time adversary entry of the shipped TAR recipes and the demo's families, read as plain YAML."""
+    found = []
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        if "redteam" in path.parts:
+            continue
+        raw = yaml.safe_load(path.read_text()) or {}
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}  # the demo's `model` is a name
+        config = (model.get("init_args") or {}).get("config") or {}
+        rel = path.relative_to(REPO).as_posix()
+        found += [(f"{rel}:{a['name']}", a) for a in config.get("adversaries") or []]
+        if path.parent.name == "demo":
+            sizes = {"default": raw} | {name: size or {} for name, size in (raw.get("sizes") or {}).items()}
+            for size, cfg in sizes.items():
+                for family, entries in ((cfg.get("tar") or {}).get("families") or {}).items():
+                    found += [(f"{rel}:{size}:{family}:{a['name']}", a) for a in entries]
+    return found
+
+
+def test_heldout_attacks_differ_from_every_train_time_adversary():
+    train = _train_time_adversaries()
+    train_axes = {_axes(a, _ADVERSARY_DEFAULTS) for _, a in train}
+    # the reader found the families the suite's header lists (so the check below is not vacuous)
+    assert {("adamw", "constant", "full", None), ("adamw", "warmup_cosine", "full", None),
+            ("adamw", "constant", "lora", 4), ("adamw", "constant", "lora", 8)} <= train_axes, train_axes
+    assert sum(name.startswith("recipes/tar/bio_llama3_8b.yaml:") for name, _ in train) == 3
+    assert sum(":extended:" in name for name, _ in train) == 10  # default and smollm2 sizes
+    suite = yaml.safe_load((REPO / "recipes" / "redteam" / "heldout_attacks.yaml").read_text())
+    defaults = {**_ADVERSARY_DEFAULTS, **suite["defaults"]}
+    same = [(a["id"], name) for a in suite["attacks"] for name, t in train
+            if _axes(a, defaults) == _axes(t, _ADVERSARY_DEFAULTS)]
+    assert not same, f"held-out attacks equal to a train-time adversary on (optimizer, schedule, method, rank): {same}"
+    # lengths up to 3x the paper recipe's horizon K (no persistent adversaries there); train-time switches use Beta
+    paper = yaml.safe_load((REPO / "recipes" / "tar" / "bio_llama3_8b.yaml").read_text())["model"]["init_args"]
+    assert "persistent_horizon" not in paper["config"]
+    horizon = paper["config"]["inner_steps"]
+    assert horizon == 64
+    assert max(a.get("steps", defaults["steps"]) for a in suite["attacks"]) == 3 * horizon
+    assert all("fraction" not in (t.get("switch") or {}) for _, t in train)
+    assert all("Differs on:" in a["comment"] for a in suite["attacks"])
 
 
 # ------------------------------------------------------------------------------------ every attack, 2 steps

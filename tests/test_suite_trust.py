@@ -66,7 +66,7 @@ def test_cli_refuses_an_attack_id_that_would_write_outside_out(tmp_path):
 
 
 def test_shipped_suites_have_plain_ids():
-    for name in ("durability", "weaponization", "refusal", "refusal_cpu", "wmdp_heldout"):
+    for name in ("durability", "weaponization", "refusal", "refusal_cpu", "wmdp_heldout", "heldout_attacks"):
         assert load_suite(name).ids  # loading validates every id
 
 

@@ -182,6 +182,7 @@ def test_long_horizon_tr_weights_follow_the_global_step():
         (dict(normalize_tr_grad="yes"), "normalize_tr_grad"),
         (dict(disruption_mask=True, retain_weight=0.0), "disruption_mask.*retain_weight"),
         (dict(persistent_state="optimizer"), "persistent_state"),
+        (dict(persistent_state="full"), "persistent_state.*persistent_pool > 0"),
         (dict(persistent_pool=1, persistent_state="full", inner_steps=6, tr_every=4), "persistent_state.*multiple"),
         (dict(fork_every=-1), "fork_every"),
         (dict(fork_every=2, persistent_pool=2), "fork_every.*persistent_pool"),

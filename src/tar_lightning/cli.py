@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -447,14 +448,22 @@ EXPORT = Command(
 
 
 def _export_main(argv: Sequence[str]) -> int:
-    parsed = parse_command(EXPORT, argv)
+    try:
+        parsed = parse_command(EXPORT, argv)
+    except ConfigError as err:
+        print(f"tar-lightning export: error: {err}", file=sys.stderr)
+        return 2
     if parsed.exit_code is not None:
         return parsed.exit_code
     args = parsed.options
-    out = export_checkpoint(
-        args.ckpt, args.out, overwrite=args.overwrite, tokenizer_source=args.tokenizer, dtype=args.dtype,
-        redteam=args.redteam,
-    )
+    try:
+        out = export_checkpoint(
+            args.ckpt, args.out, overwrite=args.overwrite, tokenizer_source=args.tokenizer, dtype=args.dtype,
+            redteam=args.redteam,
+        )
+    except TARLightningError as err:
+        print(f"tar-lightning export: error: {err}", file=sys.stderr)
+        return 2
     print(f"exported {args.ckpt} -> {out}")
     return 0
 
@@ -494,6 +503,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from_command_line = argv is None
     if from_command_line:
         warnings.showwarning = _show_warning
+        # bitsandbytes (imported by peft/transformers when installed) logs a missing optional CPU kernel package
+        # at import on every CPU run; it changes nothing we do
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help(), file=sys.stdout if argv else sys.stderr)

@@ -33,7 +33,7 @@ import yaml
 from tar_lightning.errors import ConfigError
 from tar_lightning.schema import deep_merge, from_mapping
 
-__all__ = ["Command", "Deprecated", "Parsed", "merge_layers", "name_list", "options_yaml", "parse_command", "read_config"]
+__all__ = ["Command", "Deprecated", "Parsed", "merge_layers", "name_list", "sources_label", "options_yaml", "parse_command", "read_config"]
 
 REMOVED_IN = "0.3"
 
@@ -98,7 +98,7 @@ class Command:
     def build(self, layers: list[tuple[Path, dict]], flags: dict) -> Any:
         if self.resolve is not None:
             return self.resolve(layers, flags)
-        return from_mapping(self.options, deep_merge(merge_layers(layers), flags), f"{self.prog} options")
+        return from_mapping(self.options, deep_merge(merge_layers(layers), flags), sources_label(layers, flags))
 
 
 @dataclass
@@ -134,12 +134,16 @@ def parse_command(command: Command, argv: Sequence[str]) -> Parsed:
             print_config = True
             continue
         if not token.startswith("--") or token == "--":
-            raise ConfigError(f"{command.prog}: unexpected argument {token!r}; options are given as --KEY VALUE "
+            raise ConfigError(f"unexpected argument {token!r}; options are given as --KEY VALUE "
                               f"({command.prog} --help)")
         name, eq, inline = token[2:].partition("=")
         value: Optional[str] = inline if eq else None
-        if f"--{name}" in command.deprecated:
-            old = command.deprecated[f"--{name}"]
+        old = command.deprecated.get(f"--{name}")
+        if old is not None and old.mapping:  # "--data {forget: x}" is the current option; "--data forget=x" the old
+            text = value if value is not None else (args[i] if i < len(args) else "")
+            if text.lstrip().startswith("{") or "=" not in text:
+                old = None
+        if old is not None:
             name, value, i = _deprecated(command, f"--{name}", old, value, args, i)
             if name is None:  # a NAME=VALUE flag: VALUE is a path, or a YAML mapping when it starts with "{"
                 key, text = value
@@ -160,14 +164,13 @@ def parse_command(command: Command, argv: Sequence[str]) -> Parsed:
                 _set(flags, name, True)
                 continue
             else:
-                raise ConfigError(f"{command.prog}: --{name} needs a value")
+                raise ConfigError(f"--{name} needs a value")
         _set(flags, name, value if _is_text(tp) else _yaml_value(value))
     merged = deep_merge(merge_layers(layers), flags)
     required = [f.name for f in dataclasses.fields(command.options) if f.init and f.name not in merged
                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
-        raise ConfigError(f"{command.prog}: missing --{required[0]} (or '{required[0]}:' in a --config file); "
-                          f"required: {', '.join('--' + r for r in required)}")
+        raise ConfigError(f"missing --{required[0]} (or '{required[0]}:' in a --config file)")
     try:
         options = command.build(layers, flags)
     except ConfigError as err:
@@ -176,6 +179,14 @@ def parse_command(command: Command, argv: Sequence[str]) -> Parsed:
         print(options_yaml(options), end="")
         return Parsed(options=options, exit_code=0)
     return Parsed(options=options)
+
+
+def sources_label(layers: Sequence[tuple[Path, Mapping]], flags: Mapping) -> str:
+    """Where the options came from, for messages: ``"--config a.yaml, b.yaml and the command line"``."""
+    files = ", ".join(str(path) for path, _ in layers)
+    if files and flags:
+        return f"--config {files} and the command line"
+    return f"--config {files}" if files else "the command line"
 
 
 def merge_layers(layers: Sequence[tuple[Path, Mapping]]) -> dict:
@@ -235,7 +246,10 @@ def read_config(path: Path) -> dict:
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -246,7 +260,7 @@ def read_config(path: Path) -> dict:
 
 def _next_value(command: Command, name: str, args: list[str], i: int) -> tuple[str, int]:
     if i >= len(args) or args[i].startswith("--"):
-        raise ConfigError(f"{command.prog}: --{name} needs a value")
+        raise ConfigError(f"--{name} needs a value")
     return args[i], i + 1
 
 
@@ -258,7 +272,7 @@ def _deprecated(command: Command, flag: str, old: Deprecated, value: Optional[st
             value, i = _next_value(command, flag[2:], args, i)
         regime, sep, path = value.partition("=")
         if not sep or not regime or not path:
-            raise ConfigError(f"{command.prog}: {flag} expects NAME=VALUE, got {value!r}")
+            raise ConfigError(f"{flag} expects NAME=VALUE, got {value!r}")
         return None, (f"{old.key}.{regime}", path), i
     if old.value is not None:
         return old.key, _yaml_dump_scalar(old.value), i
@@ -305,7 +319,7 @@ def _option_type(command: Command, dotted: str) -> Any:
         if not dataclasses.is_dataclass(cls):
             if typing.get_origin(cls) is dict or cls is dict:
                 return Any  # free-form mapping: any key
-            raise ConfigError(f"{command.prog}: --{'.'.join(parts[:depth])} takes a value, not sub-keys "
+            raise ConfigError(f"--{'.'.join(parts[:depth])} takes a value, not sub-keys "
                               f"(got --{dotted})")
         names = [f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")]
         if part not in names:
@@ -313,7 +327,7 @@ def _option_type(command: Command, dotted: str) -> Any:
             close = difflib.get_close_matches(part, names, n=1)
             hint = f"; did you mean {where}{close[0]}?" if close else ""
             valid = ", ".join(names)
-            raise ConfigError(f"{command.prog}: unknown option --{dotted}{hint} (options: {valid})")
+            raise ConfigError(f"unknown option --{dotted}{hint} (options: {valid})")
         tp = typing.get_type_hints(cls)[part]
         cls = tp
     return tp

@@ -226,6 +226,9 @@ class TARConfig:
                 raise bad("persistent_pool", "only full-parameter trajectories are stored, and every adversary is LoRA")
         if not isinstance(self.persistent_state, str) or self.persistent_state not in PERSISTENT_STATES:
             raise bad("persistent_state", f"expected one of {list(PERSISTENT_STATES)}")
+        if self.persistent_state == "full" and not self.persistent_pool and not self.fork_every:
+            raise bad("persistent_state", "'full' is what a continued persistent-pool trajectory takes over; set "
+                      "persistent_pool > 0 (or fork_every for the forked adversary, which always keeps it)")
         if not is_int(self.fork_every) or self.fork_every < 0:
             raise bad("fork_every", "expected an integer >= 0 (0 turns the forked adversary off)")
         if self.fork_every:

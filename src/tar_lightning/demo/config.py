@@ -314,7 +314,7 @@ def demo_config_from_layers(layers: Sequence[tuple[Path, Mapping]], overrides: M
     Raises:
         ConfigError: a malformed ``sizes``, an unknown size, key or invalid value (naming the files).
     """
-    where = "demo config " + ", ".join(str(p) for p, _ in layers)
+    where = "demo config " + ", ".join(str(p) for p, _ in layers) + (" and the command line" if overrides else "")
     full = [i for i, (_, data) in enumerate(layers) if "sizes" in data]
     cut = full[-1] + 1 if full else 0
     base: dict = {}

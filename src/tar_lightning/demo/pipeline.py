@@ -56,15 +56,20 @@ _LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mappin
 #: hash, so a change upstream reruns everything below): modules, or packages with every file under them. The
 #: bytes of these files are hashed into the stage's cache key (:func:`~tar_lightning.demo.io.source_fingerprint`),
 #: next to the library version. ``tar`` keys every TAR family; ``redteam`` every defense's red team.
+#: Code every stage runs around its training: the pipeline that builds its module, trainer and config, the
+#: evaluation after it (MCQ, held-out loss) and the suite the red team is built from.
+_EVERY_STAGE = ("tar_lightning.demo.pipeline", "tar_lightning.demo.evaluator", "tar_lightning.demo.suite",
+                "tar_lightning.evaluation.mcq", "tar_lightning.evaluation.heldout")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "stage0": ("tar_lightning.safeguards.knowledge_lm", "tar_lightning.base_module", "tar_lightning.data",
-               "tar_lightning.losses", "tar_lightning.models"),
-    "random_mapping": ("tar_lightning.safeguards.random_mapping", "tar_lightning.base_module", "tar_lightning.losses"),
-    "tar": ("tar_lightning.tar_module", "tar_lightning.tar_config", "tar_lightning.base_module",
-            "tar_lightning.adversaries", "tar_lightning.persistent", "tar_lightning.snapshot",
-            "tar_lightning.grad_sync", "tar_lightning.guards", "tar_lightning.losses"),
-    "redteam": ("tar_lightning.evaluation.redteam", "tar_lightning.adversaries", "tar_lightning.evaluation.suite",
-                "tar_lightning.demo.evaluator"),
+    "stage0": _EVERY_STAGE + ("tar_lightning.safeguards.knowledge_lm", "tar_lightning.base_module",
+                              "tar_lightning.data", "tar_lightning.losses", "tar_lightning.models"),
+    "random_mapping": _EVERY_STAGE + ("tar_lightning.safeguards.random_mapping", "tar_lightning.base_module",
+                                      "tar_lightning.losses"),
+    "tar": _EVERY_STAGE + ("tar_lightning.tar_module", "tar_lightning.tar_config", "tar_lightning.base_module",
+                           "tar_lightning.adversaries", "tar_lightning.persistent", "tar_lightning.snapshot",
+                           "tar_lightning.grad_sync", "tar_lightning.guards", "tar_lightning.losses"),
+    "redteam": _EVERY_STAGE + ("tar_lightning.evaluation.redteam", "tar_lightning.adversaries",
+                               "tar_lightning.evaluation.suite"),
 }
 
 

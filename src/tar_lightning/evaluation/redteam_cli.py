@@ -23,6 +23,7 @@ from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError, TARLightningError
 from tar_lightning.evaluation.redteam import run_redteam
 from tar_lightning.models import ModelSource
+from tar_lightning.resources import shipped_names
 
 __all__ = ["REDTEAM", "RedTeamOptions", "redteam_main"]
 
@@ -49,7 +50,8 @@ class RedTeamOptions:
 
     model: str = field(metadata={"help": "model source: a Hugging Face folder (e.g. from tar-lightning export), a "
                                          "hub id, a .gguf file, smollm2-135m-instruct, or tiny"})
-    suite: str = field(metadata={"help": "suite YAML file, or a shipped suite: weaponization, durability, refusal"})
+    suite: str = field(metadata={"help": "suite YAML file, or a shipped suite: "
+                                         + ", ".join(shipped_names("recipes/redteam"))})
     out: str = field(metadata={"help": "output folder (results.json, results.csv, report.md, plots)"})
     scale: float = field(default=1.0, metadata={
         "help": "shrink steps, warmup, eval cadence and batch sizes by this factor (e.g. 0.01 on a CPU)"})

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -103,9 +104,12 @@ def get_task(task: Union[str, MCQTask]) -> MCQTask:
         return task
     key = task.strip().lower().replace("-", "_") if isinstance(task, str) else None
     if key not in MCQ_TASKS:
+        close = difflib.get_close_matches(key or "", list(MCQ_TASKS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown MCQ task {task!r}; expected one of {[k for k in MCQ_TASKS if not k.startswith('mmlu_')]} "
-            f"or mmlu_<subject> with a subject among {list(MMLU_SUBJECTS)}"
+            f"unknown MCQ task {task!r}{hint}; expected one of {[k for k in MCQ_TASKS if not k.startswith('mmlu_')]} "
+            f"or mmlu_<subject> ({len(MMLU_SUBJECTS)} subjects: {', '.join(MMLU_SUBJECTS[:3])}, ...; "
+            "tar_lightning.evaluation.mcq.MMLU_SUBJECTS lists them)"
         )
     return MCQ_TASKS[key]
 

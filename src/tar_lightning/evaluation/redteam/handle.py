@@ -49,7 +49,8 @@ class ModelHandle:
         self._tmp: Optional[str] = None
         if isinstance(model, (str, os.PathLike, ModelSource)):
             spec = model if isinstance(model, ModelSource) else ModelSource(os.fspath(model))
-            self.base, tok = load_model(spec)
+            with quiet_hf_progress(unless_terminal=True):  # transformers' loading bar: escape codes in a log file
+                self.base, tok = load_model(spec)
             self.tokenizer = tokenizer if tokenizer is not None else tok
             self.source: Optional[ModelSource] = spec
             identity: dict[str, Any] = {"source": spec.source, "dtype": spec.dtype, "seed": spec.seed}
