@@ -38,7 +38,7 @@ from typing import Any, Literal, Union
 from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 
-__all__ = ["coerce", "deep_merge", "field_names", "from_mapping"]
+__all__ = ["coerce", "deep_merge", "field_names", "from_mapping", "positive_int_or_none"]
 
 COERCE = "coerce"  # dataclass field metadata key of a field's own converter
 
@@ -55,6 +55,13 @@ def deep_merge(base: Any, over: Any) -> Any:
             out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     return copy.deepcopy(over)
+
+
+def positive_int_or_none(value: Any, where: str) -> Any:
+    """Field converter (``metadata={"coerce": positive_int_or_none}``): an integer >= 1, or ``None``."""
+    if value is not None and (not is_int(value) or value < 1):
+        raise ConfigError(f"{where} must be an integer >= 1 or null, got {value!r}")
+    return value
 
 
 def field_names(cls: type) -> list[str]:

@@ -20,25 +20,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from tar_lightning.checkpoint import atomic_write_text
 from tar_lightning.command import Command, Deprecated, name_list, parse_command
-from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError, DataError, TARLightningError
 from tar_lightning.evaluation.mcq import MCQ_VARIANTS, evaluate_mcq_task, get_task, resolve_task
 from tar_lightning.evaluation.progress import quiet_hf_progress
 from tar_lightning.models import load_model
+from tar_lightning.schema import positive_int_or_none
 
 __all__ = ["EVALUATE", "EvaluateOptions", "evaluate_main", "format_table"]
 
 _CHAT = {"off": [False], "on": [True], "both": [False, True]}
-
-
-def _positive(value: Any, where: str) -> Optional[int]:
-    if value is not None and (not is_int(value) or value < 1):
-        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
-    return value
 
 
 @dataclass
@@ -53,16 +47,16 @@ class EvaluateOptions:
         "help": "data folder laid out as wmdp/wmdp-<bio|chem|cyber>-questions.json, mmlu/test/<subject>_test.csv "
                 "(null: $TAR_LIGHTNING_DATA, else the Hugging Face hub: cais/wmdp, cais/mmlu)"})
     limit: Optional[int] = field(default=None, metadata={
-        "coerce": _positive, "help": "score only the first N questions of each task (of each subject for mmlu)"})
+        "coerce": positive_int_or_none, "help": "score only the first N questions of each task (of each subject for mmlu)"})
     variants: list[str] = field(default_factory=lambda: ["letter"], metadata={
         "coerce": name_list, "help": f"prompt variants among {list(MCQ_VARIANTS)}"})
     chat_template: str = field(default="off", metadata={
         "help": "apply the tokenizer's chat template: off (the lm-eval standard), on, or both"})
     system_prompt: Optional[str] = field(default=None, metadata={
         "help": "also evaluate with this system prompt (every setting is then run with and without it)"})
-    batch_size: int = field(default=16, metadata={"coerce": _positive, "help": "sequences per forward pass"})
+    batch_size: int = field(default=16, metadata={"coerce": positive_int_or_none, "help": "sequences per forward pass"})
     max_length: Optional[int] = field(default=None, metadata={
-        "coerce": _positive, "help": "left-truncate inputs to this many tokens"})
+        "coerce": positive_int_or_none, "help": "left-truncate inputs to this many tokens"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     out: Optional[str] = field(default=None, metadata={
         "help": "write all results, with per-question records, to this JSON"})

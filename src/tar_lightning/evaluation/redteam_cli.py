@@ -19,19 +19,13 @@ from typing import Any, Optional, Union
 import torch
 
 from tar_lightning.command import Command, Deprecated, name_list, parse_command
-from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError, TARLightningError
 from tar_lightning.evaluation.redteam import run_redteam
 from tar_lightning.models import ModelSource
 from tar_lightning.resources import shipped_names
+from tar_lightning.schema import positive_int_or_none
 
 __all__ = ["REDTEAM", "RedTeamOptions", "redteam_main"]
-
-
-def _threads(value: Any, where: str) -> Optional[int]:
-    if value is not None and (not is_int(value) or value < 1):
-        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _data(value: Any, where: str) -> dict:
@@ -69,7 +63,7 @@ class RedTeamOptions:
                                                             "float16)"})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "load the tokenizer from this source instead"})
     threads: Optional[int] = field(default=None, metadata={
-        "coerce": _threads, "help": "torch CPU threads (1 is fastest for tiny models on a shared machine)"})
+        "coerce": positive_int_or_none, "help": "torch CPU threads (1 is fastest for tiny models on a shared machine)"})
     resume: bool = field(default=True, metadata={"help": "reuse runs whose result files exist in --out"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace the results of another model found in --out (without it such an --out is refused)"})

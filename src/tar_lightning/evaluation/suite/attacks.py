@@ -17,7 +17,6 @@ from tar_lightning.evaluation.suite.fields import (
     ATTACK_KEYS,
     SEARCH_METHODS,
     SEARCH_SCHEDULES,
-    at_least_one,
     float_range,
     int_range,
     number,
@@ -26,7 +25,7 @@ from tar_lightning.evaluation.suite.fields import (
     scale_count,
     seeds_or_none,
 )
-from tar_lightning.schema import COERCE, from_mapping
+from tar_lightning.schema import COERCE, from_mapping, positive_int_or_none
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -125,7 +124,7 @@ class AttackSpec:
     adversary: AdversaryConfig
     comment: str = ""
     seeds: Optional[list[int]] = field(default=None, metadata={COERCE: seeds_or_none})
-    eval_every: Optional[int] = field(default=None, metadata={COERCE: at_least_one})
+    eval_every: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
     merge_lora: bool = True
     epochs: Optional[float] = field(default=None, metadata={COERCE: optional_number})
     search: Optional[SearchSpace] = None

@@ -81,12 +81,6 @@ def optional_number(value: Any, where: str) -> Optional[float]:
     return None if value is None else number(value, where)
 
 
-def at_least_one(value: Any, where: str) -> Optional[int]:
-    if value is not None and (not is_int(value) or value < 1):
-        raise ConfigError(f"{where} must be an integer >= 1 or null, got {value!r}")
-    return value
-
-
 def float_range(value: Any, where: str) -> tuple:
     return value_range(value, where, integer=False)
 

@@ -13,12 +13,11 @@ from tar_lightning.data.sources import DataSource, as_source
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.suite.fields import (
     METRIC_KINDS,
-    at_least_one,
     direction,
     number,
     optional_number,
 )
-from tar_lightning.schema import COERCE, from_mapping
+from tar_lightning.schema import COERCE, from_mapping, positive_int_or_none
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -61,8 +60,8 @@ class MetricSpec:
     target: Optional[str] = None
     load: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    limit: Optional[int] = field(default=None, metadata={COERCE: at_least_one})
-    batch_size: Optional[int] = field(default=None, metadata={COERCE: at_least_one})
+    limit: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
+    batch_size: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
     variants: dict[str, dict] = field(default_factory=dict)
     combine: Literal["max", "min", "mean"] = "max"
 
@@ -165,8 +164,8 @@ class EvaluationSpec:
     capability: ScoreSpec = field(metadata={COERCE: _capability})
     capability_floor: float = field(default=0.9, metadata={COERCE: number})
     loss_metric: Optional[str] = None
-    batch_size: int = field(default=8, metadata={COERCE: at_least_one})
-    limit: Optional[int] = field(default=None, metadata={COERCE: at_least_one})
+    batch_size: int = field(default=8, metadata={COERCE: positive_int_or_none})
+    limit: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
     during: Optional[list[str]] = None
 
     @classmethod

@@ -22,14 +22,13 @@ from tar_lightning.evaluation.suite.fields import (
     ADVERSARY_KEYS,
     PLAIN_ID,
     SUITE_KEYS,
-    at_least_one,
     check_keys,
     free_text,
     seed_list,
 )
 from tar_lightning.evaluation.suite.scoring import EvaluationSpec
 from tar_lightning.resources import shipped, shipped_names
-from tar_lightning.schema import COERCE, from_mapping
+from tar_lightning.schema import COERCE, from_mapping, positive_int_or_none
 
 # ------------------------------------------------------------------------------------------------ suite
 #: Shipped folder of the suites (installed with the package; :func:`tar_lightning.resources.shipped`).
@@ -73,7 +72,7 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={COERCE: seed_list})
     seed: int = 0
     seq_len: int = field(default=256, metadata={COERCE: _seq_len})
-    eval_every: Optional[int] = field(default=None, metadata={COERCE: at_least_one})
+    eval_every: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
     description: str = field(default="", metadata={COERCE: free_text})
     path: Optional[str] = None
 
