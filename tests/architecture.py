@@ -246,7 +246,7 @@ def _scan(report: Report, module: str, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[0]) if argv else SRC
+    root = Path(argv[0]).resolve() if argv else SRC
     r = analyse(root)
     total = sum(r.lines.values())
     print(f"{root}: {len(r.modules)} modules, {total} lines")

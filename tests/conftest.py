@@ -3,10 +3,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Tiny models run several times faster on one thread than on two on this kind of shared 2-core machine.
 torch.set_num_threads(1)
@@ -34,6 +39,49 @@ def random_bundle(vocab_size: int, steps: dict[str, int], batch: int = 2, length
 @pytest.fixture
 def bundle_factory():
     return random_bundle
+
+
+# -- launching our commands in fresh processes ------------------------------------------------------------------
+#: what a launcher (torchrun, srun, Lightning) sets per process; a leftover value would make a child join the wrong job
+RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(*, drop_slurm: bool = False, **extra: str) -> dict[str, str]:
+    """The environment for one fresh local launch of a command (one or several gloo processes on this machine).
+
+    ``os.environ`` without the rank variables (and, with ``drop_slurm``, without ``SLURM_*``/``PL_*`` apart from
+    ``SLURM_CONF``), with a free ``MASTER_PORT`` on 127.0.0.1, one OMP thread per process, the hub offline and
+    unbuffered output; ``extra`` is set last.
+    """
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for key in list(env):
+        if key in RANK_VARIABLES or (drop_slurm and key.startswith(("SLURM_", "PL_")) and key != "SLURM_CONF"):
+            del env[key]
+    env.update(extra)
+    return env
+
+
+def fit_under_fsdp2_overlay(recipe: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``tar-lightning fit --config RECIPE`` under recipes/launch/fsdp2_8gpu.yaml with only its hardware keys changed
+    for 2 gloo CPU processes (tests/rehearsal), run from ``tmp_path`` into ``tmp_path/run``; asserts it succeeded."""
+    sys.path.insert(0, str(REPO / "tests" / "rehearsal"))
+    from rehearsal_recipes import derive_fsdp2, dump
+
+    overlay = dump(derive_fsdp2(), tmp_path / "fsdp2_cpu.yaml")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tar-lightning"), "fit", "--config", str(recipe), "--config", str(overlay),
+         "--trainer.default_root_dir", str(tmp_path / "run"), *args],
+        env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 # -- Slurm: tests marked `slurm` need a reachable Slurm (bash .ci/slurm.sh up; .ci/run starts one) -------------

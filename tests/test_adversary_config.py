@@ -295,7 +295,7 @@ def test_validate_names_the_field(data, field):
         ({"name": "w08", "switch": {"fractoin": 0.5}}, "unknown key 'fractoin' in switch"),
         ({"name": "w08", "lr": "fast"}, "lr must be of type"),
         ({"name": "w08", "steps": "many"}, "steps must be an integer"),
-        ({"name": "w08", "method": "partial"}, "method must be one of \\['full', 'lora'\\]"),
+        ({"name": "w08", "method": "partial"}, "method must be one of \\['full', 'lora', 'embedding', 'latent', 'refusal_ablation'\\]"),
         ({"name": "w08", "lora": 16}, "lora must be a mapping"),
     ],
 )

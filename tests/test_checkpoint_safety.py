@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_env
 
 from tar_lightning.checkpoint import (
     AtomicCheckpointIO,
@@ -244,17 +244,9 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, 
 
 
 # ------------------------------------------------------------------------------- 2-process FSDP2 runs (slow)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(out: Path, *extra: str, devices: int = 2, umask: int = 0o022, expect_ok: bool = True):
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--steps", "4", "--out", str(out), *extra]
     # own session, output to a file: once rank 0 has exited (a run killed on purpose), a rank left behind is
     # killed instead of being waited for

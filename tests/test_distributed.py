@@ -5,14 +5,13 @@ the whole pytest command for rank 1), each with its own free MASTER_PORT.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_env
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "tar_ddp_equivalence.py"
 
@@ -25,16 +24,8 @@ TOLERANCE = {"sgd": 1e-6, "adamw": 5e-5}
 # norms agree across ranks exactly and with one process to ~3e-7 relative. FSDP2 with one rank: see below.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_script(devices: int, out: Path, outer: str, *extra: str) -> tuple[list[dict], list[list[float]]]:
-    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     steps = [] if "--steps" in extra else ["--steps", "3"]
     cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--global-batch", "4", *steps,
            "--outer", outer, "--out", str(out), *extra]
@@ -188,9 +179,7 @@ UNEVEN = Path(__file__).parent / "dist_scripts" / "tar_uneven_tokens.py"
 
 
 def _run_uneven(devices: int, out: Path, strategy: str) -> list[dict]:
-    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, str(UNEVEN), "--devices", str(devices), "--strategy", strategy, "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=UNEVEN.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

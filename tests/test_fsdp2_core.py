@@ -8,15 +8,14 @@ with only its hardware keys changed (tests/rehearsal/rehearsal_recipes.py).
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_bundle
-from test_distributed import SCRIPT, free_port, run_script
+from conftest import fit_under_fsdp2_overlay, launch_env, random_bundle
+from test_distributed import SCRIPT, run_script
 from test_tar_module import fit, micro
 
 from tar_lightning import AdversaryConfig, ConfigError, TARConfig, TARModule
@@ -189,9 +188,7 @@ def test_fsdp2_persistent_pool_sharded_resume_equals_uninterrupted(tmp_path):
 def test_fsdp2_persistent_pool_checkpoint_under_stock_model_parallel_is_refused(tmp_path):
     """Lightning's ModelParallelStrategy writes non-weight entries from rank 0 only: a checkpoint would silently lose
     rank 1's pool shards, so saving one is refused with the fix named."""
-    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, str(SCRIPT), "--devices", "2", "--steps", "1", "--pool", "2", "--strategy", "fsdp2",
            "--checkpoint", "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
@@ -211,27 +208,14 @@ def test_tiny_recipe_runs_under_the_fsdp2_launch_overlay(tmp_path):
     from tar_lightning.adversaries.config import sample_adversary
     from tar_lightning.tar_module import step_generator
 
-    sys.path.insert(0, str(REPO / "tests" / "rehearsal"))
-    from rehearsal_recipes import derive_fsdp2, dump
-
     recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "tar.yaml").read_text())
     cfg = TARConfig.from_dict(recipe["model"]["init_args"]["config"])
     steps = recipe["trainer"]["max_steps"]
     drawn = {cfg.adversaries[sample_adversary(cfg.adversaries, step_generator(cfg.seed, s, t))].method
              for s in range(steps) for t in range(cfg.trajectories)}
     assert drawn == {"full", "lora"}  # the run attacks with LoRA on the sharded model
-    overlay = dump(derive_fsdp2(), tmp_path / "fsdp2_cpu.yaml")
-    root = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
     # run from tmp_path: the tiny recipe's relative run folders land there
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tar-lightning"), "fit", "--config", str(REPO / "recipes/tiny/tar.yaml"),
-         "--config", str(overlay), "--trainer.default_root_dir", str(root)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = fit_under_fsdp2_overlay(REPO / "recipes/tiny/tar.yaml", tmp_path)
     assert f"max_steps={steps}` reached" in proc.stdout + proc.stderr
     checkpoints = list(tmp_path.rglob("last.ckpt"))
     assert len(checkpoints) == 1 and checkpoints[0].is_dir()  # a sharded checkpoint folder
@@ -242,9 +226,7 @@ def test_fsdp2_outer_step_refuses_unsharded_parameters(tmp_path):
     """The invariant behind the validation fix: a no-grad forward outside validation (here a user callback after
     each step) leaves the root unsharded; the next outer step stops with a clear error instead of handing FSDP's
     temporary full tensors to the snapshot, the TR buffer and the adversary optimizer."""
-    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, str(SCRIPT), "--devices", "1", "--steps", "2", "--strategy", "fsdp2", "--stray-forward",
            "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)

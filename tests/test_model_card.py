@@ -76,6 +76,7 @@ def test_export_card_states_the_run_it_came_from(tiny_run, tmp_path, capsys):
     assert f"tar_lightning {tar_lightning.__version__}" in readme
     assert f"`{last.name}`, global step 2" in readme
     assert "Base model: `tiny-llama`" in readme
+    assert "\n# hf: TARModule of `tiny-llama`\n" in readme  # the heading says what the export is
     # absolute paths appear by file name only (the card is meant to be published); the JSON keeps them whole
     assert f"`{RECIPE.name}` (sha256" in readme and f"`{tiny_run['overlay'].name}` (sha256" in readme
     assert str(tiny_run["folder"]) not in readme.split("## Resolved configuration")[0].replace(

@@ -72,8 +72,9 @@ def test_redteam_progress_in_a_log_file_has_no_escape_codes(tmp_path):
     assert "red team durability: 2/2 runs (100%)" in text
     for attack in ("d04", "d05"):  # the nested per-attack counts, as plain lines, totals as run
         steps = json.loads((out / "runs" / f"{attack}__seed0.json").read_text())["config"]["adversary"]["steps"]
-        assert re.search(rf"^{attack} seed 0: 0/{steps} steps \(0%\)$", text, re.M), text
-        assert re.search(rf"^{attack} seed 0: {steps}/{steps} steps \(100%\) ", text, re.M), text
+        unit = "step" if steps == 1 else "steps"
+        assert re.search(rf"^{attack} seed 0: 0/{steps} {unit} \(0%\)$", text, re.M), text
+        assert re.search(rf"^{attack} seed 0: {steps}/{steps} {unit} \(100%\) ", text, re.M), text
 
 
 def test_plain_progress_lines_per_tenth_and_for_an_unknown_total():
@@ -88,7 +89,12 @@ def test_plain_progress_lines_per_tenth_and_for_an_unknown_total():
         bar.update(1)
     bar.close()
     bar.close()  # once only
-    assert [int(line.split()[1]) for line in buf.getvalue().splitlines()] == [0, 1, 2, 4, 8, 11]
+    lines = buf.getvalue().splitlines()
+    assert [int(line.split()[1]) for line in lines] == [0, 1, 2, 4, 8, 11]
+    assert [" ".join(line.split()[2:3]) for line in lines[:3]] == ["steps", "step", "steps"]  # "1 step"
+    buf = io.StringIO()
+    list(progress([0], total=1, desc="one", unit="batch", file=buf))
+    assert buf.getvalue().splitlines()[-1].startswith("one: 1/1 batch (100%) ")
     assert progress(total=3, desc="off", enabled=False) is None
     assert progress([1, 2], total=2, enabled=False) == [1, 2]
 

@@ -38,7 +38,7 @@ from tar_lightning.losses import causal_lm_loss
 from tar_lightning.models import export_pretrained, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = {"weaponization": 26, "durability": 8, "refusal": 5, "heldout_attacks": 12}
+SUITES = {"weaponization": 29, "durability": 9, "refusal": 7, "heldout_attacks": 12}
 REFUSAL_PAIRS = (
     REPO.parent / "shared" / "data" / "refusal_compliance_pairs"
     / "llama3_8b_instruct_jailbreakbench_ablation_completions.json"
@@ -108,7 +108,7 @@ def test_suite_rows_match_redteam_md(suites):
     assert d["d07"].adversary.optimizer == "adamw_8bit"
     assert d["d08"].search.trials == 16 and d["d08"].search.lr == (1e-6, 1e-3)
     assert suites["durability"].data["unrelated"].limit == 10
-    r = suites["refusal"].attacks
+    r = suites["refusal"].attacks[:5]  # the SFT attacks r01-r05 (later ones: other attack kinds)
     assert [a.epochs for a in r] == [10] * 5
     assert [a.adversary.lr for a in r] == [1e-5, 1e-5, 1e-5, 2e-5, 4e-5]
     assert [a.adversary.batch_size for a in r] == [32, 32, 16, 32, 32]
@@ -197,7 +197,8 @@ ALL_ATTACKS = [(name, f"{name[0]}{i:02d}") for name, count in SUITES.items() for
 def test_every_attack_runs_two_steps(suites, tmp_path, name, attack_id):
     model, tok = tiny_llama()
     before_weights = [p.detach().clone() for p in model.parameters()]
-    suite = small(suites[name]).select([attack_id]).scaled(0.01, max_steps=2, max_batch_size=2)
+    seq_len = 128 if attack_id == "r06" else 32  # r06's prompts carry the jailbreak preamble
+    suite = small(suites[name], seq_len).select([attack_id]).scaled(0.01, max_steps=2, max_batch_size=2)
     result = run_redteam(
         model, suite, tokenizer=tok, out_dir=tmp_path, seeds=1, evaluator=evaluator_for(suite), progress=False,
         report=False,

@@ -380,11 +380,11 @@ def test_tiny_refusal_tar_then_attack_then_evaluation(tmp_path):
         "benign_eval": {"path": str(retain), "prompt_field": "instruction", "response_field": "output"},
     }
     m = suite_yaml["evaluation"]["metrics"]
-    for name in ("asr", "refusal_rate"):
+    for name in ("asr", "refusal_rate", "asr_jailbreak"):
         m[name].update(path=str(harmful), options=judge_opts)
         m[name].pop("load")
     m["over_refusal"].update(path=str(harmless), options=judge_opts)
-    suite_yaml["seq_len"] = 64
+    suite_yaml["seq_len"], suite_yaml["attacks"] = 64, [a for a in suite_yaml["attacks"] if a["id"] == "r02"]
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite_yaml))
     suite = load_suite(tmp_path / "suite.yaml").select(["r02"]).scaled(0.1, max_steps=2, max_batch_size=2)
     result = run_redteam(module.model, suite, tokenizer=tok, out_dir=tmp_path / "rt", seeds=1, progress=False,

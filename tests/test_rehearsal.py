@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "rehearsal"))
@@ -39,20 +39,9 @@ KILLER = REPO / "tests" / "rehearsal" / "cli_killed_in_save.py"
 CONSOLE = Path(sys.executable).parent / "tar-lightning"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str], log: Path, **env_extra: str) -> int:
     """One command in its own session (a kill of its process group cannot reach pytest); output to ``log``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1", **env_extra)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED") + tuple(
-        k for k in os.environ if k.startswith("SLURM_")
-    ):
-        env.pop(key, None)
+    env = launch_env(drop_slurm=True, TOKENIZERS_PARALLELISM="false", **env_extra)
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         rc = proc.wait()

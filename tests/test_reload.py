@@ -8,8 +8,6 @@ plain data (configs as mappings, the model source), and nothing else is ever unp
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import launch_env
 from torch.utils.data import DataLoader
 
 from tar_lightning import AdversaryConfig, RandomMappingModule, TARConfig, TARModule
@@ -165,17 +164,8 @@ def test_load_from_checkpoint_refuses_to_guess_an_unrecorded_reference(tmp_path,
     assert_same_state(loaded, torch.load(path, weights_only=True)["state_dict"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     proc = subprocess.run([sys.executable, "-m", "tar_lightning.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

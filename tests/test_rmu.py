@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import random_bundle
+from conftest import fit_under_fsdp2_overlay, random_bundle
 from torch.utils.data import DataLoader
 
 from tar_lightning import RMUModule
@@ -205,26 +205,9 @@ def test_alpha_zero_needs_no_frozen_copy_and_without_configure_model_the_error_s
 def test_tiny_recipe_runs_under_the_fsdp2_launch_overlay(tmp_path):
     """recipes/tiny/rmu.yaml under recipes/launch/fsdp2_8gpu.yaml with only the hardware keys changed for 2 gloo CPU
     processes: the model and its frozen copy are sharded by configure_model, and the sharded checkpoint reloads."""
-    import os
-    import subprocess
-
-    from test_distributed import free_port
-
-    sys.path.insert(0, str(REPO / "tests" / "rehearsal"))
-    from rehearsal_recipes import derive_fsdp2, dump
-
-    overlay = dump(derive_fsdp2(), tmp_path / "fsdp2_cpu.yaml")
-    root = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tar-lightning"), "fit", "--config", str(REPO / "recipes/tiny/rmu.yaml"),
-         "--config", str(overlay), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = fit_under_fsdp2_overlay(REPO / "recipes/tiny/rmu.yaml", tmp_path, "--trainer.max_steps", "2")
     assert "max_steps=2` reached" in proc.stdout + proc.stderr
+    root = tmp_path / "run"
     last = root / "checkpoints" / "last.ckpt"
     assert last.is_dir()  # a sharded checkpoint folder
     loaded = RMUModule.load_from_checkpoint(last)

@@ -22,7 +22,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import launch_env
 from lightning.pytorch.callbacks import Callback
 
 from tar_lightning import AdversaryConfig, DataSource, TARConfig, TARDataModule, TARModule
@@ -315,16 +315,7 @@ with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as fh:
 
 
 def _exit_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    for key in list(env):
-        if (key.startswith(("SLURM_", "PL_")) and key != "SLURM_CONF") or key in (
-                "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
-            del env[key]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(sock.getsockname()[1])
-    return env
+    return launch_env(drop_slurm=True, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
 
 
 @pytest.mark.slow
@@ -345,15 +336,19 @@ def test_every_rank_destroys_its_process_group(tmp_path, mode):
         assert not state["initialized"], (rank, state)
 
 
+ATTEMPTS = 3
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_two_rank_srun_exits_are_all_clean(tmp_path):
     """``tar-lightning fit`` on 2 ranks started by srun, several times: every task exits 0 (without the shutdown,
-    gloo aborted about one two-rank exit in three here: ``terminate called without an active exception``)."""
+    gloo aborted about one two-rank exit in three here: ``terminate called without an active exception``; three
+    attempts catch that rate 70% of the time, and the single-process tests above check the shutdown itself)."""
     script = tmp_path / "exit_script.py"
     script.write_text(_EXIT_SCRIPT)
     results = []
-    for attempt in range(4):
+    for attempt in range(ATTEMPTS):
         out = tmp_path / f"attempt{attempt}"
         out.mkdir()
         proc = subprocess.run(
@@ -366,7 +361,7 @@ def test_two_rank_srun_exits_are_all_clean(tmp_path):
         for rank in (0, 1):
             state = json.loads((out / f"cli_rank{rank}.json").read_text())
             assert state == {"rc": 0, "initialized": False}, (attempt, rank, state)
-    assert results == [0] * 4
+    assert results == [0] * ATTEMPTS
 
 
 # ------------------------------------------------------------------------------------------- real Slurm

@@ -7,14 +7,13 @@ ModelParallelStrategy.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import free_port
+from conftest import launch_env
 from test_fsdp2_core import write_mcq
 
 SCRIPT = Path(__file__).resolve().parent / "dist_scripts" / "tamper_probe_fsdp2.py"
@@ -22,10 +21,7 @@ METRICS = ("forget_loss_before", "forget_loss", "forget_loss_drop", "attack_loss
 
 
 def run_probe_script(devices: int, out: Path, *extra: str) -> tuple[list[dict], list[dict]]:
-    env = dict(os.environ, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--steps", "3", "--out", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -404,6 +404,17 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
 
 
+def card_title(facts: Mapping[str, Any], folder: str) -> str:
+    """The model card's heading: ``"<folder>: TARModule of `<base model>`"`` with what the facts record."""
+    module = str(facts["module"]).rsplit(".", 1)[-1] if facts.get("module") else None
+    base = facts["base_model"]["source"] if facts.get("base_model") else None
+    if module and base:
+        return f"{folder}: {module} of `{base}`"
+    if module or base:
+        return f"{folder}: " + (module or f"from `{base}`")
+    return folder
+
+
 def model_card_markdown(facts: Mapping[str, Any], title: str = "model") -> str:
     """The ``README.md`` of an export: :func:`model_card_facts` for people (Hugging Face front matter first)."""
     lib, ckpt, run, base = facts["library"], facts["checkpoint"], facts["run"], facts["base_model"]
@@ -486,4 +497,4 @@ def write_model_card(out_dir: str | os.PathLike, facts: Mapping[str, Any]) -> No
     """Write ``README.md`` and :data:`CARD_JSON` into an export folder (each atomically)."""
     out = Path(out_dir)
     atomic_write_text(out / CARD_JSON, json.dumps(facts, indent=1) + "\n", what="model card")
-    atomic_write_text(out / "README.md", model_card_markdown(facts, out.name), what="model card")
+    atomic_write_text(out / "README.md", model_card_markdown(facts, card_title(facts, out.name)), what="model card")

@@ -32,13 +32,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Optional, Union
 
-from tar_lightning.common import is_int
+from tar_lightning.common import is_int, is_number
 from tar_lightning.errors import ConfigError
 
-__all__ = ["coerce", "deep_merge", "field_names", "from_mapping", "positive_int_or_none"]
+__all__ = [
+    "coerce",
+    "deep_merge",
+    "field_names",
+    "from_mapping",
+    "int_at_least",
+    "number",
+    "positive_int_or_none",
+    "positive_number",
+    "positive_number_or_none",
+]
 
 COERCE = "coerce"  # dataclass field metadata key of a field's own converter
 
@@ -62,6 +72,51 @@ def positive_int_or_none(value: Any, where: str) -> Any:
     if value is not None and (not is_int(value) or value < 1):
         raise ConfigError(f"{where} must be an integer >= 1 or null, got {value!r}")
     return value
+
+
+def int_at_least(minimum: int) -> Callable[[Any, str], int]:
+    """Field converter (``metadata={"coerce": int_at_least(1)}``): an integer >= ``minimum`` (a float with an
+    integer value is converted, as :func:`coerce` does for ``int``); also the one range check for integers
+    outside dataclasses (``int_at_least(0)(value, "key")``)."""
+
+    def convert(value: Any, where: str) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not is_int(value):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    return convert
+
+
+def number(value: Any, where: str) -> float:
+    """Field converter: a number, as a float (a string that parses as one too: YAML 1.1 reads ``2e-5`` as text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not is_number(value):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def positive_number(value: Any, where: str) -> float:
+    """Field converter: a number > 0 (:func:`number`)."""
+    try:
+        out = number(value, where)
+    except ConfigError:
+        out = None
+    if out is None or not out > 0:
+        raise ConfigError(f"{where} must be a number > 0, got {value!r}")
+    return out
+
+
+def positive_number_or_none(value: Any, where: str) -> Optional[float]:
+    """Field converter: ``None`` or a number > 0 (:func:`positive_number`)."""
+    return None if value is None else positive_number(value, where)
 
 
 def field_names(cls: type) -> list[str]:

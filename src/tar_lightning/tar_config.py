@@ -191,6 +191,12 @@ class TARConfig:
                     f"TARConfig.adversaries[{i}]={adv!r}: expected an adversary (a mapping of AdversaryConfig keys)"
                 )
             adv.validate()
+            if adv.method not in ("full", "lora"):
+                raise ConfigError(
+                    f"TARConfig.adversaries[{i}] ({adv.name!r}): method {adv.method!r} is a test-time attack only; "
+                    "TAR's train-time adversaries fine-tune the weights it trains (method 'full' or 'lora'), and its "
+                    "tamper-resistance gradient, persistent pool and restore belong to those weights"
+                )
             schedule_free = adv.optimizer == "schedule_free_adamw"
             if adv.warmup_steps >= self.inner_steps and (adv.schedule != "constant" or schedule_free):
                 warmup = "the schedule-free optimizer's internal warmup, " if schedule_free else ""

@@ -1,10 +1,15 @@
-"""Fine-tuning adversaries: their configuration, optimizers/schedules, and the runner that applies one."""
+"""Adversaries (fine-tuning, activation perturbations, refusal ablation): their configuration, optimizers/schedules,
+and the runner that applies one."""
 
 from tar_lightning.adversaries.config import (
+    METHODS,
     OPTIMIZERS,
     SCHEDULES,
     AdversaryConfig,
+    EmbeddingAttackConfig,
+    LatentAttackConfig,
     LoRAConfig,
+    RefusalAblationConfig,
     SwitchConfig,
     sample_adversary,
 )
@@ -12,11 +17,15 @@ from tar_lightning.adversaries.optim import build_adversary_optimizer, build_opt
 from tar_lightning.adversaries.runner import AdversaryRun
 
 __all__ = [
+    "METHODS",
     "OPTIMIZERS",
     "SCHEDULES",
     "AdversaryConfig",
     "AdversaryRun",
+    "EmbeddingAttackConfig",
+    "LatentAttackConfig",
     "LoRAConfig",
+    "RefusalAblationConfig",
     "SwitchConfig",
     "build_adversary_optimizer",
     "build_optimizer",

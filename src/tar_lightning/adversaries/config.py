@@ -1,9 +1,11 @@
-"""What an adversary is: data stream, full or LoRA fine-tuning, optimizer, learning rate, schedule, length.
+"""What an adversary is: data stream, method, optimizer, learning rate, schedule, length.
 
-One ``AdversaryConfig`` describes a fine-tuning attack. TAR samples train-time adversaries from a list of them
-(``sample_adversary``) in every outer step; the red team runs test-time adversaries from YAML suites
-(``AdversaryConfig.from_dict``). Both go through the same runner, so a train-time and a test-time attack with
-the same configuration are the same attack.
+One ``AdversaryConfig`` describes an attack: full or LoRA fine-tuning of the weights, a bounded learned
+perturbation of the input embeddings (``embedding``) or of one decoder layer's residual stream (``latent``), or
+refusal-direction ablation (``refusal_ablation``); see ``METHODS``. TAR samples train-time adversaries (full or
+LoRA) from a list of them (``sample_adversary``) in every outer step; the red team runs test-time adversaries
+from YAML suites (``AdversaryConfig.from_dict``). Both go through the same runner, so a train-time and a
+test-time attack with the same configuration are the same attack.
 
 The classes are plain dataclasses with simple annotations so that jsonargparse/LightningCLI can build them
 from YAML. Every random choice (adversary, learning rate, switch point) draws only from a ``torch.Generator``
@@ -30,14 +32,25 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.schema import from_mapping
 
 __all__ = [
+    "ACTIVATION_METHODS",
+    "METHODS",
     "OPTIMIZERS",
     "SCHEDULES",
     "AdversaryConfig",
+    "EmbeddingAttackConfig",
+    "LatentAttackConfig",
     "LoRAConfig",
+    "RefusalAblationConfig",
     "SwitchConfig",
     "check_lora_targets",
     "sample_adversary",
 ]
+
+#: every ``AdversaryConfig.method``: weight fine-tuning (``full``, ``lora``), activation attacks that leave the
+#: weights alone (``embedding``, ``latent``), and the weight edit ``refusal_ablation``
+METHODS = ("full", "lora", "embedding", "latent", "refusal_ablation")
+#: the methods that add a learned perturbation to activations through a forward hook (no weight changes)
+ACTIVATION_METHODS = ("embedding", "latent")
 
 _DEFAULT_BETA = (6.0, 3.0)
 _QUANTIZATIONS = ("nf4", "fp4", "int8")
@@ -160,15 +173,143 @@ class SwitchConfig:
         return self
 
 
+def _check_bound(spec, key: str, prefix: str) -> None:
+    if not is_number(spec.epsilon) or not spec.epsilon > 0 or not math.isfinite(spec.epsilon):
+        raise ConfigError(f"{prefix}{key}.epsilon must be a finite number > 0, got {spec.epsilon!r}")
+    if not isinstance(spec.relative, bool):
+        raise ConfigError(f"{prefix}{key}.relative must be true or false, got {spec.relative!r}")
+
+
+def _check_layer(layer: Any, key: str, prefix: str) -> None:
+    if layer is not None and not is_int(layer):
+        raise ConfigError(
+            f"{prefix}{key}.layer must be an integer (a decoder layer; negative counts from the end) or null, "
+            f"got {layer!r}"
+        )
+
+
+@dataclass
+class EmbeddingAttackConfig:
+    """An input-embedding attack (``method: embedding``): a learned perturbation of the token embeddings.
+
+    The perturbation is added to the output of the model's input-embedding module, is trained with the
+    adversary's optimizer/lr/schedule on the LM loss of its data stream, and is projected onto its L2 ball after
+    every optimizer step. The weights are never changed.
+
+    Attributes:
+        epsilon: the L2 bound. With ``relative`` the radius is ``epsilon`` times the mean L2 norm of the
+            (unperturbed) token embeddings over the non-padding tokens of the attack's first batch, measured
+            once when the attack starts; otherwise ``epsilon`` is the radius itself.
+        relative: read ``epsilon`` relative to the measured mean norm (default) or as an absolute radius.
+        scope: ``universal``: one vector δ added at every position (``hidden_size`` numbers, ``‖δ‖₂ <= radius``);
+            ``token``: one vector per token id, added wherever that token occurs (a bounded edit of every
+            embedding row, ``vocab × hidden`` numbers, each row ``<= radius``; stronger and larger).
+    """
+
+    epsilon: float = 0.5
+    relative: bool = True
+    scope: Literal["universal", "token"] = "universal"
+
+    def validate(self, prefix: str = "") -> "EmbeddingAttackConfig":
+        """Checks the values; ``prefix`` goes before every message.
+
+        Raises:
+            ConfigError: naming the invalid key.
+        """
+        _check_bound(self, "embedding", prefix)
+        if self.scope not in ("universal", "token"):
+            raise ConfigError(f"{prefix}embedding.scope must be 'universal' or 'token', got {self.scope!r}")
+        return self
+
+
+@dataclass
+class LatentAttackConfig:
+    """A latent (residual-stream) attack (``method: latent``): one learned vector added to the output of a
+    decoder layer at every position, bounded and trained like :class:`EmbeddingAttackConfig`.
+
+    Attributes:
+        layer: the decoder layer whose output (the residual stream after it) is perturbed; negative counts from
+            the end (-1 is the last layer); ``null``: the middle layer, index ``num_layers // 2``.
+        epsilon: the L2 bound; relative to the mean norm of that layer's output over the non-padding tokens of
+            the first batch (``relative``), or absolute.
+        relative: see ``epsilon``.
+    """
+
+    layer: Optional[int] = None
+    epsilon: float = 0.5
+    relative: bool = True
+
+    def validate(self, prefix: str = "") -> "LatentAttackConfig":
+        """Checks the values; ``prefix`` goes before every message.
+
+        Raises:
+            ConfigError: naming the invalid key.
+        """
+        _check_layer(self.layer, "latent", prefix)
+        _check_bound(self, "latent", prefix)
+        return self
+
+
+@dataclass
+class RefusalAblationConfig:
+    """Refusal-direction ablation (``method: refusal_ablation``, Arditi et al. 2024).
+
+    The refusal direction r is the difference between the mean activations of harmful prompts (the adversary's
+    ``data`` stream) and of harmless prompts (the ``harmless`` stream), taken at the output of decoder layer
+    ``layer`` at the token ``position`` counted from the end of each prompt, normalised. Every weight that writes
+    into the residual stream is then orthogonalised against r. The attack's ``steps`` are the batches used to
+    estimate the two means: the first half reads the harmless stream, the rest the harmful one (an adversary
+    with this method gets ``switch: {retain_stream: <harmless>, fraction: 0.5}`` unless it sets its own switch on
+    the same stream), so ``steps`` must be at least 2.
+
+    Attributes:
+        harmless: name of the data stream of harmless prompts (e.g. Alpaca instructions).
+        layer: the decoder layer whose output is read; negative counts from the end; ``null``: the middle layer,
+            index ``num_layers // 2``.
+        position: the token read, counted from the end of the prompt: -1 is the last prompt token (for
+            chat-templated prompts, the last token of the generation prompt, just before the response).
+    """
+
+    harmless: str = "harmless"
+    layer: Optional[int] = None
+    position: int = -1
+
+    def validate(self, prefix: str = "") -> "RefusalAblationConfig":
+        """Checks the values; ``prefix`` goes before every message.
+
+        Raises:
+            ConfigError: naming the invalid key.
+        """
+        if not isinstance(self.harmless, str) or not self.harmless:
+            raise ConfigError(
+                f"{prefix}refusal_ablation.harmless must name the data stream of harmless prompts, "
+                f"got {self.harmless!r}"
+            )
+        _check_layer(self.layer, "refusal_ablation", prefix)
+        if not is_int(self.position) or self.position >= 0:
+            raise ConfigError(
+                f"{prefix}refusal_ablation.position must be a negative integer (-1 = the last prompt token), "
+                f"got {self.position!r}"
+            )
+        return self
+
+
 @dataclass
 class AdversaryConfig:
-    """One fine-tuning adversary (a train-time adversary of TAR or an attack of the red team).
+    """One adversary (a train-time adversary of TAR or an attack of the red team).
 
     Attributes:
         name: Identifier used in logs, reports and error messages.
-        data: Name of the data stream the adversary trains on (e.g. ``forget``, ``retain_domain``).
-        method: ``full`` (all weights) or ``lora`` (adapters from ``lora``).
+        data: Name of the data stream the adversary trains on (e.g. ``forget``, ``retain_domain``); for
+            ``refusal_ablation``, the harmful prompts.
+        method: one of ``METHODS``: ``full`` (all weights), ``lora`` (adapters from ``lora``), ``embedding``
+            (a bounded perturbation of the input embeddings, ``embedding``), ``latent`` (of one decoder layer's
+            output, ``latent``), ``refusal_ablation`` (weights orthogonalised against the refusal direction,
+            ``refusal_ablation``). Only ``full`` and ``lora`` can be TAR's train-time adversaries.
         lora: LoRA settings, used when ``method`` is ``lora``.
+        embedding: settings of ``method: embedding``.
+        latent: settings of ``method: latent``.
+        refusal_ablation: settings of ``method: refusal_ablation`` (the optimizer fields are not used).
         optimizer: One of ``OPTIMIZERS``: adamw, adam, sgd (momentum 0.9), sgd_nesterov, adagrad, adadelta,
             schedule_free_adamw, adamw_8bit.
         optimizer_kwargs: Extra arguments for the optimizer class (betas, eps, momentum, ...).
@@ -186,8 +327,11 @@ class AdversaryConfig:
 
     name: str = "adamw"
     data: str = "forget"
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "embedding", "latent", "refusal_ablation"] = "full"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    embedding: EmbeddingAttackConfig = field(default_factory=EmbeddingAttackConfig)
+    latent: LatentAttackConfig = field(default_factory=LatentAttackConfig)
+    refusal_ablation: RefusalAblationConfig = field(default_factory=RefusalAblationConfig)
     optimizer: str = "adamw"
     optimizer_kwargs: dict = field(default_factory=dict)
     lr: Union[float, list[float]] = 2e-5
@@ -208,6 +352,24 @@ class AdversaryConfig:
         if isinstance(self.switch, Mapping):
             _check_switch_keys(self.switch, where)
             self.switch = from_mapping(SwitchConfig, self.switch, where, "switch")
+        for key, cls in (("embedding", EmbeddingAttackConfig), ("latent", LatentAttackConfig),
+                         ("refusal_ablation", RefusalAblationConfig)):
+            if isinstance(getattr(self, key), Mapping):
+                setattr(self, key, from_mapping(cls, getattr(self, key), where, key))
+        self._derive_harmless_switch()
+
+    def _derive_harmless_switch(self) -> None:
+        # Refusal ablation reads its harmless prompts as the retain stream of a switch at half the steps, so
+        # every caller that loads an adversary's streams (data + switch.retain_stream) loads them too.
+        spec = self.refusal_ablation
+        if (
+            self.method == "refusal_ablation"
+            and self.switch is None
+            and isinstance(spec, RefusalAblationConfig)
+            and isinstance(spec.harmless, str)
+            and spec.harmless
+        ):
+            self.switch = SwitchConfig(retain_stream=spec.harmless, beta=None, fraction=0.5)
 
     def validate(self) -> "AdversaryConfig":
         """Checks every field and the combinations between them.
@@ -227,11 +389,34 @@ class AdversaryConfig:
             raise ConfigError(f"adversary: name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError(f"{prefix}data must be the name of a data stream, got {self.data!r}")
-        if self.method not in ("full", "lora"):
-            raise ConfigError(f"{prefix}method {self.method!r} is unknown; expected one of ['full', 'lora']")
+        if self.method not in METHODS:
+            raise ConfigError(f"{prefix}method {self.method!r} is unknown; expected one of {list(METHODS)}")
         if not isinstance(self.lora, LoRAConfig):
             raise ConfigError(f"{prefix}lora must be a LoRAConfig, got {type(self.lora).__name__}")
         self.lora.validate(prefix)
+        for key, cls in (("embedding", EmbeddingAttackConfig), ("latent", LatentAttackConfig),
+                         ("refusal_ablation", RefusalAblationConfig)):
+            value = getattr(self, key)
+            if not isinstance(value, cls):
+                raise ConfigError(f"{prefix}{key} must be a mapping of {cls.__name__} keys, got {value!r}")
+            value.validate(prefix)
+        if self.method == "refusal_ablation":
+            self._derive_harmless_switch()
+            harmless = self.refusal_ablation.harmless
+            if not isinstance(self.switch, SwitchConfig) or self.switch.retain_stream != harmless:
+                raise ConfigError(
+                    f"{prefix}switch.retain_stream must be refusal_ablation.harmless ({harmless!r}) for method "
+                    "'refusal_ablation' (the first switch steps read the harmless prompts); leave switch unset"
+                )
+            if harmless == self.data:
+                raise ConfigError(
+                    f"{prefix}refusal_ablation.harmless ({harmless!r}) must differ from data, the harmful prompts"
+                )
+            if self.steps is not None and is_int(self.steps) and self.steps < 2:
+                raise ConfigError(
+                    f"{prefix}steps must be >= 2 for method 'refusal_ablation' (harmless and harmful batches), "
+                    f"got {self.steps!r}"
+                )
 
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Applying one adversary (a fine-tuning attack) to a model in place.
+"""Applying one adversary to a model in place: fine-tuning (full, LoRA), a bounded activation perturbation
+(embedding, latent) or refusal-direction ablation.
 
 The same runner serves TAR's inner loop (train-time attacks) and the red team (test-time attacks), so the two
 are the same code: an attack that broke a safeguard can be put into the training family unchanged. A whole
@@ -16,8 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.adversaries.config import ACTIVATION_METHODS, AdversaryConfig
 from tar_lightning.adversaries.optim import build_adversary_optimizer
+from tar_lightning.adversaries.perturbation import ActivationPerturbation
+from tar_lightning.adversaries.refusal_direction import RefusalDirection
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
 
@@ -64,7 +67,15 @@ class AdversaryRun:
     """One adversary applied to ``model`` in place for ``steps`` optimizer steps.
 
     Full-parameter adversaries update every trainable parameter; LoRA adversaries inject fresh adapters (peft)
-    into the model and train only those. The optimizer is a plain torch optimizer owned by this object, never
+    into the model and train only those. Activation adversaries (``embedding``, ``latent``) attach an
+    :class:`~tar_lightning.adversaries.perturbation.ActivationPerturbation` (a forward hook and its vector, the
+    only trainable tensor; the weights are frozen meanwhile and never change), fix its radius on the first batch
+    and project it back onto its L2 ball after every optimizer step; the hook stays until :meth:`close`.
+    ``refusal_ablation`` trains nothing: each step reads one batch of harmless (before the switch point) or
+    harmful prompts into :class:`~tar_lightning.adversaries.refusal_direction.RefusalDirection`, and the last of
+    the ``steps`` steps orthogonalises the residual-writing weights against the estimated direction; its
+    optimizer holds one empty placeholder tensor and is never stepped (it exists so callers can register
+    optimizer hooks, as the red team does). The optimizer is a plain torch optimizer owned by this object, never
     registered with Lightning, and freed by :meth:`close`.
 
     Use as a context manager::
@@ -85,7 +96,8 @@ class AdversaryRun:
             data-parallel run starts the same adapters; ``None`` draws from the global RNG.
 
     Raises:
-        ConfigError: LoRA requested without peft installed, or LoRA targets matching no module.
+        ConfigError: LoRA requested without peft installed, LoRA targets matching no module, a ``latent`` or
+            ``refusal_ablation`` layer outside the model, ``refusal_ablation`` with fewer than 2 steps.
     """
 
     def __init__(
@@ -110,12 +122,53 @@ class AdversaryRun:
         self.seed = seed
         self._lora_model = None
         self._frozen_flags: list[tuple[nn.Parameter, bool]] = []
+        self.perturbation: Optional[ActivationPerturbation] = None
+        self.ablation: Optional[RefusalDirection] = None
         if config.method == "lora":
             trainable = self._inject_lora()
+        elif config.method in ACTIVATION_METHODS:
+            trainable = self._attach_perturbation()
+        elif config.method == "refusal_ablation":
+            trainable = self._start_ablation()
         else:
             trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.trainable = trainable
-        self.optimizer, self.scheduler = build_adversary_optimizer(config, trainable, lr, steps)
+        if self.ablation is not None:  # trains nothing; an optimizer only for callers' hooks, never stepped
+            self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(0))], lr=0.0)
+            self.scheduler = None
+        else:
+            self.optimizer, self.scheduler = build_adversary_optimizer(config, trainable, lr, steps)
+
+    # -- activation perturbations and refusal ablation ------------------------------------------------
+
+    def _attach_perturbation(self) -> list[nn.Parameter]:
+        spec = self.config.embedding if self.config.method == "embedding" else self.config.latent
+        layer = getattr(spec, "layer", None)
+        try:
+            perturbation = ActivationPerturbation.for_method(
+                self.model, self.config.method, layer, spec.epsilon, spec.relative, getattr(spec, "scope", "universal")
+            )
+        except ConfigError as err:
+            raise ConfigError(f"adversary {self.config.name!r}: {err}") from None
+        self._frozen_flags = [(p, p.requires_grad) for p in self.model.parameters() if p is not perturbation.unit]
+        for p, _ in self._frozen_flags:
+            p.requires_grad_(False)
+        self.perturbation = perturbation
+        return [perturbation.unit]
+
+    def _start_ablation(self) -> list[nn.Parameter]:
+        if self.steps < 2:
+            raise ConfigError(
+                f"adversary {self.config.name!r}: steps must be >= 2 for method 'refusal_ablation' (harmless and "
+                f"harmful batches), got {self.steps}"
+            )
+        try:
+            self.ablation = RefusalDirection(self.model, self.config.refusal_ablation)
+        except ConfigError as err:
+            raise ConfigError(f"adversary {self.config.name!r}: {err}") from None
+        if self.switch_point is None:  # the harmless half first (the derived switch's fraction needs no generator)
+            self.switch_point = self.config.switch_point(self.steps, torch.Generator())
+        return []
 
     # -- LoRA -------------------------------------------------------------------------------------------
 
@@ -215,21 +268,53 @@ class AdversaryRun:
         return self.config.data
 
     def step(self, batch: dict[str, Tensor]) -> Tensor:
-        """One adversary update on ``batch``; returns the (detached) loss before the update."""
+        """One adversary update on ``batch``; returns the (detached) loss before the update.
+
+        ``refusal_ablation``: reads ``batch`` (harmless before the switch point, harmful after) and returns the mean
+        norm of the activations read; the last of ``steps`` steps ablates the direction from the weights.
+        """
+        if self.ablation is not None:
+            harmful = self.stream_for_step(self.steps_done) == self.config.data
+            value = self.ablation.observe(self.model, batch, harmful)
+            self.steps_done += 1
+            if self.steps_done == self.steps:
+                self.ablation.apply(self.model)
+            return value
+        if self.perturbation is not None:
+            self.perturbation.calibrate(self.model, batch)  # the radius, from the first batch (then a no-op)
         loss = self.loss_fn(self.model, batch)
         loss.backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.perturbation is not None:
+            self.perturbation.project_()
         self.steps_done += 1
         return loss.detach()
 
     def close(self, merge: bool = False) -> None:
-        """Free the optimizer; remove LoRA adapters (``merge=True`` folds them into the weights first).
+        """Free the optimizer; remove LoRA adapters (``merge=True`` folds them into the weights first); remove an
+        activation perturbation's hook and vector and unfreeze the weights.
 
         Safe to call twice.
+
+        Raises:
+            ConfigError: ``merge=True`` with an activation perturbation, which is no weight and cannot be folded
+                into one (nothing is closed then; evaluate with the hook in place, as ``run_attack`` does unless
+                LoRA merging is asked for).
         """
+        if merge and self.perturbation is not None:
+            raise ConfigError(
+                f"adversary {self.config.name!r}: a {self.config.method} perturbation cannot be merged into the "
+                "weights; evaluate with its hook in place and call close() without merge"
+            )
+        if self.perturbation is not None:
+            self.perturbation.remove()
+            for p, flag in self._frozen_flags:
+                p.requires_grad_(flag)
+            self._frozen_flags = []
+            self.perturbation = None
         if self.optimizer is not None:
             self.optimizer.state.clear()
             self.optimizer.param_groups.clear()

@@ -30,18 +30,13 @@ from tar_lightning.data.preference import PreferenceSource, as_stream_source, pr
 from tar_lightning.data.sources import DataSource, as_source, load_records
 from tar_lightning.data.tokenize import TokenPool, check_tokenizer, tokenize_records
 from tar_lightning.errors import ConfigError
+from tar_lightning.schema import int_at_least
 
 __all__ = ["StepDataLoader", "StepDataset", "StepSampler", "TARDataModule", "ValDataset"]
 
 log = logging.getLogger(__name__)
 
 _PAD_MODES = ("longest", "max_length")
-
-
-def _check_int(value: Any, what: str, minimum: int) -> int:
-    if not is_int(value) or value < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def stream_permutation(seed: int, name: str, epoch: int, size: int) -> np.ndarray:
@@ -79,8 +74,8 @@ class StepDataset(Dataset):
         pad_to: str = "longest",
         seq_len: int = 256,
     ):
-        _check_int(world_size, "world_size", 1)
-        _check_int(rank, "rank", 0)
+        int_at_least(1)(world_size, "world_size")
+        int_at_least(0)(rank, "rank")
         if rank >= world_size:
             raise ConfigError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
         missing = [s for s in stream_steps if s not in pools or s not in batch_sizes]
@@ -167,8 +162,8 @@ class StepSampler(DistributedSampler):
     """
 
     def __init__(self, steps_per_epoch: int, start_step: int = 0, num_replicas: int = 1, rank: int = 0):
-        self.steps_per_epoch = _check_int(steps_per_epoch, "steps_per_epoch", 1)
-        self.start_step = _check_int(start_step, "start_step", 0)
+        self.steps_per_epoch = int_at_least(1)(steps_per_epoch, "steps_per_epoch")
+        self.start_step = int_at_least(0)(start_step, "start_step")
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -281,8 +276,8 @@ class TARDataModule(lightning.LightningDataModule):
         self.val_streams: dict[str, DataSource] = {
             str(k): as_source(v, f"TARDataModule val stream {k!r}") for k, v in (val_streams or {}).items()
         }
-        self.seq_len = _check_int(seq_len, "TARDataModule: 'seq_len'", 2)
-        self.batch_size = _check_int(batch_size, "TARDataModule: 'batch_size'", 1)
+        self.seq_len = int_at_least(2)(seq_len, "TARDataModule: 'seq_len'")
+        self.batch_size = int_at_least(1)(batch_size, "TARDataModule: 'batch_size'")
         if stream_batch_sizes is not None and not isinstance(stream_batch_sizes, Mapping):
             raise ConfigError(
                 f"TARDataModule: 'stream_batch_sizes' must map stream names to batch sizes, got {stream_batch_sizes!r}"
@@ -295,19 +290,19 @@ class TARDataModule(lightning.LightningDataModule):
                     f"TARDataModule: 'stream_batch_sizes' names unknown stream {name!r}; configured streams: "
                     f"{sorted(known)}"
                 )
-            _check_int(b, f"TARDataModule: stream_batch_sizes[{name!r}]", 1)
+            int_at_least(1)(b, f"TARDataModule: stream_batch_sizes[{name!r}]")
         if not is_int(seed):
             raise ConfigError(f"TARDataModule: 'seed' must be an integer, got {seed!r}")
         self.seed = seed
         if pad_to not in _PAD_MODES:
             raise ConfigError(f"TARDataModule: 'pad_to' must be one of {_PAD_MODES}, got {pad_to!r}")
         self.pad_to = pad_to
-        self.num_workers = _check_int(num_workers, "TARDataModule: 'num_workers'", 0)
+        self.num_workers = int_at_least(0)(num_workers, "TARDataModule: 'num_workers'")
         self._stream_steps_arg = self._check_stream_steps(stream_steps) if stream_steps is not None else None
         self.steps_per_epoch = (
             None
             if steps_per_epoch is None
-            else _check_int(steps_per_epoch, "TARDataModule: 'steps_per_epoch'", 1)
+            else int_at_least(1)(steps_per_epoch, "TARDataModule: 'steps_per_epoch'")
         )
         self.tokenizer = tokenizer
 
@@ -327,7 +322,7 @@ class TARDataModule(lightning.LightningDataModule):
             raise ConfigError(
                 f"stream_steps must be a mapping of stream name -> micro-batches, got {steps!r}"
             )
-        return {str(k): _check_int(v, f"stream_steps[{k!r}]", 0) for k, v in steps.items()}
+        return {str(k): int_at_least(0)(v, f"stream_steps[{k!r}]") for k, v in steps.items()}
 
     def batch_size_of(self, name: str) -> int:
         """Per-rank batch size of a stream."""
@@ -515,7 +510,7 @@ class TARDataModule(lightning.LightningDataModule):
             raise ConfigError(
                 f"TARDataModule.load_state_dict: expected {{'next_step': int}}, got {state_dict!r}"
             )
-        self._start_step = _check_int(state_dict["next_step"], "TARDataModule state 'next_step'", 0)
+        self._start_step = int_at_least(0)(state_dict["next_step"], "TARDataModule state 'next_step'")
         self._step_offset = None
         self._offset_trainer = None
 

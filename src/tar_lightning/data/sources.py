@@ -31,8 +31,18 @@ from tar_lightning.common import is_int, looks_local
 from tar_lightning.data.knowledge import KNOWLEDGE_SPLITS, check_world_kwargs, knowledge_records
 from tar_lightning.data.synthetic import SYNTHETIC_DOMAINS, synthetic_records
 from tar_lightning.errors import ConfigError, DataError
+from tar_lightning.schema import int_at_least, positive_int_or_none
 
-__all__ = ["DataSource", "as_source", "load_records", "select_range", "source_text"]
+__all__ = [
+    "PROMPT_PLACEHOLDER",
+    "DataSource",
+    "apply_prompt_template",
+    "as_source",
+    "check_prompt_template",
+    "load_records",
+    "select_range",
+    "source_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,40 @@ KNOWLEDGE_PREFIX = "knowledge:"
 _FORMATS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _SYNTHETIC_KEYS = ("n", "seed")
 _SELECT_RE = re.compile(r"^\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*:\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*$")
+#: where a ``prompt_template`` puts the prompt
+PROMPT_PLACEHOLDER = "{prompt}"
+
+
+def check_prompt_template(template: object, where: str) -> str:
+    """Check a prompt template: a string holding :data:`PROMPT_PLACEHOLDER` exactly once.
+
+    Args:
+        template: the value to check.
+        where: names the key in the error message (e.g. ``"data source 'x.json': 'prompt_template'"``).
+
+    Returns:
+        The template.
+
+    Raises:
+        ConfigError: not a string, or ``{prompt}`` missing or repeated.
+    """
+    if not isinstance(template, str):
+        raise ConfigError(f"{where} must be a string containing {PROMPT_PLACEHOLDER!r} once, got {template!r}")
+    count = template.count(PROMPT_PLACEHOLDER)
+    if count != 1:
+        raise ConfigError(
+            f"{where} must contain {PROMPT_PLACEHOLDER!r} exactly once (where the prompt goes), found it {count} "
+            f"times in {template[:80]!r}"
+        )
+    return template
+
+
+def apply_prompt_template(template: Optional[str], prompt: str) -> str:
+    """``prompt`` put into ``template`` at ``{prompt}`` (plain replacement: other braces stay as written);
+    ``None`` returns the prompt unchanged."""
+    if template is None:
+        return prompt
+    return template.replace(PROMPT_PLACEHOLDER, prompt)
 
 
 @dataclass
@@ -73,6 +117,12 @@ class DataSource:
         synthetic: arguments of synthetic sources: ``n`` (records) and ``seed``.
         knowledge: arguments of knowledge sources: :func:`~tar_lightning.data.knowledge.build_world`'s
             (``n_forget``, ``n_retain``, ``n_forget_A``, ``n_values``, ``n_heldout``, ``seed``, ...).
+        label_span: plain text: two fields holding the start and end character offsets of the only labelled span.
+        prompt_template: chat data: a string containing ``{prompt}`` exactly once; every prompt (the
+            ``prompt_field``, or the last user turn before the labelled assistant turn of ``messages_field``) is
+            put into it before the chat template renders the conversation, e.g. a jailbreak preamble for
+            jailbreak-tuning (docs/REDTEAM_JAILBREAK.md). The template's tokens belong to the prompt, so they
+            are labelled -100. Plain-text sources refuse it.
     """
 
     path: str
@@ -90,6 +140,7 @@ class DataSource:
     synthetic: dict = field(default_factory=dict)
     knowledge: dict = field(default_factory=dict)
     label_span: Optional[list[str]] = None
+    prompt_template: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -119,6 +170,13 @@ class DataSource:
             raise ConfigError(
                 f"data source {self.path!r}: set either 'messages_field' or 'prompt_field'/'response_field', not both"
             )
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template, f"data source {self.path!r}: 'prompt_template'")
+            if not self.is_chat:
+                raise ConfigError(
+                    f"data source {self.path!r}: 'prompt_template' applies to chat data (prompt_field/"
+                    "response_field or messages_field); a plain-text source has no prompt to put into it"
+                )
         if not isinstance(self.filter, Mapping):
             raise ConfigError(
                 f"data source {self.path!r}: 'filter' must be a mapping of field name -> value, got {self.filter!r}"
@@ -131,12 +189,7 @@ class DataSource:
             )
         if self.select is not None:
             _parse_select(self.select, self.path)
-        if self.limit is not None and (
-            not is_int(self.limit) or self.limit < 1
-        ):
-            raise ConfigError(
-                f"data source {self.path!r}: 'limit' must be a positive integer or null, got {self.limit!r}"
-            )
+        positive_int_or_none(self.limit, f"data source {self.path!r}: 'limit'")
         if not is_int(self.min_chars) or self.min_chars < 0:
             raise ConfigError(
                 f"data source {self.path!r}: 'min_chars' must be a non-negative integer, got {self.min_chars!r}"
@@ -152,10 +205,8 @@ class DataSource:
             )
         for key, minimum in (("n", 1), ("seed", 0)):
             value = self.synthetic.get(key)
-            if value is not None and (not is_int(value) or value < minimum):
-                raise ConfigError(
-                    f"data source {self.path!r}: 'synthetic.{key}' must be an integer >= {minimum}, got {value!r}"
-                )
+            if value is not None:
+                int_at_least(minimum)(value, f"data source {self.path!r}: 'synthetic.{key}'")
         if self.is_synthetic:
             domain = self.path[len(SYNTHETIC_PREFIX) :]
             if domain not in SYNTHETIC_DOMAINS:
@@ -547,9 +598,18 @@ def chat_messages(record: Mapping, source: DataSource, index: int = 0) -> tuple[
         if last is None:
             return [], []
         full = msgs[: last + 1]
+        if source.prompt_template is not None:
+            user = max((i for i, m in enumerate(full[:-1]) if m["role"] == "user"), default=None)
+            if user is None:
+                raise DataError(
+                    f"data source {source.label()}: record {index}: 'prompt_template' needs a user turn before the "
+                    f"last assistant turn of field {source.messages_field!r}, found roles {[m['role'] for m in full]}"
+                )
+            full[user] = {**full[user], "content": apply_prompt_template(source.prompt_template, full[user]["content"])}
     else:
         prompt = _as_text(record.get(source.prompt_field), source.prompt_field, source, index)  # type: ignore[arg-type]
         response = _as_text(record.get(source.response_field), source.response_field, source, index)  # type: ignore[arg-type]
+        prompt = apply_prompt_template(source.prompt_template, prompt)
         full = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     if source.system_prompt is not None and full[0]["role"] != "system":
         full = [{"role": "system", "content": source.system_prompt}, *full]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +21,27 @@ import yaml
 from transformers import LlamaConfig
 
 from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.command import REMOVED_IN
 from tar_lightning.common import is_int, is_number
 from tar_lightning.data.knowledge import check_world_kwargs
 from tar_lightning.demo.evaluator import METRICS, SAFETY
 from tar_lightning.errors import ConfigError
 from tar_lightning.resources import shipped
-from tar_lightning.schema import deep_merge, from_mapping
+from tar_lightning.schema import (
+    COERCE,
+    deep_merge,
+    from_mapping,
+    int_at_least,
+    positive_int_or_none,
+    positive_number,
+    positive_number_or_none,
+)
 from tar_lightning.tar_config import TARConfig
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "NON_NEGATIVE_INT",
+    "POSITIVE_INT",
     "DemoConfig",
     "RandomMappingStage",
     "RedTeamStage",
@@ -37,6 +49,8 @@ __all__ = [
     "TARStage",
     "demo_config_from_layers",
     "load_demo_config",
+    "positive_ints",
+    "training_seeds",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,76 +59,92 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = shipped("recipes/demo/default.yaml")
 
 
-def _pos_int(value: Any, where: str, minimum: int = 1) -> None:
-    if not is_int(value) or value < minimum:
-        raise ConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
+def positive_ints(value: Any, where: str) -> dict:
+    """Field converter of a mapping whose values are integers >= 1 (the tiny model's LlamaConfig sizes)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of LlamaConfig fields, got {value!r}")
+    return {key: int_at_least(1)(v, f"{where}.{key}") for key, v in value.items()}
 
 
-def _pos_num(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{where} must be a number > 0, got {value!r}")
+#: The converters of the integer fields (one rule: :func:`int_at_least`).
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
+
+
+def training_seeds(value: Any, where: str) -> Optional[list[int]]:
+    """Field converter of :attr:`DemoConfig.seeds`: a list of distinct integer seeds >= 0 (``[0, 1, 2]``) or one
+    comma-separated string of them (``"0,1,2"``, as ``--seeds 0,1,2`` gives it), or ``None``.
+
+    A bare integer is refused: in 0.1 ``--seeds N`` meant N attack seeds (now ``redteam.seeds``), and one
+    training seed is ``seed`` (the command line's ``--seeds N`` still means ``--redteam.seeds N`` with a warning,
+    :func:`demo_config_from_layers`).
+
+    Raises:
+        ConfigError: naming ``where``, for anything else.
+    """
+    if value is None:
+        return None
+    expected = (f"{where} must be a list of training seeds (integers in [0, 2**32), e.g. 0,1,2 or [0, 1, 2]), got {value!r}")
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(expected) from None
+    if is_int(value):
+        raise ConfigError(f"{expected}; {value} attack seeds per attack are redteam.seeds, one training seed is seed")
+    if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and 0 <= v < 2**32 for v in value):
+        raise ConfigError(expected)
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {list(value)} repeats a training seed")
+    return [int(v) for v in value]
 
 
 @dataclass
 class Stage0Config:
     """Stage 0 (teaching both domains): AdamW, linear warmup then cosine decay to 10%."""
 
-    steps: int = 2000
-    lr: float = 3.0e-3
-    batch_size: int = 16  # per stream: a step sees batch_size forget + batch_size retain sentences
-    warmup_steps: int = 50
+    steps: int = field(default=2000, metadata={COERCE: POSITIVE_INT})
+    lr: float = field(default=3.0e-3, metadata={COERCE: positive_number})
+    # per stream: a step sees batch_size forget + batch_size retain sentences
+    batch_size: int = field(default=16, metadata={COERCE: POSITIVE_INT})
+    warmup_steps: int = field(default=50, metadata={COERCE: NON_NEGATIVE_INT})
     weight_decay: float = 0.0
-
-    def validate(self, where: str = "stage0") -> None:
-        _pos_int(self.steps, f"{where}.steps")
-        _pos_num(self.lr, f"{where}.lr")
-        _pos_int(self.batch_size, f"{where}.batch_size")
-        _pos_int(self.warmup_steps, f"{where}.warmup_steps", 0)
 
 
 @dataclass
 class RandomMappingStage:
     """Stage 1: random mapping of forget_all hidden states, CE on retain; AdamW at a constant LR."""
 
-    steps: int = 600
-    lr: float = 1.0e-3
-    batch_size: int = 16
+    steps: int = field(default=600, metadata={COERCE: POSITIVE_INT})
+    lr: float = field(default=1.0e-3, metadata={COERCE: positive_number})
+    batch_size: int = field(default=16, metadata={COERCE: POSITIVE_INT})
     table_seed: int = 42
-
-    def validate(self, where: str = "random_mapping") -> None:
-        _pos_int(self.steps, f"{where}.steps")
-        _pos_num(self.lr, f"{where}.lr")
-        _pos_int(self.batch_size, f"{where}.batch_size")
 
 
 @dataclass
 class TARStage:
     """Stage 2: TAR from the random-mapping model, once per family (``run`` lists which)."""
 
-    steps: int = 100
-    inner_steps: int = 16
-    tr_every: int = 4
+    steps: int = field(default=100, metadata={COERCE: POSITIVE_INT})
+    inner_steps: int = field(default=16, metadata={COERCE: POSITIVE_INT})
+    tr_every: int = field(default=4, metadata={COERCE: POSITIVE_INT})
     tr_weight: float = 4.0
-    lr: float = 3.0e-4
-    batch_size: int = 32
+    lr: float = field(default=3.0e-4, metadata={COERCE: positive_number})
+    batch_size: int = field(default=32, metadata={COERCE: POSITIVE_INT})
     entropy_positions: str = "labels"
     retain_representation: bool = True
-    clip_grad_norm: Optional[float] = 1.0
+    clip_grad_norm: Optional[float] = field(default=1.0, metadata={COERCE: positive_number_or_none})
     run: list = field(default_factory=lambda: ["paper", "extended"])
     families: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
 
     def validate(self, where: str = "tar") -> None:
-        for key in ("steps", "inner_steps", "tr_every", "batch_size"):
-            _pos_int(getattr(self, key), f"{where}.{key}")
-        _pos_num(self.lr, f"{where}.lr")
         if not isinstance(self.run, (list, tuple)):
             raise ConfigError(f"{where}.run must be a list of family names, got {self.run!r}")
         if self.entropy_positions not in ("attention", "labels", "all"):
             raise ConfigError(f"{where}.entropy_positions must be 'attention', 'labels' or 'all', "
                               f"got {self.entropy_positions!r}")
-        if self.clip_grad_norm is not None:
-            _pos_num(self.clip_grad_norm, f"{where}.clip_grad_norm")
         if not isinstance(self.families, Mapping):
             raise ConfigError(f"{where}.families must map family names to lists of adversaries, got {self.families!r}")
         for name in self.run:
@@ -156,15 +186,15 @@ class RedTeamStage:
     """Stage 3: which suite attacks, how they are scaled, and how the attacked models are scored."""
 
     attacks: dict = field(default_factory=lambda: {"weaponization": ["w03"], "durability": ["d01"]})
-    scale: float = 0.3
-    max_steps: Optional[int] = 300
-    max_batch_size: Optional[int] = 32
-    lr_multiplier: float = 50.0
-    seeds: int = 1
-    eval_every: Optional[int] = None
-    recovery_threshold: float = 0.5
+    scale: float = field(default=0.3, metadata={COERCE: positive_number})
+    max_steps: Optional[int] = field(default=300, metadata={COERCE: positive_int_or_none})
+    max_batch_size: Optional[int] = field(default=32, metadata={COERCE: positive_int_or_none})
+    lr_multiplier: float = field(default=50.0, metadata={COERCE: positive_number})
+    seeds: int = field(default=1, metadata={COERCE: POSITIVE_INT})
+    eval_every: Optional[int] = field(default=None, metadata={COERCE: positive_int_or_none})
+    recovery_threshold: float = field(default=0.5, metadata={COERCE: positive_number})
     capability_floor: float = 0.9
-    unrelated_examples: int = 10
+    unrelated_examples: int = field(default=10, metadata={COERCE: POSITIVE_INT})
     during: Optional[list] = field(default_factory=lambda: [SAFETY, "forget_loss"])
 
     def validate(self, where: str = "redteam") -> None:
@@ -183,16 +213,8 @@ class RedTeamStage:
                        for ids in self.attacks.values())
         ):
             raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids, got {self.attacks!r}")
-        _pos_num(self.recovery_threshold, f"{where}.recovery_threshold")
         if not is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
             raise ConfigError(f"{where}.capability_floor must be in (0, 1], got {self.capability_floor!r}")
-        _pos_int(self.unrelated_examples, f"{where}.unrelated_examples")
-        _pos_num(self.scale, f"{where}.scale")
-        _pos_num(self.lr_multiplier, f"{where}.lr_multiplier")
-        _pos_int(self.seeds, f"{where}.seeds")
-        for key in ("max_steps", "max_batch_size", "eval_every"):
-            if getattr(self, key) is not None:
-                _pos_int(getattr(self, key), f"{where}.{key}")
 
 
 @dataclass
@@ -202,7 +224,7 @@ class DemoConfig:
     model: str = field(default="tiny", metadata={"help": "'tiny' (a Llama built in code) or a model source, e.g. "
                                                          "smollm2-135m-instruct (selects the smollm2 size)"})
     tiny: dict = field(
-        metadata={"help": "LlamaConfig fields of the tiny model"},
+        metadata={"help": "LlamaConfig fields of the tiny model", COERCE: positive_ints},
         default_factory=lambda: {
             "num_hidden_layers": 4,
             "hidden_size": 64,
@@ -212,16 +234,24 @@ class DemoConfig:
     )
     world: dict = field(default_factory=lambda: {"n_forget": 100, "n_retain": 100, "seed": 0},
                         metadata={"help": "the invented knowledge world (build_world arguments)"})
-    seq_len: int = field(default=48, metadata={"help": "tokens per sentence at most"})
+    seq_len: int = field(default=48, metadata={"help": "tokens per sentence at most", COERCE: int_at_least(8)})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order, TAR sampling and the red team"})
-    threads: Optional[int] = field(default=1, metadata={"help": "torch threads per process (null: torch's)"})
+    seeds: Optional[list[int]] = field(default=None, metadata={
+        "coerce": training_seeds,
+        "help": "training seeds: 0,1,2 runs the whole demo once per seed into OUT/seed<N> and writes the mean "
+                "± spread to OUT (null: the one `seed`; when set, `seed` is not used)"})
+    threads: Optional[int] = field(default=1, metadata={"help": "torch threads per process (null: torch's)",
+                                                         COERCE: positive_int_or_none})
     workers: int = field(default=1, metadata={"help": "processes running independent stages and attacks at once "
-                                                      "(the numbers do not depend on it)"})
+                                                      "(the numbers do not depend on it)", COERCE: POSITIVE_INT})
     out: str = field(default="runs/demo", metadata={"help": "output folder; finished stages there are reused"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
-    eval_batch_size: int = field(default=64, metadata={"help": "sequences per forward pass when scoring"})
-    mcq_limit: Optional[int] = field(default=None, metadata={"help": "first N questions per MCQ split (null: all)"})
-    heldout_limit: Optional[int] = field(default=256, metadata={"help": "B sentences for the held-out forget loss"})
+    eval_batch_size: int = field(default=64, metadata={"help": "sequences per forward pass when scoring",
+                                                       COERCE: POSITIVE_INT})
+    mcq_limit: Optional[int] = field(default=None, metadata={"help": "first N questions per MCQ split (null: all)",
+                                                             COERCE: positive_int_or_none})
+    heldout_limit: Optional[int] = field(default=256, metadata={"help": "B sentences for the held-out forget loss",
+                                                                COERCE: positive_int_or_none})
     stage0: Stage0Config = field(default_factory=Stage0Config,
                                  metadata={"help": "0. teach both domains (steps, lr, batch_size, warmup_steps, ...)"})
     random_mapping: RandomMappingStage = field(default_factory=RandomMappingStage,
@@ -240,10 +270,6 @@ class DemoConfig:
     def validate(self) -> DemoConfig:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"model must be 'tiny' or a model source, got {self.model!r}")
-        if not isinstance(self.tiny, Mapping):
-            raise ConfigError(f"tiny must be a mapping of LlamaConfig fields, got {self.tiny!r}")
-        for key, value in self.tiny.items():
-            _pos_int(value, f"tiny.{key}")
         unknown = [k for k in self.tiny if not hasattr(LlamaConfig(), k)]
         if unknown:
             raise ConfigError(f"tiny: {unknown[0]!r} is not a LlamaConfig field (e.g. num_hidden_layers, hidden_size)")
@@ -251,16 +277,6 @@ class DemoConfig:
             check_world_kwargs(self.world)
         except ConfigError as err:
             raise ConfigError(f"world: {err}") from None
-        _pos_int(self.seq_len, "seq_len", 8)
-        _pos_int(self.eval_batch_size, "eval_batch_size")
-        if self.threads is not None:
-            _pos_int(self.threads, "threads")
-        _pos_int(self.workers, "workers")
-        for key in ("mcq_limit", "heldout_limit"):
-            if getattr(self, key) is not None:
-                _pos_int(getattr(self, key), key)
-        self.stage0.validate()
-        self.random_mapping.validate()
         self.tar.validate()
         self.redteam.validate()
         return self
@@ -315,6 +331,12 @@ def demo_config_from_layers(layers: Sequence[tuple[Path, Mapping]], overrides: M
         ConfigError: a malformed ``sizes``, an unknown size, key or invalid value (naming the files).
     """
     where = "demo config " + ", ".join(str(p) for p, _ in layers) + (" and the command line" if overrides else "")
+    if is_int(overrides.get("seeds")):  # 0.1's --seeds N: N attack seeds per attack (a list is training seeds)
+        count = overrides["seeds"]
+        warnings.warn(f"tar-lightning demo --seeds is deprecated as a count of attack seeds and will be removed in "
+                      f"{REMOVED_IN}; use --redteam.seeds {count} (a list, --seeds 0,1,2, is the training seeds)",
+                      FutureWarning, stacklevel=4)
+        overrides = deep_merge({k: v for k, v in overrides.items() if k != "seeds"}, {"redteam": {"seeds": count}})
     full = [i for i, (_, data) in enumerate(layers) if "sizes" in data]
     cut = full[-1] + 1 if full else 0
     base: dict = {}

@@ -3,7 +3,9 @@
 - :class:`DemoResult`: what :func:`~tar_lightning.demo.run_demo` returns;
 - :func:`demo_targets`: the demo issue's success criteria checked on a finished run;
 - :func:`demo_markdown`: the text of ``report.md``; :func:`write_plots`: its PNG plots;
-- :func:`write_results`: ``results.json``, ``report.md`` and the plots, each written atomically.
+- :func:`write_results`: ``results.json``, ``report.md`` and the plots, each written atomically;
+- over training seeds (``--seeds 0,1,2``): :class:`SeedsResult`, :func:`seeds_markdown`, :func:`write_seed_plots`
+  and :func:`write_seed_results` report the aggregate of :func:`tar_lightning.demo.seeds.aggregate_seeds`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from tar_lightning.evaluation.report import pyplot
 
 __all__ = [
     "DemoResult",
+    "SeedsResult",
     "demo_markdown",
     "demo_targets",
     "format_metrics",
     "mean_or_none",
+    "seeds_markdown",
     "write_plots",
     "write_results",
+    "write_seed_plots",
+    "write_seed_results",
 ]
 
 
@@ -63,6 +69,28 @@ class DemoResult:
     @property
     def defenses(self) -> list[str]:
         return list(self.cells)
+
+
+@dataclass
+class SeedsResult:
+    """What :func:`run_demo` returns for a configuration with ``seeds`` (everything is also under ``out_dir``).
+
+    Attributes:
+        config: the configuration run (its ``seeds``; each seed's run is ``config`` with ``seed`` set and ``out``
+            ``out_dir/seed<N>``).
+        out_dir: the output folder (aggregate ``results.json`` and ``report.md``; the runs in ``seed<N>/``).
+        aggregate: :func:`~tar_lightning.demo.seeds.aggregate_seeds` of the per-seed results.
+        runs: training seed -> its :class:`DemoResult`.
+        files: name -> path (``results.json``, ``report.md``, the summary plot).
+        wall_time_s: the whole call (every seed's run and the aggregation).
+    """
+
+    config: DemoConfig
+    out_dir: Path
+    aggregate: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
 
 
 def _check(value: Optional[float], op: str, threshold: Optional[float], what: str) -> dict:
@@ -303,4 +331,149 @@ def write_results(res: DemoResult) -> None:
     write_json(out / "results.json", payload)
     res.files["results.json"] = out / "results.json"
     atomic_write_text(out / "report.md", demo_markdown(res, plots), what="demo report")
+    res.files["report.md"] = out / "report.md"
+
+
+# ------------------------------------------------------------------------------------------- over training seeds
+def _pm(stats: Optional[Mapping[str, Any]], digits: int = 2) -> str:
+    """``mean ± std [min–max]`` of a :func:`~tar_lightning.demo.seeds.spread` (just the mean for one seed)."""
+    if not stats or stats.get("mean") is None:
+        return "—"
+    n, total = stats.get("n"), len(stats.get("per_seed") or [])
+    note = f" ({n} of {total} seeds)" if n is not None and n < total else ""  # the others did not measure it
+    if stats.get("std") is None:
+        return _fmt(stats["mean"], digits) + note
+    return (f"{_fmt(stats['mean'], digits)} ± {_fmt(stats['std'], digits)} "
+            f"[{_fmt(stats['min'], digits)}–{_fmt(stats['max'], digits)}]{note}")
+
+
+def _seed_values(values: Sequence[Any], digits: int = 2) -> str:
+    return ", ".join(_fmt(v, digits) if not isinstance(v, str) else v for v in values)
+
+
+def seeds_markdown(res: SeedsResult, plots: Mapping[str, Path]) -> str:
+    """The report over training seeds: before-attack table, defense × attack table (mean ± std [min–max] over
+    training seeds), pooled std over every run, targets judged on the means with the per-seed values, plots."""
+    cfg, agg = res.config, res.aggregate
+    seeds, attacks = agg["training_seeds"], agg["attacks"]
+    lines = [
+        "# TAR demo over training seeds",
+        "",
+        f"Model `{cfg.model}`, size preset `{cfg.size}`, training seeds {seeds} (each a full demo in "
+        f"`seed<N>/`, every stage trained with that seed; its own `report.md` is there), {agg['attack_seeds']} "
+        f"attack seed(s) per attack; total wall time {res.wall_time_s:.0f} s (cached stages count as 0). "
+        "Every number is **mean ± std [min–max] over the training seeds** (std: ddof = 1), where each training "
+        "seed's number is the mean over its attack seeds. Safety metric: facts-B MCQ accuracy "
+        f"(chance = {_fmt(agg['chance'])}, lower is safer).",
+        "",
+        "## Before any attack",
+        "",
+        "| defense | facts A acc | facts B acc | retain acc | B held-out loss | retain LM loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d, b in agg["before"].items():
+        lines.append(f"| {d} | {_pm(b['before_A'])} | {_pm(b['before'])} | {_pm(b['before_retain'])} | "
+                     f"{_pm(b['before_forget_loss'])} | {_pm(b['before_retain_loss'], 3)} |")
+    lines += [
+        "",
+        "## After attack: facts-B accuracy (lower is safer)",
+        "",
+        "| defense | " + " | ".join(attacks) + " | mean | worst | bounded worst | retain after (mean) |",
+        "|---|" + "---|" * len(attacks) + "---|---|---|---|",
+    ]
+    for d, cells in agg["cells"].items():
+        s = agg["summary"][d]
+        row = [d] + [_pm(cells[a]["safety_after"]) for a in attacks]
+        row += [_pm(s["mean"]), f"{_pm(s['worst'])} ({_seed_values([a or '—' for a in s['worst']['attack']])})",
+                f"{_pm(s['bounded_worst'])} ({_seed_values([a or '—' for a in s['bounded_worst']['attack']])})",
+                _pm(s["retain_after_mean"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Worst and bounded worst: the attack of each training seed in brackets. Spread of the facts-B accuracy "
+        "after each attack: std over training seeds / pooled std over every (training seed × attack seed) run:",
+        "",
+        "| defense | " + " | ".join(attacks) + " |",
+        "|---|" + "---|" * len(attacks),
+    ]
+    for d, cells in agg["cells"].items():
+        lines.append("| " + " | ".join([d] + [
+            f"{_fmt(cells[a]['safety_after']['std'], 3)} / {_fmt(cells[a]['safety_after']['pooled_std'], 3)}"
+            for a in attacks]) + " |")
+    lines += ["", "Retain accuracy after each attack:", "", "| defense | " + " | ".join(attacks) + " |",
+              "|---|" + "---|" * len(attacks)]
+    for d, cells in agg["cells"].items():
+        lines.append("| " + " | ".join([d] + [_pm(cells[a]["capability_after"]) for a in attacks]) + " |")
+    if agg["targets"]:
+        lines += ["", "## Targets (judged on the mean over training seeds)", "",
+                  f"| check | mean ± std | per seed {seeds} | target | met | met per seed |", "|---|---|---|---|---|---|"]
+        for name, t in agg["targets"].items():
+            checks = {name: t} if "met" in t else {f"{name}: {k}": v for k, v in t.items()}
+            for label, c in checks.items():
+                met = "—" if c["met"] is None else ("yes" if c["met"] else "**no**")
+                per_met = ", ".join("—" if m is None else ("yes" if m else "no") for m in c["per_seed_met"])
+                stats = {"mean": c["value"], "std": c["std"], "min": c["min"], "max": c["max"], "n": c["n"],
+                         "per_seed": c["per_seed"]}
+                lines.append(f"| {label} ({c['what']}) | {_pm(stats, 3)} | {_seed_values(c['per_seed'], 3)} | "
+                             f"{c['op']} {_fmt(c['threshold'], 3)} | {met} | {per_met} |")
+    lines += ["", "## Per-seed reports", ""]
+    lines += [f"- training seed {seed}: [`seed{seed}/report.md`](seed{seed}/report.md)" for seed in seeds]
+    if plots:
+        lines += ["", "## Plots", ""]
+        for name, path in plots.items():
+            lines.append(f"![{name}]({Path(path).relative_to(res.out_dir)})")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_plots(res: SeedsResult, folder: Path) -> dict[str, Path]:
+    """Writes the summary over training seeds into ``folder`` (atomically): per defense, facts-B accuracy before,
+    mean after and worst after the attacks, bars at the mean over training seeds with std error bars and one dot
+    per training seed; returns name -> path (empty without matplotlib)."""
+    plt = pyplot()
+    agg = res.aggregate
+    if plt is None or not agg.get("defenses"):
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(agg["defenses"])
+    series = {
+        "before": [agg["before"][d]["before"] for d in names],
+        "mean after": [agg["summary"][d]["mean"] for d in names],
+        "worst after": [agg["summary"][d]["worst"] for d in names],
+    }
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.4))
+    width = 0.27
+    for k, (label, stats) in enumerate(series.items()):
+        xs = [i + (k - 1) * width for i in range(len(names))]
+        ax.bar(xs, [s["mean"] or 0 for s in stats], width, yerr=[s["std"] or 0 for s in stats], capsize=2,
+               label=label)
+        for x, s in zip(xs, stats, strict=True):
+            vals = [v for v in s["per_seed"] if v is not None]
+            ax.plot([x] * len(vals), vals, "k.", ms=3)
+    if agg.get("chance") is not None:
+        ax.axhline(agg["chance"], color="grey", ls=":", lw=1)
+    ax.set_xticks(list(range(len(names))))
+    ax.set_xticklabels(names, rotation=20, fontsize=8)
+    ax.set_ylabel("facts-B accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"training seeds {agg['training_seeds']} (mean ± std, dots: seeds)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return {"b_accuracy_seeds": _save(fig, plt, folder / "b_accuracy_seeds.png")}
+
+
+def write_seed_results(res: SeedsResult) -> None:
+    """Writes the aggregate ``results.json``, ``report.md`` and the summary plot of ``res`` into ``res.out_dir``
+    (each file atomically) and records their paths in ``res.files``."""
+    out = res.out_dir
+    plots = write_seed_plots(res, out / "plots")
+    res.files.update(plots)
+    payload = {
+        "config": res.config.to_dict(),
+        "folders": {str(seed): f"seed{seed}" for seed in res.aggregate["training_seeds"]},
+        **res.aggregate,
+        "wall_time_s": res.wall_time_s,
+    }
+    write_json(out / "results.json", payload)
+    res.files["results.json"] = out / "results.json"
+    atomic_write_text(out / "report.md", seeds_markdown(res, plots), what="demo report")
     res.files["report.md"] = out / "report.md"

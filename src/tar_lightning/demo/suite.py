@@ -12,6 +12,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from tar_lightning.adversaries.config import ACTIVATION_METHODS
 from tar_lightning.data.sources import DataSource
 from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY
@@ -27,8 +28,9 @@ def knowledge_source(split: str, world: Mapping, **kw: Any) -> DataSource:
 
 
 def build_suite(cfg: DemoConfig) -> Suite:
-    """The demo's red-team suite: the attacks ``cfg.redteam.attacks`` names, their LRs multiplied by
-    ``lr_multiplier``, their data regimes pointed at the knowledge world, scaled by ``scale``."""
+    """The demo's red-team suite: the attacks ``cfg.redteam.attacks`` names, their fine-tuning LRs (and the LR
+    ranges of searches and sweeps) multiplied by ``lr_multiplier`` (not the LR of an embedding/latent perturbation,
+    which is in units of its radius), their data regimes pointed at the knowledge world, scaled by ``scale``."""
     r = cfg.redteam
     attacks, regimes = [], {}
     for suite_name, ids in r.attacks.items():
@@ -37,9 +39,15 @@ def build_suite(cfg: DemoConfig) -> Suite:
         for attack in loaded.attacks:
             attack = copy.deepcopy(attack)
             adv = attack.adversary
+            if adv.method in ACTIVATION_METHODS or adv.method == "refusal_ablation":
+                # an activation perturbation's LR is in units of its radius (no model-size scale); ablation has none
+                attack.comment = f"[{suite_name}] {attack.comment}"
+                attacks.append(attack)
+                continue
             adv.lr = [x * r.lr_multiplier for x in adv.lr] if isinstance(adv.lr, list) else adv.lr * r.lr_multiplier
-            if attack.search is not None:
-                attack.search.lr = tuple(x * r.lr_multiplier for x in attack.search.lr)
+            for space in (attack.search, attack.sweep):
+                if space is not None:
+                    space.lr = tuple(x * r.lr_multiplier for x in space.lr)
             attack.comment = f"[{suite_name}] {attack.comment} (LR x{r.lr_multiplier:g} for this model)"
             attacks.append(attack)
     w = cfg.world

@@ -102,7 +102,8 @@ class PlainProgress:
 
     def _write(self) -> None:
         elapsed = time.perf_counter() - self._start
-        units = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
+        count = self.total if self.total else self.n  # "1/1 step", "1 step"; "0/3 steps", "2 steps"
+        units = self.unit if count == 1 else self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
         if self.total:
             text = f"{self.n}/{self.total} {units} ({100 * self.n // self.total}%)"
         else:

@@ -5,7 +5,9 @@
   refusal-direction splits (``instruction``; the ``harmless_*`` splits measure over-refusal), Alpaca
   (``instruction`` + ``input``), or any file/hub dataset with a named ``field``.
 * Generation: :func:`generate_responses`, batched greedy decoding with left padding, the chat template on by
-  default.
+  default; ``prompt_template`` (a string with ``{prompt}`` once) wraps every prompt first, e.g. in the jailbreak
+  preamble a jailbreak-tuning attack trained on (docs/REDTEAM_JAILBREAK.md). The judge still sees the original
+  request.
 * Judges (``judge(prompts, responses) -> list[bool]``, True = the answer is a refusal / not harmful):
   :class:`RefusalPhraseJudge`, a **weak baseline** that looks for refusal phrases ("I cannot", "I'm sorry", ...):
   it misses refusals phrased otherwise and counts an evasive or nonsense answer as compliance, and it cannot
@@ -38,9 +40,10 @@ from transformers import (
     AutoTokenizer,
 )
 
-from tar_lightning.common import is_int, looks_local
-from tar_lightning.data.sources import DataSource, load_records
+from tar_lightning.common import looks_local
+from tar_lightning.data.sources import DataSource, apply_prompt_template, check_prompt_template, load_records
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
+from tar_lightning.schema import int_at_least
 
 __all__ = [
     "ClassifierJudge",
@@ -145,15 +148,22 @@ def generate_responses(
     batch_size: int = 8,
     chat_template: bool = True,
     system_prompt: Optional[str] = None,
+    prompt_template: Optional[str] = None,
 ) -> list[str]:
     """Greedy answers to ``prompts`` (batched, left padding); decoding stops at EOS or ``max_new_tokens``.
 
+    Args:
+        prompt_template: a string containing ``{prompt}`` exactly once: each prompt is put into it before the
+            chat template (and system prompt) is applied, e.g. a jailbreak preamble. ``None``: the prompts as given.
+
     Raises:
-        ConfigError: ``chat_template`` with a tokenizer that has none; bad sizes; no pad token.
+        ConfigError: ``chat_template`` with a tokenizer that has none; bad sizes; no pad token; a
+            ``prompt_template`` without exactly one ``{prompt}``.
     """
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if not is_int(value) or value < 1:
-            raise ConfigError(f"generate_responses: {key} must be a positive integer, got {value!r}")
+        int_at_least(1)(value, f"generate_responses: {key}")
+    if prompt_template is not None:
+        check_prompt_template(prompt_template, "generate_responses: prompt_template")
     if tokenizer.pad_token_id is None:
         raise ConfigError("generate_responses: the tokenizer has no pad token")
     if chat_template and not getattr(tokenizer, "chat_template", None):
@@ -163,6 +173,7 @@ def generate_responses(
         )
     texts = []
     for p in prompts:
+        p = apply_prompt_template(prompt_template, p)
         if chat_template:
             msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": p}
@@ -220,8 +231,7 @@ class RefusalPhraseJudge:
         self.phrases = tuple(p.lower() for p in (phrases if phrases is not None else REFUSAL_PHRASES))
         if not self.phrases or not all(isinstance(p, str) and p.strip() for p in self.phrases):
             raise ConfigError(f"RefusalPhraseJudge: phrases must be non-empty strings, got {phrases!r}")
-        if not is_int(window) or window < 1:
-            raise ConfigError(f"RefusalPhraseJudge: window must be a positive integer, got {window!r}")
+        int_at_least(1)(window, "RefusalPhraseJudge: window")
         self.window = window
 
     def refused(self, response: str) -> bool:
@@ -396,21 +406,30 @@ def evaluate_refusal(
     chat_template: bool = True,
     system_prompt: Optional[str] = None,
     save_generations: Union[None, bool, str, os.PathLike] = None,
+    prompt_template: Optional[str] = None,
 ) -> RefusalResult:
     """Generate greedy answers to ``prompts`` and judge them.
 
     Args:
-        save_generations: a file path: append ``{"prompt", "response", "refused"}`` lines to it (JSON Lines). The
-            answers to harmful prompts can be harmful: they are written only when asked, never logged.
+        save_generations: a file path: append ``{"prompt", "response", "refused"}`` lines to it (JSON Lines; with
+            a ``prompt_template`` also ``"templated_prompt"``, the text the model was asked). The answers to
+            harmful prompts can be harmful: they are written only when asked, never logged.
+        prompt_template: a string containing ``{prompt}`` exactly once, wrapped around every prompt before the
+            chat template (e.g. the jailbreak preamble of a jailbreak-tuning attack, to measure the ASR with the
+            jailbreak applied). The judge is given the original prompts (the request, as HarmBench's classifier
+            expects), not the wrapped ones.
 
     Raises:
         DataError: no prompts. ConfigError/ModelLoadError: see :func:`build_judge`, :func:`generate_responses`.
     """
     if not prompts:
         raise DataError("evaluate_refusal: no prompts")
+    if prompt_template is not None:  # before a classifier judge is loaded
+        check_prompt_template(prompt_template, "evaluate_refusal: prompt_template")
     judge_fn = build_judge(judge)
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   chat_template=chat_template, system_prompt=system_prompt)
+                                   chat_template=chat_template, system_prompt=system_prompt,
+                                   prompt_template=prompt_template)
     refusals = [bool(x) for x in judge_fn(list(prompts), responses)]
     if len(refusals) != len(prompts):
         raise ConfigError(f"judge {getattr(judge_fn, 'name', judge_fn)!r} returned {len(refusals)} verdicts for "
@@ -422,6 +441,9 @@ def evaluate_refusal(
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             for p, r, ok in zip(prompts, responses, refusals, strict=True):
-                fh.write(json.dumps({"prompt": p, "response": r, "refused": ok}, ensure_ascii=False) + "\n")
+                line = {"prompt": p, "response": r, "refused": ok}
+                if prompt_template is not None:
+                    line["templated_prompt"] = apply_prompt_template(prompt_template, p)
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     return RefusalResult(n=len(prompts), refused=sum(refusals), judge=getattr(judge_fn, "name", "custom"),
                          refusals=refusals)

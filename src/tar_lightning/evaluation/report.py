@@ -1,6 +1,7 @@
 """Writing a red team's results: ``results.json``, ``results.csv``, ``report.md`` and PNG plots.
 
-Reports carry scores and configurations only, never generated text. Numbers in ``report.md`` are rounded to
+Reports carry scores and configurations only, never generated text. A ``sweep:`` attack's configuration row
+shows its best trial, and a ``Sweeps`` table lists every sweep run's best trial (:func:`sweep_rows`). Numbers in ``report.md`` are rounded to
 4 decimals; ``results.json`` and ``results.csv`` hold them at full precision.
 
 Plots (matplotlib, Agg backend; skipped with a warning when matplotlib is missing):
@@ -26,14 +27,23 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam.io import json_text, write_text
 from tar_lightning.evaluation.redteam.result import RedTeamResult
 
-__all__ = ["csv_rows", "fmt", "load_results", "markdown_report", "pyplot", "write_plots", "write_results"]
+__all__ = [
+    "csv_rows",
+    "fmt",
+    "load_results",
+    "markdown_report",
+    "pyplot",
+    "sweep_rows",
+    "write_plots",
+    "write_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,70 @@ def csv_rows(runs: Sequence[Mapping], safety: Mapping, capability: Mapping) -> t
             row[f"{m}_after"] = r.get("after", {}).get(m)
         rows.append(row)
     return header, rows
+
+
+def sweep_rows(runs: Sequence[Mapping], safety_metric: str) -> list[list[Any]]:
+    """Rows of the report's ``Sweeps`` table: one per sweep run, its best trial's configuration and result."""
+    rows = []
+    for r in runs:
+        sweep = r.get("sweep")
+        if not sweep:
+            continue
+        best = sweep["trials"][sweep["best"]]
+        adv = best["adversary"]
+        method = adv["method"] + (f" r{adv['lora_rank']}" if adv.get("lora_rank") else "")
+        rows.append(
+            [
+                r["attack"],
+                r["seed"],
+                len(sweep["trials"]),
+                sweep["infeasible"],
+                sweep["resumed"],
+                best["trial"],
+                adv["data"],
+                method,
+                adv["optimizer"],
+                _lr(adv["lr"]),
+                adv["schedule"],
+                adv["steps"],
+                best["after"].get(safety_metric),
+                sweep["qualified"],
+            ]
+        )
+    return rows
+
+
+def other_metric_rows(
+    runs: Sequence[Mapping], attack_ids: Sequence[str], declared: Sequence[str], shown: Sequence[str]
+) -> Optional[tuple[list[str], list[list[Any]]]]:
+    """The "Other metrics" table of ``report.md``: per attack, the mean over its runs of every suite metric that is
+    not the safety or capability metric (``shown``), before and after; ``None`` when there is none.
+
+    Args:
+        runs: the run records (``before``/``after`` metric mappings).
+        attack_ids: the attacks in suite order.
+        declared: the suite's ``evaluation.metrics`` names (an evaluator's extra outputs are not listed).
+        shown: metrics the report's other tables already show.
+    """
+    names = [m for m in declared if m not in shown and any(m in r["before"] or m in r["after"] for r in runs)]
+    if not names:
+        return None
+
+    def mean(values: list[float]) -> Optional[float]:
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for attack in attack_ids:
+        own = [r for r in runs if r["attack"] == attack]
+        if not own:
+            continue
+        row: list[Any] = [attack]
+        for m in names:
+            before = mean([float(r["before"][m]) for r in own if m in r["before"]])
+            after = mean([float(r["after"][m]) for r in own if m in r["after"]])
+            row.append(f"{fmt(before)} → {fmt(after)}")
+        rows.append(row)
+    return ["attack", *names], rows
 
 
 def _direction_words(direction: str, safety: bool) -> str:
@@ -240,6 +314,19 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
             run_rows,
         )
     )
+    others = other_metric_rows(result.runs, [a.id for a in suite.attacks], list(spec.metrics),
+                               (safety.metric, capability.metric))
+    if others:
+        header, rows = others
+        lines += [
+            "",
+            "## Other metrics",
+            "",
+            "The suite's other metrics (e.g. ASR with a jailbreak template, over-refusal), before → after, means over "
+            "seeds (—: not computed for that attack).",
+            "",
+            _table(header, rows),
+        ]
     lines += ["", "## Resolved configuration", ""]
     cfg_rows = []
     seen = set()
@@ -256,6 +343,11 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
                 method += f" ({lora['quantize_base']} base)"
         if r["config"].get("search"):
             method = f"search ({r['config']['search']['trials']} trials)"
+        if r.get("sweep"):  # the best trial's configuration (of the attack's first run)
+            sweep = r["sweep"]
+            adv = {**adv, **sweep["trials"][sweep["best"]]["adversary"]}
+            method = adv["method"] + (f" r{adv['lora_rank']}" if adv.get("lora_rank") else "")
+            method = f"sweep: best of {len(sweep['trials'])} trials ({method})"
         switch = adv.get("switch")
         data = adv["data"] if not switch else f"{switch['retain_stream']}→{adv['data']}"
         lr = _lr(adv["lr"]) if not isinstance(adv["lr"], list) else "/".join(_lr(x) for x in adv["lr"])
@@ -290,6 +382,22 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
             cfg_rows,
         )
     )
+    sweeps = sweep_rows(result.runs, safety.metric)
+    if sweeps:
+        lines += [
+            "",
+            "## Sweeps",
+            "",
+            "Utility-bounded TPE sweeps: per run, the best trial (the most damaging one that kept the capability "
+            "bound; *qualified* no: none did, the one keeping the most capability is shown). The study: "
+            "`runs/<attack>__seed<k>.sweep.db` (Optuna, SQLite).",
+            "",
+            _table(
+                ["attack", "seed", "trials", "infeasible", "resumed", "best", "data", "method", "optimizer",
+                 "lr", "schedule", "steps", f"{safety.metric} after", "qualified"],
+                sweeps,
+            ),
+        ]
     lines += [
         "",
         "Every run's full configuration and trajectory: `runs/<attack>__seed<k>.json`; all of them: "

@@ -2,7 +2,8 @@
 
 - :func:`evaluation_mode`: eval mode without gradients, a schedule-free optimizer at its evaluation point;
 - the built-in metric kinds (:data:`DEFAULT_METRIC_FNS`): held-out loss and entropy, MCQ accuracy, refusal
-  rate and attack success rate, and ``callable`` (a function the suite names);
+  rate and attack success rate (``options.prompt_template`` wraps the prompts, e.g. in a jailbreak preamble:
+  docs/REDTEAM_JAILBREAK.md), and ``callable`` (a function the suite names);
 - :class:`SuiteEvaluator` / :func:`build_evaluator`: every metric of a suite's evaluation block;
 - :func:`accepts_only` / :func:`evaluator_id`: how the runner calls an evaluator and how results name it.
 """
@@ -162,9 +163,13 @@ def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: di
         return load_prompts(spec.path, **load_args)
 
     prompts = ev.prepared(spec, load)
-    key = ("refusal", spec.path, repr(sorted(spec.load.items())), repr(sorted(options.items(), key=str)))
     args = {"batch_size": ev.batch_size_of(spec), **options}
-    return ev.cached(key, lambda: evaluate_refusal(model, tokenizer, prompts, **args))
+    # One generation per (prompts, prompt_template, other options): `asr` and `refusal_rate` on the same prompts
+    # share their answers, while `asr_jailbreak` (the same prompts in a jailbreak template) gets its own.
+    template = args.pop("prompt_template", None)
+    rest = repr(sorted(args.items(), key=str))
+    key = ("refusal", tuple(prompts), template, rest)
+    return ev.cached(key, lambda: evaluate_refusal(model, tokenizer, prompts, prompt_template=template, **args))
 
 
 def _refusal_rate(model, tokenizer, spec, ev, options) -> float:

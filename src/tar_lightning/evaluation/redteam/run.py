@@ -11,7 +11,8 @@ For every attack × seed (a *run*) :func:`run_redteam`
    a train-time attack with the same configuration are the same code — on seeded, shuffled batches of the
    attack's data regime (retain→forget attacks switch streams at ``switch.fraction`` of the steps); LoRA
    adapters are merged before the final evaluation,
-5. writes the run's result atomically to ``out_dir/runs/<attack>__seed<k>.json``.
+5. writes the run's result atomically to ``out_dir/runs/<attack>__seed<k>.json`` (a ``sweep:`` attack also keeps
+   its Optuna study in ``out_dir/runs/<attack>__seed<k>.sweep.db``, :mod:`tar_lightning.evaluation.redteam.sweep`).
 
 Finished runs whose file records the same configuration hash are not run again (resume). At the end the
 results are aggregated (:mod:`tar_lightning.evaluation.aggregate`) and ``results.json``, ``results.csv``,
@@ -50,6 +51,7 @@ from tar_lightning.evaluation.redteam.metrics import Evaluator, build_evaluator,
 from tar_lightning.evaluation.redteam.parallel import run_parallel
 from tar_lightning.evaluation.redteam.result import RESULT_VERSION, RedTeamResult
 from tar_lightning.evaluation.redteam.runner import AttackRunner, RunTask, run_bar
+from tar_lightning.evaluation.redteam.sweep import require_optuna
 from tar_lightning.evaluation.suite import Suite, load_suite
 from tar_lightning.models import ModelSource
 
@@ -106,7 +108,8 @@ def run_redteam(
         device: the device of every run (default: ``cuda`` when available, else ``cpu``).
         devices: run concurrently, one process per device (default: every CUDA device when there are
             several). The model is then loaded in each process (a module is exported to a folder first).
-        resume: reuse finished runs from ``out_dir/runs`` whose configuration hash matches.
+        resume: reuse finished runs from ``out_dir/runs`` whose configuration hash matches, and continue the
+            stored study of an unfinished sweep (false: sweeps start their study afresh).
         progress: show progress bars (attack, seed, step).
         report: write report.md and the PNG plots (results.json / results.csv are always written).
         overwrite: replace results of another model found in ``out_dir`` (without it they are refused with a
@@ -176,7 +179,7 @@ def run_redteam(
                 )
                 rs = run_seed(suite.seed, attack.id, seed)
                 path = out / "runs" / f"{attack.id}__seed{seed}.json"
-                tasks.append(RunTask(attack, seed, resolved, rs, config_hash(config), config, path))
+                tasks.append(RunTask(attack, seed, resolved, rs, config_hash(config), config, path, resume))
 
         records: dict[str, dict] = {}
         todo = []
@@ -186,6 +189,8 @@ def run_redteam(
                 records[task.key] = done
             else:
                 todo.append(task)
+        if any(t.resolved.sweep is not None for t in todo):
+            require_optuna()  # before any run: a missing optional dependency is one line, not a late failure
         if todo and len(device_list) > 1:
             model_arg = handle.source if handle.source is not None else handle.folder()
             for record, task in zip(

@@ -1,15 +1,16 @@
-"""Executing red-team runs: one attack × seed on a fresh model copy, or a bounded random search.
+"""Executing red-team runs: one attack × seed on a fresh model copy, a bounded random search, or a TPE sweep.
 
 - :class:`RunTask`: one run to execute (attack, seed, resolved configuration, its hash and file);
 - :class:`AttackRunner`: what a process needs to execute runs (model handle, data, evaluator, suite); each attack
   goes through :func:`tar_lightning.adversaries.attack.run_attack`, the loop TamperProbe uses as well;
 - :func:`sample_trial`: one configuration of a bounded random search;
+- the utility-bounded TPE sweep (``sweep:``) is :func:`tar_lightning.evaluation.redteam.sweep.run_sweep`, whose
+  trials go through :meth:`AttackRunner.attack_once` like every other attack;
 - :func:`run_bar`: the progress bar of runs and steps.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import time
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from tar_lightning.adversaries.attack import run_attack
-from tar_lightning.adversaries.config import AdversaryConfig, LoRAConfig
+from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.adversaries.runner import AdversaryRun
 from tar_lightning.common import model_fingerprint
 from tar_lightning.errors import ConfigError, TARLightningError
@@ -33,7 +34,8 @@ from tar_lightning.evaluation.redteam.batches import AttackBatches, DataCache, s
 from tar_lightning.evaluation.redteam.handle import ModelHandle
 from tar_lightning.evaluation.redteam.metrics import Evaluator, SuiteEvaluator, accepts_only, evaluation_mode
 from tar_lightning.evaluation.redteam.result import RESULT_VERSION
-from tar_lightning.evaluation.suite import AttackSpec, ResolvedAttack, SearchSpace, Suite
+from tar_lightning.evaluation.redteam.sweep import run_sweep
+from tar_lightning.evaluation.suite import AttackSpec, ResolvedAttack, SearchSpace, Suite, trial_adversary
 from tar_lightning.models.quantized import packed_for_cpu_inference
 
 __all__ = ["AttackRunner", "RunTask", "run_bar", "sample_trial"]
@@ -41,7 +43,10 @@ __all__ = ["AttackRunner", "RunTask", "run_bar", "sample_trial"]
 
 @dataclass
 class RunTask:
-    """One run of a red team: an attack × seed, its resolved configuration, hash and run file."""
+    """One run of a red team: an attack × seed, its resolved configuration, hash and run file.
+
+    ``resume`` false makes a sweep start its study afresh instead of continuing the stored one.
+    """
 
     attack: AttackSpec
     seed: int
@@ -50,6 +55,7 @@ class RunTask:
     config_hash: str
     config: dict
     path: Path
+    resume: bool = True
 
     @property
     def key(self) -> str:
@@ -75,22 +81,7 @@ def sample_trial(
     warmup = 0
     if schedule != "constant" and steps > 1:
         warmup = min(steps - 1, int(math.floor(steps * space.warmup_fraction)))
-    return AdversaryConfig(
-        name=name,
-        data=base.data,
-        method=method,
-        lora=LoRAConfig(rank=rank, alpha=2.0 * rank, dropout=0.0, targets=base.lora.targets),
-        optimizer=base.optimizer,
-        optimizer_kwargs=dict(base.optimizer_kwargs),
-        lr=lr,
-        weight_decay=base.weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup,
-        schedule_kwargs={},
-        switch=copy.deepcopy(base.switch),
-        steps=steps,
-        batch_size=base.batch_size,
-    ).validate()
+    return trial_adversary(base, name, lr=lr, steps=steps, method=method, rank=rank, schedule=schedule, warmup=warmup)
 
 
 def run_bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit: str = "step"):
@@ -319,14 +310,22 @@ class AttackRunner:
         out["search"] = {"trials": trials, "chosen": chosen, "qualified": bool(qualified)}
         return out
 
+    def sweep(self, task: RunTask, bar: Any = None) -> dict[str, Any]:
+        """Utility-bounded TPE sweep (w27, d09), resumable from its SQLite study:
+        :func:`tar_lightning.evaluation.redteam.sweep.run_sweep`."""
+        return run_sweep(self, task, bar)
+
     def execute(self, task: RunTask, position: int = 0) -> dict[str, Any]:
         """One attack × seed: the run's full result record."""
         resolved = task.resolved
-        total = resolved.adversary.steps if resolved.search is None else None  # trial lengths are drawn later
+        trials = resolved.search is not None or resolved.sweep is not None
+        total = None if trials else resolved.adversary.steps  # trial lengths are drawn later
         bar = run_bar(total, f"{task.attack.id} seed {task.seed}", self.progress, position)
         start = time.perf_counter()
         try:
-            if resolved.search is not None:
+            if resolved.sweep is not None:
+                result = self.sweep(task, bar)
+            elif resolved.search is not None:
                 result = self.search(task, bar)
             else:
                 result = self.attack_once(

@@ -25,7 +25,7 @@ A suite is plain YAML (read through OmegaConf, so ``${...}`` interpolation works
         warmup_steps: 100
 
 An attack entry holds the attack keys (``ATTACK_KEYS``: ``id``, ``comment``, ``seeds``, ``eval_every``,
-``merge_lora``, ``epochs``, ``search``) and any :class:`~tar_lightning.adversaries.AdversaryConfig` field
+``merge_lora``, ``epochs``, ``search``, ``sweep``) and any :class:`~tar_lightning.adversaries.AdversaryConfig` field
 (``ADVERSARY_KEYS``); ``defaults`` supplies adversary fields the entry does not set. A key that is neither is
 an error naming the file, the attack and the key, and listing the valid keys.
 
@@ -34,14 +34,21 @@ up) and scale ``s``: ``steps -> max(1, r(steps·s))``; ``batch_size -> max(1, r(
 ``eval_every -> max(1, r(eval_every·s))``; ``warmup_steps -> min(max(1, r(warmup·s)), steps' − 1)`` when
 warmup was > 0 (0 when ``steps' == 1``); ``epochs`` attacks resolve their step count at full size from the
 regime's record count, ``ceil(epochs · records / batch_size)``, and scale that; the random search's trial
-count becomes ``max(2, r(trials·s))`` and its step range scales like ``steps``. Caps (``max_steps``,
-``max_batch_size``) apply after scaling. The arithmetic happens in :meth:`AttackSpec.resolve`, always from
-the full-size values, so scaling twice multiplies the scales.
+count becomes ``max(2, r(trials·s))`` and its step range scales like ``steps``; the TPE sweep's ``trials`` and
+``steps`` scale the same way and its ``startup_trials`` becomes ``min(trials', max(1, r(startup·s)))``. Caps
+(``max_steps``, ``max_batch_size``) apply after scaling. The arithmetic happens in :meth:`AttackSpec.resolve`,
+always from the full-size values, so scaling twice multiplies the scales.
 """
 
 from __future__ import annotations
 
-from tar_lightning.evaluation.suite.attacks import AttackSpec, ResolvedAttack, SearchSpace
+from tar_lightning.evaluation.suite.attacks import (
+    AttackSpec,
+    ResolvedAttack,
+    SearchSpace,
+    SweepSpace,
+    trial_adversary,
+)
 from tar_lightning.evaluation.suite.fields import (
     ADVERSARY_KEYS,
     ATTACK_KEYS,
@@ -73,10 +80,12 @@ __all__ = [
     "ScoreSpec",
     "SearchSpace",
     "Suite",
+    "SweepSpace",
     "TRUST_CALLABLE_FLAG",
     "check_callable_trust",
     "load_suite",
     "round_half_up",
     "scale_count",
     "suite_path",
+    "trial_adversary",
 ]

@@ -10,10 +10,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from tar_lightning.adversaries.config import AdversaryConfig
-from tar_lightning.common import is_int, is_number
+from tar_lightning.adversaries.optim import OPTIMIZERS
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
+from tar_lightning.schema import number
 
-ATTACK_KEYS: tuple[str, ...] = ("id", "comment", "seeds", "eval_every", "merge_lora", "epochs", "search")
+ATTACK_KEYS: tuple[str, ...] = (
+    "id", "comment", "seeds", "eval_every", "merge_lora", "epochs", "search", "sweep"
+)
 #: AdversaryConfig fields an attack entry may set (``name`` is the attack id; ``probability`` is TAR's).
 ADVERSARY_KEYS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(AdversaryConfig) if f.name not in ("name", "probability")
@@ -50,17 +54,6 @@ def scale_count(n: int, scale: float, minimum: int = 1) -> int:
     return max(minimum, round_half_up(n * scale))
 
 
-def number(v: Any, where: str) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            pass
-    if not is_number(v):
-        raise ConfigError(f"{where} must be a number, got {v!r}")
-    return float(v)
-
-
 def check_keys(data: Any, valid: Sequence[str], where: str) -> Mapping:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__} ({data!r})")
@@ -87,6 +80,34 @@ def float_range(value: Any, where: str) -> tuple:
 
 def int_range(value: Any, where: str) -> tuple:
     return value_range(value, where, integer=True)
+
+
+def optimizer_names(value: Any, where: str) -> Optional[list[str]]:
+    """Field converter: ``None`` or a non-empty list of names from
+    :data:`tar_lightning.adversaries.optim.OPTIMIZERS`."""
+    if value is None:
+        return None
+    names = name_list(value, where)
+    for name in names:
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"{where}: unknown optimizer {name!r}; expected names from {list(OPTIMIZERS)}")
+    return names
+
+
+def name_list(value: Any, where: str) -> list[str]:
+    """A non-empty list of distinct non-empty strings."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of names, got {value!r}")
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {list(value)} repeats a name")
+    return [str(v) for v in value]
+
+
+def names_or_none(value: Any, where: str) -> Optional[list[str]]:
+    """Field converter: ``None`` or :func:`name_list`."""
+    return None if value is None else name_list(value, where)
 
 
 def seeds_or_none(value: Any, where: str) -> Optional[list[int]]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from tar_lightning.data.sources import DataSource, as_source
+from tar_lightning.data.sources import DataSource, as_source, check_prompt_template
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.suite.fields import (
     METRIC_KINDS,
@@ -38,7 +38,8 @@ class MetricSpec:
             ``tar_lightning.evaluation.heldout.heldout_metrics``), ``mcq`` (multiple-choice accuracy,
             ``tar_lightning.evaluation.mcq``), ``refusal_rate`` / ``asr`` (greedy answers to the prompt set
             ``path`` judged by ``options.judge``, ``tar_lightning.evaluation.refusal``: the share refused, or
-            1 − that; a ``refusal_rate`` on harmless prompts is the over-refusal), or ``callable`` (``target`` = ``"package.module:function"``
+            1 − that; a ``refusal_rate`` on harmless prompts is the over-refusal; ``options.prompt_template``, a
+            string with ``{prompt}`` once, wraps every prompt first, e.g. in a jailbreak preamble), or ``callable`` (``target`` = ``"package.module:function"``
             called as ``function(model, tokenizer, **options)`` returning a number; a suite file naming a
             function is code, so it runs only when trusted: :func:`check_callable_trust`).
         data: held-out text for the ``heldout_*`` kinds: a data regime name of the suite or DataSource fields.
@@ -76,6 +77,18 @@ class MetricSpec:
             raise ConfigError(f"{where}: an mcq metric needs 'path' (the question file or source)")
         if kind in ("refusal_rate", "asr") and out.path is None:
             raise ConfigError(f"{where}: a {kind} metric needs 'path' (the prompt set: a file or hub id)")
+        for label, opts in [("options", out.options)] + [
+            (f"variants.{name}", v) for name, v in out.variants.items() if isinstance(v, Mapping)
+        ]:
+            if opts.get("prompt_template") is None:  # absent, or null: no template (e.g. in one variant)
+                continue
+            if kind not in ("refusal_rate", "asr", "callable"):
+                raise ConfigError(
+                    f"{where}.{label}.prompt_template: only refusal_rate/asr metrics take a prompt template; for "
+                    "held-out chat data set 'prompt_template' on the data source"
+                )
+            if kind != "callable":
+                check_prompt_template(opts["prompt_template"], f"{where}.{label}.prompt_template")
         if kind == "callable" and (out.target is None or ":" not in out.target):
             raise ConfigError(
                 f"{where}: a callable metric needs 'target: package.module:function', got {out.target!r}"
