@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -118,6 +119,19 @@ def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
         assert f"| {defense} |" in report
     assert (out / "plots" / "b_accuracy_curves.png").is_file()
     assert (out / "redteam" / "tar_paper" / "report.md").is_file()
+    # each TAR family's training log and its fight report (the adversary's loss per inner step and outer step),
+    # whose heatmap holds the adv_loss/kNNN columns of the CSV log, read here on their own
+    for family in ("tar_paper", "tar_extended"):
+        (csv_path,) = (out / family / "logs").rglob("metrics.csv")
+        with csv_path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        logged = {(int(r["step"]), int(c.rsplit("k", 1)[1])): float(v) for r in rows for c, v in r.items()
+                  if c.startswith("train/adv_loss/k") and v not in ("", None)}
+        assert {step for step, _ in logged} == set(range(config.tar.steps))  # every outer step is logged
+        assert {k for _, k in logged} == set(range(config.tar.inner_steps))
+        assert (out / family / "fight" / "adv_loss_heatmap.png").is_file()
+        assert (out / family / "fight" / "report.md").is_file()
+        assert f"![{family} adversary loss]({family}/fight/adv_loss_heatmap.png)" in report
     # during an attack only the `during` metrics are computed; before and after, all of them
     run = json.loads((out / "redteam" / "no_defense" / "runs" / "w03__seed0.json").read_text())
     steps = [step for step, _ in run["trajectory"]]

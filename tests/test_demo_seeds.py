@@ -172,6 +172,9 @@ def test_seeds_parse_from_commas_or_a_list_and_a_count_still_means_attack_seeds(
     with pytest.warns(FutureWarning, match="use --redteam.seeds 2"):  # 0.1's --seeds N
         old = load_demo_config(size="minimal", overrides={"seeds": 2})
     assert old.seeds is None and old.redteam.seeds == 2
+    with pytest.raises(ConfigError, match="--seeds 0: one number is 0.1's count of attack seeds .* for training seed 0 "
+                                          "use --seed 0, for a list of training seeds --seeds 0,1,2"):
+        load_demo_config(size="minimal", overrides={"seeds": 0})  # a user who meant training seed 0
     with pytest.raises(ConfigError, match="seeds must be a list of training seeds .* 3 attack seeds per attack are "
                                           "redteam.seeds, one training seed is seed"):
         DemoConfig.from_dict({"seeds": 3})

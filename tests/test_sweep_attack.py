@@ -174,7 +174,8 @@ def test_without_optuna_the_run_stops_before_any_attack_with_one_line(tmp_path, 
     with pytest.raises(ConfigError) as err:
         run_redteam(model, write_suite(tmp_path, {"trials": 2}), tokenizer=tok, out_dir=tmp_path / "o",
                     progress=False, evaluator=TokenEvaluator(tok))
-    assert str(err.value) == OPTUNA_MISSING == "the sweep attack needs optuna: pip install 'tar_lightning[redteam]'"
+    assert OPTUNA_MISSING == "the sweep attack needs optuna: pip install 'tar_lightning[redteam]'"
+    assert str(err.value) == f"{OPTUNA_MISSING} (attack s01; or leave them out with --attacks)"
     assert not (tmp_path / "o" / "runs").exists()
 
 
@@ -188,6 +189,11 @@ def test_sweep_on_an_undefended_tiny_model_lowers_the_forget_loss(tmp_path):
     result = run_redteam(model, path, tokenizer=tok, out_dir=tmp_path / "o", progress=False, report=False)
     (run,) = result.runs
     sweep = run["sweep"]
+    # the study's SQLite file is closed when the run returns (no descriptor of this process points at it)
+    fds = Path("/proc/self/fd")
+    if fds.is_dir():
+        opened = [str(f.resolve()) for f in fds.iterdir() if f.is_symlink()]
+        assert not [f for f in opened if f.endswith(".sweep.db")], opened
     assert len(sweep["trials"]) == 3 and sweep["resumed"] == 0 and sweep["failed"] == []
     before, best = run["before"]["forget_loss"], sweep["trials"][sweep["best"]]
     # the attack worked: the held-out forget loss fell (measured 6.70 -> 5.5 on this model and data)

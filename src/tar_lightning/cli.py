@@ -50,7 +50,7 @@ SUBCOMMAND_HELP = {
     "fit": "train a recipe: --config recipe.yaml [--config overlay.yaml ...] [--dotted.key value ...]",
     "validate": "held-out loss/entropy on data.val_streams (and validation callbacks) of a recipe or --ckpt_path",
     "demo": "the end-to-end demo: teach a tiny model two domains, safeguard one, red-team it, write a report",
-    "redteam": "attack a model with every fine-tuning attack of a red-team suite and report the results",
+    "redteam": "attack a model with every attack of a red-team suite and report the results",
     "evaluate": "multiple-choice accuracy (WMDP / MMLU, lm-eval zero-shot format) of a model",
     "export": "write a training checkpoint as a Hugging Face folder (weights, config, tokenizer)",
     "report": "plot a TAR run's logs (adversary loss per inner step across outer steps, TR loss, retain loss)",

@@ -400,6 +400,11 @@ class AdversaryConfig:
             if not isinstance(value, cls):
                 raise ConfigError(f"{prefix}{key} must be a mapping of {cls.__name__} keys, got {value!r}")
             value.validate(prefix)
+        if self.method in ACTIVATION_METHODS and self.optimizer == "schedule_free_adamw":
+            raise ConfigError(
+                f"{prefix}optimizer 'schedule_free_adamw' cannot drive method {self.method!r}: its evaluation point "
+                "(an average of the iterates) is not projected onto the perturbation's L2 ball; use adamw, adam or sgd"
+            )
         if self.method == "refusal_ablation":
             self._derive_harmless_switch()
             harmless = self.refusal_ablation.harmless

@@ -17,16 +17,36 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from tar_lightning.adversaries.config import ACTIVATION_METHODS, AdversaryConfig
+from tar_lightning.adversaries.config import ACTIVATION_METHODS, AdversaryConfig, check_lora_targets
 from tar_lightning.adversaries.optim import build_adversary_optimizer
-from tar_lightning.adversaries.perturbation import ActivationPerturbation
+from tar_lightning.adversaries.perturbation import ActivationPerturbation, resolve_layer
 from tar_lightning.adversaries.refusal_direction import RefusalDirection
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
+from tar_lightning.models.layers import decoder_layers
 
-__all__ = ["AdversaryRun", "LORA_ADAPTER_NAME"]
+__all__ = ["AdversaryRun", "LORA_ADAPTER_NAME", "check_adversaries"]
 
 LORA_ADAPTER_NAME = "tar_adversary"
+
+
+def check_adversaries(model: nn.Module, adversaries: list[AdversaryConfig]) -> None:
+    """Checks, before any attack runs, what only the model can tell: LoRA targets that name modules
+    (:func:`~tar_lightning.adversaries.config.check_lora_targets`) and the decoder layer of every ``latent`` and
+    ``refusal_ablation`` adversary.
+
+    Raises:
+        ConfigError: naming the adversary and the key.
+    """
+    check_lora_targets(model, adversaries)
+    n_layers = None
+    for adversary in adversaries:
+        if adversary.method in ("latent", "refusal_ablation"):
+            n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
+            try:
+                resolve_layer(getattr(adversary, adversary.method).layer, n_layers, f"{adversary.method}.layer")
+            except ConfigError as err:
+                raise ConfigError(f"adversary {adversary.name!r}: {err}") from None
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -133,11 +153,15 @@ class AdversaryRun:
         else:
             trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.trainable = trainable
+        self.optimizer, self.scheduler = None, None
         if self.ablation is not None:  # trains nothing; an optimizer only for callers' hooks, never stepped
             self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(0))], lr=0.0)
-            self.scheduler = None
         else:
-            self.optimizer, self.scheduler = build_adversary_optimizer(config, trainable, lr, steps)
+            try:
+                self.optimizer, self.scheduler = build_adversary_optimizer(config, trainable, lr, steps)
+            except BaseException:
+                self.close()  # no adapters, hook or frozen weights left on the model when the optimizer fails
+                raise
 
     # -- activation perturbations and refusal ablation ------------------------------------------------
 

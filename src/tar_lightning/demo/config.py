@@ -333,6 +333,10 @@ def demo_config_from_layers(layers: Sequence[tuple[Path, Mapping]], overrides: M
     where = "demo config " + ", ".join(str(p) for p, _ in layers) + (" and the command line" if overrides else "")
     if is_int(overrides.get("seeds")):  # 0.1's --seeds N: N attack seeds per attack (a list is training seeds)
         count = overrides["seeds"]
+        if count < 1:  # nobody asks for 0 attack seeds: a user meaning training seed 0 gets the two spellings
+            raise ConfigError(f"{where}: --seeds {count}: one number is 0.1's count of attack seeds (--redteam.seeds); "
+                              f"for training seed {count} use --seed {count}, for a list of training seeds "
+                              "--seeds 0,1,2")
         warnings.warn(f"tar-lightning demo --seeds is deprecated as a count of attack seeds and will be removed in "
                       f"{REMOVED_IN}; use --redteam.seeds {count} (a list, --seeds 0,1,2, is the training seeds)",
                       FutureWarning, stacklevel=4)

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,17 +28,19 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 import tar_lightning
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
 from tar_lightning.demo.io import read_json, source_fingerprint, stable_hash, write_json
-from tar_lightning.demo.report import DemoResult, format_metrics, mean_or_none
+from tar_lightning.demo.report import FIGHT, DemoResult, format_metrics, mean_or_none
 from tar_lightning.demo.suite import build_suite, knowledge_source
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.progress import progress, quiet_hf_progress
 from tar_lightning.evaluation.redteam import run_redteam
+from tar_lightning.evaluation.training_report import training_report
 from tar_lightning.models import export_pretrained, load_model, tiny_model
 from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
@@ -99,18 +102,22 @@ class StepProgress(L.Callback):
             self.bar = None
 
 
-def _trainer(steps: int, root: Path, callbacks: Sequence[Any] = ()) -> L.Trainer:
-    """A one-process CPU trainer without logger, checkpoints or Lightning's progress bar (the demo draws its
-    own, :class:`StepProgress`)."""
+def _trainer(steps: int, root: Path, callbacks: Sequence[Any] = (), log_to: Optional[Path] = None) -> L.Trainer:
+    """A one-process CPU trainer without checkpoints or Lightning's progress bar (the demo draws its own,
+    :class:`StepProgress`); without a logger unless ``log_to`` names a folder for a CSV log of every step."""
+    logger: Any = False
+    if log_to is not None:
+        shutil.rmtree(log_to, ignore_errors=True)  # a rerun's log replaces the old one
+        logger = CSVLogger(save_dir=str(log_to.parent), name=log_to.name, version=0)
     return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,
-        log_every_n_steps=max(1, min(50, steps)),
+        log_every_n_steps=1 if log_to is not None else max(1, min(50, steps)),
         default_root_dir=str(root),
         num_sanity_val_steps=0,
         callbacks=list(callbacks),
@@ -340,7 +347,10 @@ class DemoPipeline:
             )
             self.say(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={s.inner_steps})")
             callbacks = self.train_callbacks(f"tar_{family}", s.steps)
-            _trainer(s.steps, self.out / f"tar_{family}", callbacks).fit(module, data)
+            folder = self.out / f"tar_{family}"
+            _trainer(s.steps, folder, callbacks, log_to=folder / "logs").fit(module, data)
+            # the fight along the adversary's trajectory, as `tar-lightning report --run` draws it
+            training_report(folder / "logs", folder / FIGHT, overwrite=True)
             return module.model, tok
 
         return self.stage(f"tar_{family}", train)

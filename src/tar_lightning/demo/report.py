@@ -21,8 +21,10 @@ from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY
 from tar_lightning.demo.io import write_json
 from tar_lightning.evaluation.report import pyplot
+from tar_lightning.evaluation.training_report import PLOTS
 
 __all__ = [
+    "FIGHT",
     "DemoResult",
     "SeedsResult",
     "demo_markdown",
@@ -35,6 +37,9 @@ __all__ = [
     "write_seed_plots",
     "write_seed_results",
 ]
+
+#: the folder, inside a TAR stage's folder, of its training report (the fight along the adversary's trajectory)
+FIGHT = "fight"
 
 
 @dataclass
@@ -246,6 +251,20 @@ def demo_markdown(res: DemoResult, plots: Mapping[str, Path]) -> str:
         lines += ["", "## Plots", ""]
         for name, path in plots.items():
             lines.append(f"![{name}]({Path(path).relative_to(res.out_dir)})")
+    fights = [(d, res.out_dir / d / FIGHT) for d in res.defenses if d.startswith("tar_")]
+    fights = [(d, f) for d, f in fights if (f / PLOTS["adv_heatmap"]).is_file()]
+    if fights:
+        lines += [
+            "",
+            "## The fight during TAR training",
+            "",
+            "The train-time adversary's loss at each inner step (rows) across outer steps (columns), as "
+            "`tar-lightning report --run` draws it: a safeguard that thwarts the adversary along its whole "
+            "trajectory keeps the late rows high. More plots (TR loss and entropy per evaluation point, retain "
+            "loss, persistent-pool use) and the numbers: `<family>/fight/report.md`.",
+        ]
+        for defense, folder in fights:
+            lines += ["", f"### {defense}", "", f"![{defense} adversary loss]({(folder / PLOTS['adv_heatmap']).relative_to(res.out_dir)})"]
     return "\n".join(lines) + "\n"
 
 

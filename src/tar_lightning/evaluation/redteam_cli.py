@@ -75,7 +75,7 @@ class RedTeamOptions:
 
 REDTEAM = Command(
     name="redteam",
-    description="Attack a model with every fine-tuning attack of a red-team suite and report the results.",
+    description="Attack a model with every attack of a red-team suite (fine-tuning, sweeps, activation perturbations, refusal ablation) and report the results.",
     options=RedTeamOptions,
     deprecated={
         "--max-steps": Deprecated("max_steps"),

@@ -34,6 +34,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from tar_lightning.adversaries.runner import check_adversaries
+from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation import aggregate as agg
 
 # the module object (not its names): works whichever of report and this package Python imports first
@@ -189,8 +191,15 @@ def run_redteam(
                 records[task.key] = done
             else:
                 todo.append(task)
-        if any(t.resolved.sweep is not None for t in todo):
-            require_optuna()  # before any run: a missing optional dependency is one line, not a late failure
+        # before any run: what only the model can tell (LoRA targets, decoder layers), and a missing optuna
+        check_adversaries(handle.base, [t.resolved.adversary for t in todo])
+        sweeps = sorted({t.attack.id for t in todo if t.resolved.sweep is not None})
+        if sweeps:
+            try:
+                require_optuna()
+            except ConfigError as err:
+                raise ConfigError(f"{err} (attack{'s' if len(sweeps) > 1 else ''} {', '.join(sweeps)}; or leave "
+                                  "them out with --attacks)") from None
         if todo and len(device_list) > 1:
             model_arg = handle.source if handle.source is not None else handle.folder()
             for record, task in zip(

@@ -195,99 +195,103 @@ def run_sweep(runner: AttackRunner, task: RunTask, bar: Any = None) -> dict[str,
     path = storage_path(task.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    name = study_name(task)
-    if not task.resume and name in optuna.get_all_study_names(storage):
-        optuna.delete_study(study_name=name, storage=storage)
-    direction = "minimize" if safety.direction == agg.HIGHER else "maximize"
-    study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
-    stale = study.get_trials(deepcopy=False, states=(State.RUNNING,))
-    for t in stale:  # left by a killed process: its slot runs again below
-        study.tell(t.number, state=State.FAIL)
-    done = {int(t.user_attrs["slot"]) for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,))}
-    resumed = len(done)
-    if resumed or stale:
-        log.info("sweep %s: %d completed trial(s) resumed from %s; %d stale trial(s) marked failed",
-                 task.key, resumed, path, len(stale))
-    sampler_seed = space.sampler_seed if space.sampler_seed is not None else task.run_seed
-    per_trial_constraint = hasattr(optuna.trial.Trial, "set_constraint")
+    try:
+        name = study_name(task)
+        if not task.resume and name in optuna.get_all_study_names(storage):
+            optuna.delete_study(study_name=name, storage=storage)
+        direction = "minimize" if safety.direction == agg.HIGHER else "maximize"
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
+        stale = study.get_trials(deepcopy=False, states=(State.RUNNING,))
+        for t in stale:  # left by a killed process: its slot runs again below
+            study.tell(t.number, state=State.FAIL)
+        done = {int(t.user_attrs["slot"]) for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,))}
+        resumed = len(done)
+        if resumed or stale:
+            log.info("sweep %s: %d completed trial(s) resumed from %s; %d stale trial(s) marked failed",
+                     task.key, resumed, path, len(stale))
+        sampler_seed = space.sampler_seed if space.sampler_seed is not None else task.run_seed
+        per_trial_constraint = hasattr(optuna.trial.Trial, "set_constraint")
 
-    for i in range(space.trials):
-        if i in done:
-            continue
-        sampler = optuna.samplers.TPESampler(
-            n_startup_trials=space.startup_trials,
-            seed=_slot_seed(sampler_seed, i),
-            # optuna < 5 reads the constraint through constraints_func; 5.x deprecates it for set_constraint
-            constraints_func=None if per_trial_constraint else sweep_constraints,
-        )
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        trial = study.ask()
-        try:
-            params = suggest(trial, space, base)
-            config = space.adversary(base, params, f"{task.attack.id}/trial{i:02d}")
-            seed = int(np.random.default_rng([task.run_seed, i]).integers(0, 2**62))
-            trial.set_user_attr("slot", i)
-            trial.set_user_attr("seed", seed)
-            trial.set_user_attr("adversary", _adversary_summary(config))
-            started = time.perf_counter()
-            result = runner.attack_once(
-                config, task.resolved.eval_every, task.resolved.merge_lora, seed, before, bar
+        for i in range(space.trials):
+            if i in done:
+                continue
+            sampler = optuna.samplers.TPESampler(
+                n_startup_trials=space.startup_trials,
+                seed=_slot_seed(sampler_seed, i),
+                # optuna < 5 reads the constraint through constraints_func; 5.x deprecates it for set_constraint
+                constraints_func=None if per_trial_constraint else sweep_constraints,
             )
-            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            after = result["after"]
-            constraint = capability_constraint(
-                float(before[cap.metric]), float(after[cap.metric]), space.min_capability, cap.direction
-            )
-            unsafe = float(after[safety.metric])
-            if not math.isfinite(unsafe):  # a broken model: no damage to report, and infeasible
-                unsafe, constraint = float(before[safety.metric]), NONFINITE_VIOLATION
-            kept = constraint <= 0 and agg.capability_kept(
-                before[cap.metric], after[cap.metric], space.min_capability, cap.direction
-            )
-            trial.set_user_attr("constraint", constraint)
-            if per_trial_constraint:
-                trial.set_constraint("capability", constraint)
-            trial.set_user_attr("qualified", bool(kept))
-            trial.set_user_attr("result", result)
-        except Exception:
-            study.tell(trial, state=State.FAIL)
-            raise
-        study.tell(trial, unsafe)
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            trial = study.ask()
+            try:
+                params = suggest(trial, space, base)
+                config = space.adversary(base, params, f"{task.attack.id}/trial{i:02d}")
+                seed = int(np.random.default_rng([task.run_seed, i]).integers(0, 2**62))
+                trial.set_user_attr("slot", i)
+                trial.set_user_attr("seed", seed)
+                trial.set_user_attr("adversary", _adversary_summary(config))
+                started = time.perf_counter()
+                result = runner.attack_once(
+                    config, task.resolved.eval_every, task.resolved.merge_lora, seed, before, bar
+                )
+                trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+                after = result["after"]
+                constraint = capability_constraint(
+                    float(before[cap.metric]), float(after[cap.metric]), space.min_capability, cap.direction
+                )
+                unsafe = float(after[safety.metric])
+                if not math.isfinite(unsafe):  # a broken model: no damage to report, and infeasible
+                    unsafe, constraint = float(before[safety.metric]), NONFINITE_VIOLATION
+                kept = constraint <= 0 and agg.capability_kept(
+                    before[cap.metric], after[cap.metric], space.min_capability, cap.direction
+                )
+                trial.set_user_attr("constraint", constraint)
+                if per_trial_constraint:
+                    trial.set_constraint("capability", constraint)
+                trial.set_user_attr("qualified", bool(kept))
+                trial.set_user_attr("result", result)
+            except Exception:
+                study.tell(trial, state=State.FAIL)
+                raise
+            study.tell(trial, unsafe)
 
-    # every trial as stored (whether this process or an earlier one ran it), so resumed == uninterrupted
-    complete = sorted(study.get_trials(deepcopy=False, states=(State.COMPLETE,)),
-                      key=lambda t: int(t.user_attrs["slot"]))
-    trials = [
-        {
-            "trial": int(t.user_attrs["slot"]),
-            "number": t.number,
-            "state": t.state.name,
-            "params": dict(t.params),
-            "adversary": t.user_attrs["adversary"],
-            "seed": t.user_attrs["seed"],
-            "after": t.user_attrs["result"]["after"],
-            "qualified": bool(t.user_attrs["qualified"]),
-            "constraint": t.user_attrs["constraint"],
-            "value": t.value,
-            "wall_time_s": t.user_attrs.get("wall_time_s"),
+        # every trial as stored (whether this process or an earlier one ran it), so resumed == uninterrupted
+        complete = sorted(study.get_trials(deepcopy=False, states=(State.COMPLETE,)),
+                          key=lambda t: int(t.user_attrs["slot"]))
+        trials = [
+            {
+                "trial": int(t.user_attrs["slot"]),
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "adversary": t.user_attrs["adversary"],
+                "seed": t.user_attrs["seed"],
+                "after": t.user_attrs["result"]["after"],
+                "qualified": bool(t.user_attrs["qualified"]),
+                "constraint": t.user_attrs["constraint"],
+                "value": t.value,
+                "wall_time_s": t.user_attrs.get("wall_time_s"),
+            }
+            for t in complete[: space.trials]
+        ]
+        failed = [
+            {"number": t.number, "state": t.state.name, "params": dict(t.params)}
+            for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
+        ]
+        best, qualified = _best(trials, before, safety, cap)
+        out = dict(complete[best].user_attrs["result"])
+        out["sweep"] = {
+            "trials": trials,
+            "best": best,
+            "qualified": qualified,
+            "infeasible": sum(not t["qualified"] for t in trials),
+            "resumed": resumed,
+            "failed": failed,
+            "storage": str(path),
+            "study": name,
+            "sampler_seed": sampler_seed,
         }
-        for t in complete[: space.trials]
-    ]
-    failed = [
-        {"number": t.number, "state": t.state.name, "params": dict(t.params)}
-        for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
-    ]
-    best, qualified = _best(trials, before, safety, cap)
-    out = dict(complete[best].user_attrs["result"])
-    out["sweep"] = {
-        "trials": trials,
-        "best": best,
-        "qualified": qualified,
-        "infeasible": sum(not t["qualified"] for t in trials),
-        "resumed": resumed,
-        "failed": failed,
-        "storage": str(path),
-        "study": name,
-        "sampler_seed": sampler_seed,
-    }
-    return out
+        return out
+    finally:  # the SQLite file is closed when the run ends, not when the garbage collector gets to it
+        storage.remove_session()
+        storage.engine.dispose()

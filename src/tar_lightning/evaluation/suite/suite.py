@@ -92,7 +92,9 @@ class Suite:
             for stream in attack.streams:
                 if stream not in self.data:
                     raise ConfigError(
-                        f"suite {self.name!r}{self._where()}: attack {attack.id!r} trains on data regime "
+                        f"suite {self.name!r}{self._where()}: attack {attack.id!r} "
+                        + ("(sweep.data) " if attack.sweep is not None and stream in (attack.sweep.data or []) else "")
+                        + "trains on data regime "
                         f"{stream!r}, which is not defined under 'data' (defined: {sorted(self.data)})"
                     )
         for name, metric in self.evaluation.metrics.items():
