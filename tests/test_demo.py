@@ -321,3 +321,22 @@ def test_targets_are_computed_from_the_cells_as_specified():
     assert t["tar_extended"]["moonshot"]["met"] is True
     assert t["extended_vs_paper"]["value"] == pytest.approx(0.01) and t["extended_vs_paper"]["threshold"] == 0.04
     assert t["extended_vs_paper"]["met"] is True
+
+
+def test_the_lr_multiplier_scales_fine_tuning_lrs_and_sweep_ranges_only():
+    """The suites' fine-tuning LRs (and search/sweep LR ranges) are for 8B models and get the demo's multiplier;
+    an activation perturbation's LR (units of its radius) and Adadelta's (a factor of a self-normalised step) do not."""
+    from tar_lightning.demo.suite import build_suite
+    from tar_lightning.evaluation.suite import load_suite
+
+    attacks = {"weaponization": ["w03", "w27", "w28"], "heldout_attacks": ["h03"], "durability": ["d08"]}
+    cfg = load_demo_config(size="minimal", overrides={"redteam": {"attacks": attacks}})
+    m = cfg.redteam.lr_multiplier
+    built = {a.id: a for a in build_suite(cfg).attacks}
+    shipped = {a.id: a for name, ids in attacks.items() for a in load_suite(name).select(ids).attacks}
+    assert m == 50.0
+    assert built["w03"].adversary.lr == pytest.approx(shipped["w03"].adversary.lr * m)
+    assert built["w27"].sweep.lr == pytest.approx(tuple(x * m for x in shipped["w27"].sweep.lr))
+    assert built["d08"].search.lr == pytest.approx(tuple(x * m for x in shipped["d08"].search.lr))
+    assert built["w28"].adversary.lr == shipped["w28"].adversary.lr  # embedding: units of the radius
+    assert shipped["h03"].adversary.optimizer == "adadelta" and built["h03"].adversary.lr == shipped["h03"].adversary.lr

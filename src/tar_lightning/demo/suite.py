@@ -27,10 +27,15 @@ def knowledge_source(split: str, world: Mapping, **kw: Any) -> DataSource:
     return DataSource(path=f"knowledge:{split}", knowledge=dict(world), **kw)
 
 
+#: optimizers whose LR is a dimensionless factor of a self-normalised step (Adadelta: 1.0 at every model size), so
+#: the demo's ``lr_multiplier`` (for LRs chosen for 8B models) does not apply to them
+SCALE_FREE_LR = ("adadelta",)
+
+
 def build_suite(cfg: DemoConfig) -> Suite:
     """The demo's red-team suite: the attacks ``cfg.redteam.attacks`` names, their fine-tuning LRs (and the LR
     ranges of searches and sweeps) multiplied by ``lr_multiplier`` (not the LR of an embedding/latent perturbation,
-    which is in units of its radius), their data regimes pointed at the knowledge world, scaled by ``scale``."""
+    which is in units of its radius, nor Adadelta's, :data:`SCALE_FREE_LR`), their data regimes pointed at the knowledge world, scaled by ``scale``."""
     r = cfg.redteam
     attacks, regimes = [], {}
     for suite_name, ids in r.attacks.items():
@@ -39,8 +44,9 @@ def build_suite(cfg: DemoConfig) -> Suite:
         for attack in loaded.attacks:
             attack = copy.deepcopy(attack)
             adv = attack.adversary
-            if adv.method in ACTIVATION_METHODS or adv.method == "refusal_ablation":
-                # an activation perturbation's LR is in units of its radius (no model-size scale); ablation has none
+            if adv.method in ACTIVATION_METHODS or adv.method == "refusal_ablation" or adv.optimizer in SCALE_FREE_LR:
+                # an activation perturbation's LR is in units of its radius and Adadelta's scales a self-normalised
+                # step (no model-size scale in either); ablation has none
                 attack.comment = f"[{suite_name}] {attack.comment}"
                 attacks.append(attack)
                 continue
