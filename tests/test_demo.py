@@ -63,6 +63,15 @@ def test_model_option_selects_its_preset_and_an_explicit_size_wins():
     assert load_demo_config(overrides={"model": "some/other-model"}).size == "default"
 
 
+def test_a_suite_set_to_null_is_dropped_from_the_red_team():
+    # a mapping layer cannot remove a key by merging: null is how a user drops the shipped durability suite
+    config = load_demo_config(overrides={"redteam": {"attacks": {"durability": None, "weaponization": ["w03"]}}})
+    assert config.redteam.attacks == {"weaponization": ["w03"]}
+    assert load_demo_config().redteam.attacks["durability"] == ["d01", "d05"]
+    with pytest.raises(ConfigError, match="redteam.attacks must map suite names .* at least one must stay"):
+        load_demo_config(overrides={"redteam": {"attacks": {"durability": None, "weaponization": None}}})
+
+
 def test_config_errors_name_the_problem(tmp_path):
     bad_sizes = tmp_path / "bad_sizes.yaml"
     bad_sizes.write_text("model: tiny\nsizes: [minimal]\n")

@@ -141,6 +141,21 @@ def test_aggregation_refuses_runs_that_do_not_belong_together():
         aggregate_seeds([a, c])
     with pytest.raises(ConfigError, match="no per-seed results"):
         aggregate_seeds([])
+    d = _results(4)
+    d["defenses"] = ["random_mapping"]
+    with pytest.raises(ConfigError, match="training seed 4: its defenses"):
+        aggregate_seeds([a, d])
+
+
+def test_aggregation_accepts_the_same_defenses_listed_in_another_order():
+    # 0.1's demo listed defenses in the order its worker processes finished, so seeds of one configuration differ
+    a, b = _results(0), _results(1)
+    b["defenses"] = list(reversed(b["defenses"]))
+    b["cells"] = dict(reversed(list(b["cells"].items())))
+    agg = aggregate_seeds([a, b])
+    assert list(agg["defenses"]) == list(a["defenses"])
+    assert agg["cells"]["tar_extended"]["w03"]["safety_after"]["per_seed"] == [
+        a["cells"]["tar_extended"]["w03"]["safety_after"], b["cells"]["tar_extended"]["w03"]["safety_after"]]
 
 
 def test_seed_report_and_plot_are_written(tmp_path):

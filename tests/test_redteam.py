@@ -419,6 +419,84 @@ def test_report_files_carry_the_numbers_of_results_json(suites, tmp_path):
     assert "![heatmap](heatmap.png)" in md  # matplotlib is a dependency: plots are always written
 
 
+# Attacks that do not train weights with an optimizer, on the built-in synthetic corpora: a full fine-tuning control,
+# an embedding attack (its LR is in units of the radius) and refusal-direction ablation (no optimizer at all).
+NON_OPTIMIZER_SUITE = {
+    "name": "settings_test",
+    "seed": 0,
+    "seeds": 1,
+    "seq_len": 32,
+    "data": {
+        "forget": {"path": "synthetic:forget", "synthetic": {"n": 16, "seed": 1}},
+        "harmless": {"path": "synthetic:retain", "synthetic": {"n": 16, "seed": 2}},
+    },
+    "evaluation": {
+        "metrics": {"forget_loss": {"kind": "heldout_loss", "data": "forget"},
+                    "retain_loss": {"kind": "heldout_loss", "data": "harmless"}},
+        "safety": {"metric": "forget_loss", "direction": "higher_is_better"},
+        "capability": {"metric": "retain_loss", "direction": "lower_is_better"},
+    },
+    "defaults": {"data": "forget", "steps": 4, "batch_size": 2},
+    "attacks": [
+        {"id": "a01", "comment": "full fine-tuning", "lr": 1.0e-3},
+        {"id": "a02", "comment": "embedding attack", "method": "embedding", "lr": 3.0e-2, "weight_decay": 0.0,
+         "embedding": {"epsilon": 0.5, "relative": True}},
+        {"id": "a03", "comment": "refusal-direction ablation", "method": "refusal_ablation",
+         "refusal_ablation": {"harmless": "harmless", "layer": None, "position": -1}},
+        {"id": "a04", "comment": "latent attack", "method": "latent", "lr": 2.0e-2, "steps": 2,
+         "latent": {"layer": -1, "epsilon": 0.25, "relative": False}},
+    ],
+}
+
+
+def test_rows_and_records_show_what_non_optimizer_attacks_used(tmp_path):
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(NON_OPTIMIZER_SUITE, sort_keys=False))
+    model, tok = tiny_llama()
+    result = run_redteam(model, tmp_path / "suite.yaml", tokenizer=tok, out_dir=tmp_path / "o", progress=False,
+                         evaluator=TinyEvaluator())
+    full, emb, abl = (result.run(a, 0) for a in ("a01", "a02", "a03"))
+    # refusal ablation: no learning rate (the suite's default 2e-5 was drawn and never used), and its own settings
+    assert abl["lr"] is None and abl["config"]["adversary"]["lr"] == 2e-5
+    used = abl["attack_settings"]
+    assert used["method"] == "refusal_ablation" and "optimizer" not in used and "schedule" not in used
+    assert {"optimizer", "lr", "schedule", "warmup_steps"} <= set(used["unused"])
+    assert used["layer"] == 1  # null: the middle of the tiny model's 2 decoder layers
+    assert (used["harmless"], used["position"], used["batches"]) == ("harmless", -1, 4)
+    assert (used["harmless_batches"], used["harmful_batches"]) == (2, 2) == (abl["switch_point"], 4 - 2)
+    assert (used["harmless_prompts"], used["harmful_prompts"]) == (2 * 2, 2 * 2)  # 2 batches of 2 prompts each
+    # the embedding attack trains: its drawn LR (in units of the radius), its steps and the bound it used
+    e = emb["attack_settings"]
+    assert (e["optimizer"], e["lr"], e["steps"], e["lr_units"]) == ("adamw", emb["lr"], 4, "radius")
+    assert emb["lr"] == 3e-2 and len(emb["train_loss"]) == emb["steps"] == 4
+    assert e["radius"] == pytest.approx(0.5 * e["reference_norm"]) and e["radius"] > 0
+    assert (full["attack_settings"]["lr"], full["attack_settings"]["optimizer"]) == (1e-3, "adamw")
+    assert "lr_units" not in full["attack_settings"]
+    assert json.loads((tmp_path / "o" / "runs" / "a03__seed0.json").read_text())["attack_settings"] == used
+
+    md = (tmp_path / "o" / "report.md").read_text()
+    runs = {row[0]: row for row in _md_table(md, "Runs")}  # attack, seed, steps, lr, ...
+    assert runs["a03"][2:4] == ["—", "—"]
+    assert runs["a02"][2:4] == ["4", "0.03 ×radius"]
+    assert runs["a01"][2:4] == ["4", "0.001"]
+    config = {row[0]: row for row in _md_table(md, "Resolved configuration")}
+    # attack, data, method, optimizer, lr, schedule, warmup, steps, batch, eval every
+    assert config["a03"][3:8] == ["—"] * 5 and config["a03"][8] == "2"
+    assert config["a03"][2] == ("refusal_ablation (layer 1, position -1; 4 harmless + 4 harmful prompts in 4 "
+                                "batches; no optimizer)")
+    assert config["a02"][3:8] == ["adamw", "0.03 ×radius", "constant", "0", "4"]
+    assert config["a02"][2] == f"embedding (scope universal; ε 0.5 × mean norm = radius {e['radius']:.3g})"
+    # the latent attack: layer -1 is the tiny model's layer 1; an absolute bound is the radius itself
+    lat = result.run("a04", 0)["attack_settings"]
+    assert (lat["layer"], lat["radius"], lat["reference_norm"], lat["steps"]) == (1, 0.25, None, 2)
+    assert config["a04"][2:8] == ["latent (layer 1; ε 0.25 = radius 0.25)", "adamw", "0.02 ×radius", "constant",
+                                  "0", "2"]
+    assert config["a01"][2:8] == ["full", "adamw", "0.001", "constant", "0", "4"]
+    assert "`refusal_ablation` trains nothing" in md
+    with open(tmp_path / "o" / "results.csv", newline="") as fh:
+        lrs = {row["attack"]: row["lr"] for row in csv.DictReader(fh)}
+    assert lrs == {"a01": "0.001", "a02": "0.03", "a03": "", "a04": "0.02"}
+
+
 def test_resume_recomputes_only_missing_runs_with_identical_results(suites, tmp_path):
     first = TinyEvaluator()
     result = _small_redteam(suites, tmp_path, first, report=False)

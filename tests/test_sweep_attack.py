@@ -20,7 +20,7 @@ from tar_lightning.cli import main as cli_main
 from tar_lightning.data import DataSource, tokenize_source
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam import run_redteam
-from tar_lightning.evaluation.redteam.sweep import OPTUNA_MISSING, storage_path
+from tar_lightning.evaluation.redteam.sweep import OPTUNA_MISSING, storage_path, trial_params
 from tar_lightning.evaluation.suite import SweepSpace, load_suite
 from tar_lightning.losses import causal_lm_loss
 from tar_lightning.models import tiny_llama
@@ -358,6 +358,62 @@ def test_tar_lightning_redteam_runs_a_sweep_suite_and_reports_its_best_trial(tmp
     assert "| s01 | forget | sweep: best of 2 trials (full) | adamw |" in config
     assert storage_path(out / "runs" / "s01__seed0.json").is_file()
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING  # the sweep keeps Optuna's INFO lines quiet
+
+
+# schedule-free AdamW has no LR schedule: every trial samples warmup_cosine and runs constant (warmup 50% inside the
+# optimizer: 1 step of 2-3)
+SCHEDULE_FREE = {"trials": 2, "lr": [1e-3, 1e-2], "steps": [2, 3], "methods": ["full"],
+                 "optimizers": ["schedule_free_adamw"], "schedules": ["warmup_cosine"], "warmup_fraction": 0.5,
+                 "startup_trials": 1}
+
+
+def test_a_schedule_free_trial_records_the_schedule_it_ran_and_resumes_from_its_study(tmp_path):
+    model, tok = tiny_llama()
+    path = write_suite(tmp_path, SCHEDULE_FREE)
+    out = tmp_path / "o"
+    result = run_redteam(model, path, tokenizer=tok, out_dir=out, progress=False, evaluator=TokenEvaluator(tok))
+    (run,) = result.runs
+    sweep = run["sweep"]
+    for t in sweep["trials"]:
+        assert t["adversary"]["optimizer"] == "schedule_free_adamw"
+        assert t["params"]["schedule"] == t["adversary"]["schedule"] == "constant"  # what ran
+        assert t["unused_params"] == {"schedule": "warmup_cosine"}  # what was sampled and not run, apart
+        assert t["adversary"]["warmup_steps"] == 1  # schedule-free's own warmup
+    # the study keeps the sampled parameters (what TPE learns from and a resume reads)
+    assert [s.params["schedule"] for s in stored_trials(run)] == ["warmup_cosine"] * 2
+    # the best trial's recorded parameters rebuild the attack that ran
+    best = sweep["trials"][sweep["best"]]
+    space, base = result.suite.attack("s01").sweep, result.suite.attack("s01").adversary
+    rebuilt = space.adversary(base, best["params"], "again")
+    assert {k: getattr(rebuilt, k) for k in ("optimizer", "schedule", "warmup_steps", "lr", "steps", "data")} == {
+        k: best["adversary"][k] for k in ("optimizer", "schedule", "warmup_steps", "lr", "steps", "data")}
+    # the report's Sweeps table and configuration row show the schedule that ran
+    md = (out / "report.md").read_text()
+    section = md.split("## Sweeps\n", 1)[1].split("\n## ", 1)[0]
+    (row,) = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+              if line.startswith("| s01")]
+    assert (row[8], row[10]) == ("schedule_free_adamw", "constant")
+    assert "warmup_cosine" not in md
+    # resumed from its SQLite study alone (the run file removed): every trial is taken from the study and the record
+    # is the same, the split into run and unused parameters included
+    (out / "runs" / "s01__seed0.json").unlink()
+    evaluator = TokenEvaluator(tok)
+    again = run_redteam(model, path, tokenizer=tok, out_dir=out, progress=False, report=False, evaluator=evaluator)
+    assert evaluator.calls == 1 and again.runs[0]["sweep"]["resumed"] == 2  # the pre-attack evaluation only
+    assert again.runs[0]["sweep"]["trials"] == sweep["trials"]
+
+
+def test_trial_params_keep_what_ran_and_set_apart_what_did_not():
+    sampled = {"lr": 1e-3, "steps": 8, "schedule": "warmup_cosine", "optimizer": "schedule_free_adamw",
+               "method": "full", "data": "forget", "lora_rank": 23}
+    ran, unused = trial_params(sampled, {"method": "full", "schedule": "constant", "optimizer": "schedule_free_adamw"})
+    assert ran == {"lr": 1e-3, "steps": 8, "schedule": "constant", "optimizer": "schedule_free_adamw",
+                   "method": "full", "data": "forget"}
+    assert unused == {"schedule": "warmup_cosine", "lora_rank": 23}
+    assert sampled["schedule"] == "warmup_cosine" and sampled["lora_rank"] == 23  # the input is left as it was
+    lora = dict(sampled, method="lora", optimizer="adamw")
+    assert trial_params(lora, {"method": "lora", "schedule": "warmup_cosine"}) == (lora, {})
+    assert trial_params(sampled, None) == (sampled, {})  # failed before its attack was built: nothing to compare
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@
    pathogens (``forget_all``) and the cities' facts (``retain``), until held-out-template MCQ accuracy is high
    (:class:`~tar_lightning.safeguards.KnowledgeLMModule`);
 1. **random mapping** (:class:`~tar_lightning.safeguards.RandomMappingModule`) on ``forget_all`` vs ``retain``;
+   with ``rmu.enabled`` also **RMU** (:class:`~tar_lightning.safeguards.RMUModule`) from the stage-0 model on the
+   same streams, red-teamed and reported as one more defense;
 2. **TAR** (:class:`~tar_lightning.TARModule`) from the random-mapping model, once per train-time adversary
    family (``paper``: full-parameter AdamW on forget text at constant LRs plus a retain→forget switch;
    ``extended``: adds LoRA, warmup+cosine and ``retain_domain`` adversaries), with the max-entropy TR loss taken
@@ -43,6 +45,7 @@ from tar_lightning.demo.config import (
     DemoConfig,
     RandomMappingStage,
     RedTeamStage,
+    RMUStage,
     Stage0Config,
     TARStage,
     load_demo_config,
@@ -65,6 +68,7 @@ __all__ = [
     "KnowledgeLMModule",
     "RandomMappingStage",
     "RedTeamStage",
+    "RMUStage",
     "Stage0Config",
     "TARStage",
     "DEMO",

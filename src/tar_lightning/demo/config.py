@@ -1,7 +1,8 @@
 """The demo's configuration: :class:`DemoConfig` and its stage sections, read by :func:`load_demo_config`.
 
 The schema of ``recipes/demo/default.yaml`` (every field is commented there): the model and world, then one
-section per stage (:class:`Stage0Config`, :class:`RandomMappingStage`, :class:`TARStage`, :class:`RedTeamStage`).
+section per stage (:class:`Stage0Config`, :class:`RandomMappingStage`, :class:`RMUStage` (opt-in),
+:class:`TARStage`, :class:`RedTeamStage`).
 :func:`load_demo_config` reads the YAML, merges a size preset and overrides over it
 (:func:`tar_lightning.schema.deep_merge`) and checks every value (unknown keys and wrong types are a :class:`~tar_lightning.errors.ConfigError` naming the key).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,12 +45,14 @@ __all__ = [
     "NON_NEGATIVE_INT",
     "POSITIVE_INT",
     "DemoConfig",
+    "RMUStage",
     "RandomMappingStage",
     "RedTeamStage",
     "Stage0Config",
     "TARStage",
     "demo_config_from_layers",
     "load_demo_config",
+    "non_negative_number",
     "positive_ints",
     "training_seeds",
 ]
@@ -64,6 +68,15 @@ def positive_ints(value: Any, where: str) -> dict:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where} must be a mapping of LlamaConfig fields, got {value!r}")
     return {key: int_at_least(1)(v, f"{where}.{key}") for key, v in value.items()}
+
+
+def suite_attacks(value: Any, where: str) -> Any:
+    """Field converter of ``redteam.attacks``: a suite mapped to ``null`` is dropped, so a layer over the shipped
+    file can remove a suite (``--redteam.attacks.durability null`` runs the weaponization attacks only); the rest
+    is checked by :meth:`RedTeamStage.validate`."""
+    if isinstance(value, Mapping):
+        return {suite: ids for suite, ids in value.items() if ids is not None}
+    return value
 
 
 #: The converters of the integer fields (one rule: :func:`int_at_least`).
@@ -100,6 +113,30 @@ def training_seeds(value: Any, where: str) -> Optional[list[int]]:
     return [int(v) for v in value]
 
 
+def non_negative_number(value: Any, where: str) -> float:
+    """Field converter: a finite number >= 0, as a float (a string that parses as one too, as YAML 1.1 reads
+    ``1.2e+3``)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def layer_list_or_none(value: Any, where: str) -> Optional[list[int]]:
+    """Field converter: ``None`` or a non-empty list of distinct decoder layer indices (integers >= 0)."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v >= 0 for v in value)
+            or len(set(value)) != len(value)):
+        raise ConfigError(f"{where} must be null or a non-empty list of distinct decoder layer indices (integers "
+                          f">= 0), got {value!r}")
+    return [int(v) for v in value]
+
+
 @dataclass
 class Stage0Config:
     """Stage 0 (teaching both domains): AdamW, linear warmup then cosine decay to 10%."""
@@ -120,6 +157,46 @@ class RandomMappingStage:
     lr: float = field(default=1.0e-3, metadata={COERCE: positive_number})
     batch_size: int = field(default=16, metadata={COERCE: POSITIVE_INT})
     table_seed: int = 42
+
+
+@dataclass
+class RMUStage:
+    """Stage 1 (opt-in): RMU, the WMDP paper's baseline (:class:`~tar_lightning.safeguards.rmu.RMUModule`),
+    trained from the stage-0 model on the streams random mapping uses (``forget_all`` steered, ``retain`` held);
+    AdamW at a constant LR. With ``enabled`` it is one more defense, red-teamed and reported after random mapping
+    (the targets still compare TAR with random mapping); off by default.
+
+    ``layer``, ``update_layers`` (``None``: ``layer-2..layer``), ``update_module``, ``steering_coeff`` (``c``),
+    ``alpha`` (``α``) and ``seed`` (of the steering direction) are :class:`RMUModule`'s arguments of the same
+    names; ``steps``, ``lr`` and ``batch_size`` (sentences per stream per step) its training.
+    """
+
+    enabled: bool = False
+    steps: int = field(default=300, metadata={COERCE: POSITIVE_INT})
+    lr: float = field(default=1.0e-3, metadata={COERCE: positive_number})
+    batch_size: int = field(default=16, metadata={COERCE: POSITIVE_INT})
+    layer: int = field(default=2, metadata={COERCE: NON_NEGATIVE_INT})
+    steering_coeff: float = field(default=30.0, metadata={COERCE: positive_number})
+    alpha: float = field(default=100.0, metadata={COERCE: non_negative_number})
+    update_layers: Optional[list] = field(default=None, metadata={COERCE: layer_list_or_none})
+    update_module: str = "mlp"
+    seed: int = 42
+
+    def validate(self, where: str = "rmu", num_layers: Optional[int] = None) -> None:
+        """Checks what the field converters cannot: ``update_layers`` against ``layer`` and, when the model's
+        decoder layer count ``num_layers`` is known (the tiny model's ``num_hidden_layers``), ``layer`` against
+        it. Other models are checked when the stage builds :class:`RMUModule` (its errors name ``rmu.<key>``)."""
+        if not isinstance(self.update_module, str) or not self.update_module.strip():
+            raise ConfigError(f"{where}.update_module must be the name of a submodule of every decoder layer "
+                              f"('mlp', 'mlp.down_proj', 'self_attn'), got {self.update_module!r}")
+        if num_layers is not None and not self.layer < num_layers:
+            raise ConfigError(f"{where}.layer={self.layer}: expected a decoder layer index in 0..{num_layers - 1} "
+                              f"(the model has {num_layers} decoder layers)")
+        if self.update_layers is not None:
+            bad = [i for i in self.update_layers if i > self.layer]
+            if bad:
+                raise ConfigError(f"{where}.update_layers={self.update_layers}: {bad} come after {where}.layer="
+                                  f"{self.layer}; a later layer cannot change the steered layer's output")
 
 
 @dataclass
@@ -185,7 +262,8 @@ class TARStage:
 class RedTeamStage:
     """Stage 3: which suite attacks, how they are scaled, and how the attacked models are scored."""
 
-    attacks: dict = field(default_factory=lambda: {"weaponization": ["w03"], "durability": ["d01"]})
+    attacks: dict = field(default_factory=lambda: {"weaponization": ["w03"], "durability": ["d01"]},
+                          metadata={COERCE: suite_attacks})
     scale: float = field(default=0.3, metadata={COERCE: positive_number})
     max_steps: Optional[int] = field(default=300, metadata={COERCE: positive_int_or_none})
     max_batch_size: Optional[int] = field(default=32, metadata={COERCE: positive_int_or_none})
@@ -212,7 +290,8 @@ class RedTeamStage:
             or not all(isinstance(ids, (list, tuple)) and ids and all(isinstance(i, str) for i in ids)
                        for ids in self.attacks.values())
         ):
-            raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids, got {self.attacks!r}")
+            raise ConfigError(f"{where}.attacks must map suite names to lists of attack ids (a suite mapped to null is "
+                              f"dropped; at least one must stay), got {self.attacks!r}")
         if not is_number(self.capability_floor) or not 0 < self.capability_floor <= 1:
             raise ConfigError(f"{where}.capability_floor must be in (0, 1], got {self.capability_floor!r}")
 
@@ -256,6 +335,8 @@ class DemoConfig:
                                  metadata={"help": "0. teach both domains (steps, lr, batch_size, warmup_steps, ...)"})
     random_mapping: RandomMappingStage = field(default_factory=RandomMappingStage,
                                                metadata={"help": "1. random mapping (steps, lr, batch_size, table_seed)"})
+    rmu: RMUStage = field(default_factory=RMUStage,
+                          metadata={"help": "1. RMU, opt-in (enabled, steps, lr, layer, steering_coeff, alpha, ...)"})
     tar: TARStage = field(default_factory=TARStage,
                           metadata={"help": "2. TAR per adversary family (steps, inner_steps, tr_every, families, ...)"})
     redteam: RedTeamStage = field(default_factory=RedTeamStage,
@@ -277,6 +358,9 @@ class DemoConfig:
             check_world_kwargs(self.world)
         except ConfigError as err:
             raise ConfigError(f"world: {err}") from None
+        if self.rmu.enabled:  # a disabled section is not checked against the model (its layer may not exist)
+            tiny_layers = self.tiny.get("num_hidden_layers", LlamaConfig().num_hidden_layers)
+            self.rmu.validate(num_layers=tiny_layers if self.model == "tiny" else None)
         self.tar.validate()
         self.redteam.validate()
         return self

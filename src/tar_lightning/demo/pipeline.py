@@ -1,7 +1,8 @@
 """The demo's stage pipeline: :class:`DemoPipeline`, every stage of one configuration, cached on disk.
 
 Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.KnowledgeLMModule`), stage 1 trains random
-mapping, stage 2 TAR once per adversary family, stage 3 red-teams every defense. Each training stage is keyed by
+mapping (and, with ``rmu.enabled``, RMU: another stage-1 defense from the stage-0 model), stage 2 TAR once per
+adversary family from the random-mapping model, stage 3 red-teams every defense. Each training stage is keyed by
 its configuration, its parent's key, the library version and a fingerprint of the source code it runs
 (:data:`STAGE_CODE`, :meth:`DemoPipeline.keys`): a stage whose key did not change is loaded from ``out/<stage>``
 instead of being trained again, and a red team from ``out/redteam/<defense>``. After a library upgrade or an edit
@@ -44,16 +45,18 @@ from tar_lightning.evaluation.training_report import training_report
 from tar_lightning.models import export_pretrained, load_model, tiny_model
 from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
+from tar_lightning.safeguards.rmu import RMUModule
 from tar_lightning.tar_module import TARModule
 
 __all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label"]
 
 log = logging.getLogger(__name__)
 
-#: Defenses red-teamed besides the TAR families, in report order.
+#: Defenses red-teamed besides the TAR families, in report order (``rmu``, opt-in, comes after them:
+#: :meth:`DemoPipeline.defenses`).
 DEFENSES_BASE = ("no_defense", "random_mapping")
 
-_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping"}
+_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping", "rmu": "stage 1: RMU"}
 
 #: The library code each kind of stage runs, beyond what its parent stage ran (a stage's key holds its parent's
 #: hash, so a change upstream reruns everything below): modules, or packages with every file under them. The
@@ -68,6 +71,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
                               "tar_lightning.data", "tar_lightning.losses", "tar_lightning.models"),
     "random_mapping": _EVERY_STAGE + ("tar_lightning.safeguards.random_mapping", "tar_lightning.base_module",
                                       "tar_lightning.losses"),
+    "rmu": _EVERY_STAGE + ("tar_lightning.safeguards.rmu", "tar_lightning.base_module", "tar_lightning.models",
+                           "tar_lightning.sharding"),
     "tar": _EVERY_STAGE + ("tar_lightning.tar_module", "tar_lightning.tar_config", "tar_lightning.base_module",
                            "tar_lightning.adversaries", "tar_lightning.persistent", "tar_lightning.snapshot",
                            "tar_lightning.grad_sync", "tar_lightning.guards", "tar_lightning.losses"),
@@ -77,7 +82,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 
 
 def stage_label(stage: str) -> str:
-    """The progress-bar label of a training stage (``stage0``, ``random_mapping``, ``tar_<family>``)."""
+    """The progress-bar label of a training stage (``stage0``, ``random_mapping``, ``rmu``, ``tar_<family>``)."""
     return _LABELS.get(stage, f"stage 2: TAR {stage[len('tar_'):]}")
 
 
@@ -197,6 +202,9 @@ class DemoPipeline:
                             "seed": cfg.seed, "config": dataclasses.asdict(cfg.stage0), **self._code_key("stage0")})
         h1 = add("random_mapping", {"stage": 1, "parent": h0, "config": dataclasses.asdict(cfg.random_mapping),
                                     **self._code_key("random_mapping")})
+        if cfg.rmu.enabled:
+            add("rmu", {"stage": 1, "method": "rmu", "parent": h0, "config": dataclasses.asdict(cfg.rmu),
+                        **self._code_key("rmu")})
         s = cfg.tar
         for family in s.run:
             key = {"stage": 2, "parent": h1, "family": family, "adversaries": s.families[family],
@@ -209,8 +217,10 @@ class DemoPipeline:
         return out
 
     def defenses(self) -> dict[str, str]:
-        """Defense -> the training stage whose model it is, in report order."""
-        return {"no_defense": "stage0", "random_mapping": "random_mapping",
+        """Defense -> the training stage whose model it is, in report order: no defense, random mapping, RMU
+        (with ``rmu.enabled``), then TAR per family."""
+        rmu = {"rmu": "rmu"} if self.cfg.rmu.enabled else {}
+        return {"no_defense": "stage0", "random_mapping": "random_mapping", **rmu,
                 **{f"tar_{f}": f"tar_{f}" for f in self.cfg.tar.run}}
 
     def cached_stage(self, name: str) -> Optional[dict]:
@@ -322,6 +332,36 @@ class DemoPipeline:
             return module.model, tok
 
         return self.stage("random_mapping", train)
+
+    def stage_rmu(self, base, tok):
+        """RMU (``rmu.enabled``) from the stage-0 model ``base``: the streams random mapping trains on
+        (``forget_all`` steered, ``retain`` held), in the same order (data seed ``seed + 1``).
+
+        Raises:
+            ConfigError: an ``rmu`` value the model does not allow (a layer it does not have, an
+                ``update_module`` its decoder layers lack), naming ``rmu.<key>``.
+        """
+        cfg, s = self.cfg, self.cfg.rmu
+
+        def train():
+            L.seed_everything(cfg.seed, verbose=False)
+            try:
+                module = RMUModule(
+                    copy.deepcopy(base), optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
+                    layer=s.layer, steering_coeff=s.steering_coeff, alpha=s.alpha, update_layers=s.update_layers,
+                    update_module=s.update_module, seed=s.seed,
+                )
+            except ConfigError as err:  # RMUModule.<key>=...: the demo's key is rmu.<key>
+                raise ConfigError(f"{str(err).replace('RMUModule.', 'rmu.')} (model {cfg.model})") from None
+            data = TARDataModule(
+                streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
+                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 1, tokenizer=tok,
+            )
+            self.say(f"[demo] stage 1: RMU at layer {s.layer} ({s.steps} steps)")
+            _trainer(s.steps, self.out / "rmu", self.train_callbacks("rmu", s.steps)).fit(module, data)
+            return module.model, tok
+
+        return self.stage("rmu", train)
 
     def stage_tar(self, family: str, base, tok):
         cfg, s = self.cfg, self.cfg.tar
@@ -435,6 +475,9 @@ class DemoPipeline:
         m0, tok, _ = self.stage0()
         rm, tok, _ = self.stage_rm(m0, tok)
         defenses = {"no_defense": (m0, tok), "random_mapping": (rm, tok)}
+        if self.cfg.rmu.enabled:
+            rmu, _, _ = self.stage_rmu(m0, tok)
+            defenses["rmu"] = (rmu, tok)
         for family in self.cfg.tar.run:
             m, _, _ = self.stage_tar(family, rm, tok)
             defenses[f"tar_{family}"] = (m, tok)
@@ -445,10 +488,13 @@ class DemoPipeline:
         return defenses, reds
 
     def collect(self, reds: Mapping, model_of: Callable[[str], tuple[Any, Any]]) -> None:
-        """Fills cells and summary from the red-team metadata; ``model_of(defense) -> (model, tokenizer)``."""
-        stage_of = {"no_defense": "stage0", "random_mapping": "random_mapping"}
+        """Fills cells and summary from the red-team metadata; ``model_of(defense) -> (model, tokenizer)``.
+        Defenses come in report order (:meth:`defenses`) whatever order ``reds`` has (worker processes finish
+        in any order), so ``results.json`` lists them alike for every run."""
+        stage_of = self.defenses()
         suite_of = {a: suite for suite, ids in self.cfg.redteam.attacks.items() for a in ids}
-        for defense, meta in reds.items():
+        for defense in [d for d in stage_of if d in reds] + [d for d in reds if d not in stage_of]:
+            meta = reds[defense]
             agg = meta["aggregate"]
             cells = {}
             for attack, s in agg["attacks"].items():

@@ -115,8 +115,9 @@ def judge(value: Optional[float], op: str, threshold: Optional[float]) -> Option
 def _check_same_runs(results: Sequence[Mapping[str, Any]], seeds: list[int]) -> None:
     first = results[0]
     for seed, res in zip(seeds[1:], results[1:], strict=True):
-        for key in ("defenses", "attacks"):
-            if list(res.get(key) or []) != list(first.get(key) or []):
+        for key in ("defenses", "attacks"):  # as sets: demo versions before 0.2 listed defenses in the order
+            # their worker processes finished, which may differ between seeds of one configuration
+            if sorted(res.get(key) or []) != sorted(first.get(key) or []):
                 raise ConfigError(f"training seed {seed}: its {key} {res.get(key)} differ from seed {seeds[0]}'s "
                                   f"{first.get(key)}; aggregate runs of one configuration")
         a, b = res.get("config") or {}, first.get("config") or {}

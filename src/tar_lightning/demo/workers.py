@@ -1,12 +1,13 @@
 """The demo's stages on several worker processes (``workers: 2`` in ``recipes/demo/default.yaml``).
 
-The demo is a graph of jobs: stage 0 → random mapping → TAR once per family, and every defense's red-team
-attacks need only the model of its own stage. :func:`run_stages_in_workers` trains stage 0 in this process
-while ``workers`` spawned processes (each with ``threads`` torch threads) start, then runs the rest of the graph
-on them. Whenever a process is free it takes the ready job that comes first: training stages (a stage unlocks
-more work), the collection of a red team whose runs are all done, then attacks, longest first. On two CPU
-cores, two one-thread processes do twice the work of one process at 1 thread (tiny models do not speed up with
-a second thread), so everything after stage 0 takes about half as long.
+The demo is a graph of jobs: stage 0 → random mapping → TAR once per family (and stage 0 → RMU with
+``rmu.enabled``), and every defense's red-team attacks need only the model of its own stage.
+:func:`run_stages_in_workers` trains stage 0 in this process while ``workers`` spawned processes (each with
+``threads`` torch threads) start, then runs the rest of the graph on them. Whenever a process is free it takes
+the ready job that comes first: training stages (a stage unlocks more work), the collection of a red team whose
+runs are all done, then attacks, longest first. On two CPU cores, two one-thread processes do twice the work of
+one process at 1 thread (tiny models do not speed up with a second thread), so everything after stage 0 takes
+about half as long.
 
 The numbers do not depend on ``workers``: every stage seeds itself and reads its parent's weights from the
 folder the parent exported (the same bytes a one-process run holds in memory), and every attack run is seeded
@@ -92,6 +93,8 @@ def _stage_job(name: str) -> dict:
         demo.stage0()
     elif name == "random_mapping":
         demo.stage_rm(*demo.load_stage("stage0"))
+    elif name == "rmu":
+        demo.stage_rmu(*demo.load_stage("stage0"))
     else:
         demo.stage_tar(name[len("tar_"):], *demo.load_stage("random_mapping"))
     return {"meta": demo.result.stages[name], "cached": name in demo.result.cached}
@@ -179,7 +182,7 @@ def _jobs(demo: DemoPipeline) -> list[_Job]:
     """The jobs still to do: uncached training stages, then per uncached red team its attacks and the collection
     of their runs."""
     stages = list(demo.keys())
-    parent = {"stage0": None, "random_mapping": "stage0"}
+    parent = {"stage0": None, "random_mapping": "stage0", "rmu": "stage0"}  # else (TAR): random_mapping
     jobs: list[_Job] = []
     todo: set[str] = set()
     for i, name in enumerate(stages):

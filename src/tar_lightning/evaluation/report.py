@@ -4,6 +4,12 @@ Reports carry scores and configurations only, never generated text. A ``sweep:``
 shows its best trial, and a ``Sweeps`` table lists every sweep run's best trial (:func:`sweep_rows`). Numbers in ``report.md`` are rounded to
 4 decimals; ``results.json`` and ``results.csv`` hold them at full precision.
 
+The tables show what an attack used, not the unused defaults of its configuration: a method without an optimizer
+(``refusal_ablation``, :data:`~tar_lightning.evaluation.redteam.result.NO_OPTIMIZER_METHODS`) gets "—" for
+optimizer, LR, schedule, warmup and steps, and its own settings (layer, position, prompts read) in the method
+cell; the LR of ``embedding`` / ``latent`` is marked ``×radius`` (it is in units of the perturbation's radius,
+whose value the method cell shows).
+
 Plots (matplotlib, Agg backend; skipped with a warning when matplotlib is missing):
 
 - ``heatmap.png``: post-attack safety per attack (rows) and seed (columns, plus the mean);
@@ -32,7 +38,7 @@ from typing import Any, Optional
 from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam.io import json_text, write_text
-from tar_lightning.evaluation.redteam.result import RedTeamResult
+from tar_lightning.evaluation.redteam.result import NO_OPTIMIZER_METHODS, RADIUS_LR_METHODS, RedTeamResult
 
 __all__ = [
     "csv_rows",
@@ -72,6 +78,48 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def _lr(value: Any) -> str:
     return "—" if value is None else f"{float(value):.3g}"
+
+
+def _run_method(r: Mapping) -> Optional[str]:
+    """The adversary method a run record's attack used (a sweep's: its best trial's)."""
+    settings = r.get("attack_settings")
+    if isinstance(settings, Mapping) and settings.get("method"):
+        return settings["method"]
+    sweep = r.get("sweep")
+    if sweep:
+        return sweep["trials"][sweep["best"]]["adversary"].get("method")
+    return ((r.get("config") or {}).get("adversary") or {}).get("method")
+
+
+def _run_lr(r: Mapping, method: Optional[str]) -> str:
+    """A run's drawn LR as the report shows it: "—" without an optimizer, ``×radius`` for activation attacks."""
+    if method in NO_OPTIMIZER_METHODS:
+        return "—"
+    text = _lr(r.get("lr"))
+    return f"{text} ×radius" if method in RADIUS_LR_METHODS and r.get("lr") is not None else text
+
+
+def _method_cell(method: str, adv: Mapping, settings: Mapping) -> str:
+    """The configuration table's method cell for the methods with settings of their own (``settings``: the first
+    run's ``attack_settings``, empty for records written before it existed)."""
+    if method in NO_OPTIMIZER_METHODS:
+        spec = adv.get("refusal_ablation") or {}
+        layer = settings.get("layer", spec.get("layer"))
+        text = f"{method} (layer {'middle' if layer is None else layer}, position {spec.get('position', -1)}"
+        if settings.get("harmless_prompts") is not None:
+            text += (f"; {settings['harmless_prompts']} harmless + {settings['harmful_prompts']} harmful prompts in "
+                     f"{settings['batches']} batches")
+        return text + "; no optimizer)"
+    if method in RADIUS_LR_METHODS:
+        spec = adv.get(method) or {}
+        layer = settings.get("layer", spec.get("layer"))
+        where = f"scope {spec.get('scope', 'universal')}" if method == "embedding" else (
+            f"layer {'middle' if layer is None else layer}")
+        bound = f"ε {float(spec.get('epsilon', 0)):g}" + (" × mean norm" if spec.get("relative") else "")
+        if settings.get("radius") is not None:
+            bound += f" = radius {float(settings['radius']):.3g}"
+        return f"{method} ({where}; {bound})"
+    return method
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -288,8 +336,8 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
         [
             r["attack"],
             r["seed"],
-            r.get("steps"),
-            _lr(r.get("lr")),
+            None if _run_method(r) in NO_OPTIMIZER_METHODS else r.get("steps"),
+            _run_lr(r, _run_method(r)),
             r["before"].get(safety.metric),
             r["after"].get(safety.metric),
             r["before"].get(capability.metric),
@@ -337,10 +385,14 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
         adv = r["config"]["adversary"]
         lora = adv.get("lora") or {}
         method = adv["method"]
+        trains = method not in NO_OPTIMIZER_METHODS
+        radius_lr = method in RADIUS_LR_METHODS
         if method == "lora":
             method = f"lora r{lora.get('rank')} α{fmt(float(lora.get('alpha', 0)), 0)}"
             if lora.get("quantize_base"):
                 method += f" ({lora['quantize_base']} base)"
+        else:
+            method = _method_cell(method, adv, r.get("attack_settings") or {})
         if r["config"].get("search"):
             method = f"search ({r['config']['search']['trials']} trials)"
         if r.get("sweep"):  # the best trial's configuration (of the attack's first run)
@@ -351,16 +403,18 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
         switch = adv.get("switch")
         data = adv["data"] if not switch else f"{switch['retain_stream']}→{adv['data']}"
         lr = _lr(adv["lr"]) if not isinstance(adv["lr"], list) else "/".join(_lr(x) for x in adv["lr"])
+        if radius_lr:
+            lr += " ×radius"
         cfg_rows.append(
             [
                 r["attack"],
                 data,
                 method,
-                adv["optimizer"],
-                lr,
-                adv["schedule"],
-                adv["warmup_steps"],
-                adv["steps"],
+                adv["optimizer"] if trains else None,
+                lr if trains else None,
+                adv["schedule"] if trains else None,
+                adv["warmup_steps"] if trains else None,
+                adv["steps"] if trains else None,
                 adv["batch_size"],
                 r["config"].get("eval_every"),
             ]
@@ -382,6 +436,14 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
             cfg_rows,
         )
     )
+    if any(_run_method(r) in NO_OPTIMIZER_METHODS + RADIUS_LR_METHODS for r in result.runs):
+        lines += [
+            "",
+            "What each attack used: *lr* of `embedding` / `latent` attacks is in units of the perturbation's radius "
+            "(`×radius`; the method cell gives the bound). `refusal_ablation` trains nothing: it has no optimizer, "
+            "LR, schedule or optimizer steps (—); the method cell gives the layer and position read and the prompts "
+            "averaged. Each run's `attack_settings` in `runs/<attack>__seed<k>.json` records the same.",
+        ]
     sweeps = sweep_rows(result.runs, safety.metric)
     if sweeps:
         lines += [

@@ -1,4 +1,5 @@
-"""What a red team returns: :class:`RedTeamResult`, and :data:`RESULT_VERSION` of the run files."""
+"""What a red team returns: :class:`RedTeamResult`, :data:`RESULT_VERSION` of the run files, and which adversary
+methods train with an optimizer (what a run record and the report may show for them)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ from pathlib import Path
 
 from tar_lightning.evaluation.suite import Suite
 
-__all__ = ["RESULT_VERSION", "RedTeamResult"]
+__all__ = ["NO_OPTIMIZER_METHODS", "OPTIMIZER_FIELDS", "RADIUS_LR_METHODS", "RESULT_VERSION", "RedTeamResult"]
 
 #: format version of run files and results.json; a run file of another version is run again
 RESULT_VERSION = 1
+
+#: adversary methods that train nothing: no optimizer, learning rate, schedule or optimizer steps. Their run records
+#: hold ``"lr": null`` and the method's own settings in ``attack_settings``; the report shows "—" for those columns.
+NO_OPTIMIZER_METHODS = ("refusal_ablation",)
+#: methods whose learning rate is in units of the perturbation's radius (the trained tensor is δ / radius)
+RADIUS_LR_METHODS = ("embedding", "latent")
+#: the adversary fields a method of :data:`NO_OPTIMIZER_METHODS` does not use (listed in its ``attack_settings``)
+OPTIMIZER_FIELDS = ("optimizer", "optimizer_kwargs", "lr", "weight_decay", "schedule", "warmup_steps",
+                    "schedule_kwargs")
 
 
 @dataclass
@@ -20,7 +30,10 @@ class RedTeamResult:
 
     Attributes:
         suite: the suite as run (scaled, seeds and data overrides applied).
-        runs: every run record (attack, seed, before, after, trajectory, config, ...), in suite order.
+        runs: every run record (attack, seed, before, after, trajectory, config, attack_settings, ...), in suite
+            order. ``config`` is the resolved configuration as the suite gives it (what the configuration hash
+            covers); ``attack_settings`` is what the attack actually used
+            (:func:`~tar_lightning.evaluation.redteam.runner.attack_settings`).
         aggregate: :func:`tar_lightning.evaluation.aggregate.aggregate` of the runs.
         out_dir: the output folder.
         files: name -> path of results.json, results.csv, report.md and the plots.

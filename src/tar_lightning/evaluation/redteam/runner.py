@@ -4,6 +4,7 @@
 - :class:`AttackRunner`: what a process needs to execute runs (model handle, data, evaluator, suite); each attack
   goes through :func:`tar_lightning.adversaries.attack.run_attack`, the loop TamperProbe uses as well;
 - :func:`sample_trial`: one configuration of a bounded random search;
+- :func:`attack_settings`: what an attack actually used (a run record's ``attack_settings``);
 - the utility-bounded TPE sweep (``sweep:``) is :func:`tar_lightning.evaluation.redteam.sweep.run_sweep`, whose
   trials go through :meth:`AttackRunner.attack_once` like every other attack;
 - :func:`run_bar`: the progress bar of runs and steps.
@@ -25,6 +26,8 @@ from torch import nn
 
 from tar_lightning.adversaries.attack import run_attack
 from tar_lightning.adversaries.config import AdversaryConfig
+from tar_lightning.adversaries.perturbation import ActivationPerturbation, resolve_layer
+from tar_lightning.adversaries.refusal_direction import RefusalDirection
 from tar_lightning.adversaries.runner import AdversaryRun
 from tar_lightning.common import model_fingerprint
 from tar_lightning.errors import ConfigError, TARLightningError
@@ -33,12 +36,18 @@ from tar_lightning.evaluation.progress import progress as progress_bar
 from tar_lightning.evaluation.redteam.batches import AttackBatches, DataCache, seeded
 from tar_lightning.evaluation.redteam.handle import ModelHandle
 from tar_lightning.evaluation.redteam.metrics import Evaluator, SuiteEvaluator, accepts_only, evaluation_mode
-from tar_lightning.evaluation.redteam.result import RESULT_VERSION
+from tar_lightning.evaluation.redteam.result import (
+    NO_OPTIMIZER_METHODS,
+    OPTIMIZER_FIELDS,
+    RADIUS_LR_METHODS,
+    RESULT_VERSION,
+)
 from tar_lightning.evaluation.redteam.sweep import run_sweep
 from tar_lightning.evaluation.suite import AttackSpec, ResolvedAttack, SearchSpace, Suite, trial_adversary
+from tar_lightning.models.layers import decoder_layers
 from tar_lightning.models.quantized import packed_for_cpu_inference
 
-__all__ = ["AttackRunner", "RunTask", "run_bar", "sample_trial"]
+__all__ = ["AttackRunner", "RunTask", "attack_settings", "run_bar", "sample_trial"]
 
 
 @dataclass
@@ -82,6 +91,87 @@ def sample_trial(
     if schedule != "constant" and steps > 1:
         warmup = min(steps - 1, int(math.floor(steps * space.warmup_fraction)))
     return trial_adversary(base, name, lr=lr, steps=steps, method=method, rank=rank, schedule=schedule, warmup=warmup)
+
+
+def attack_settings(
+    adversary: AdversaryConfig,
+    *,
+    lr: Optional[float],
+    steps: int,
+    switch_point: Optional[int],
+    n_layers: Optional[int] = None,
+    perturbation: Optional[ActivationPerturbation] = None,
+    ablation: Optional[RefusalDirection] = None,
+) -> dict[str, Any]:
+    """What an attack actually used: a run record's ``attack_settings`` (JSON values only).
+
+    Every method: ``method``, ``data`` (the stream attacked with) and ``batch_size``.
+
+    - Optimizer methods (``full``, ``lora``, ``embedding``, ``latent``): ``optimizer``, ``lr`` (the learning rate
+      drawn for this run), ``schedule``, ``warmup_steps``, ``weight_decay`` and ``steps`` (optimizer steps); ``lora``:
+      ``lora_rank``, ``lora_alpha``; ``embedding`` / ``latent``: ``lr_units: "radius"`` (the trained tensor is
+      δ / radius, so the LR is in units of the radius), ``epsilon``, ``relative``, ``radius`` (the bound used, fixed
+      on the first batch), ``reference_norm`` (the measured mean norm of a relative bound), ``scope`` (embedding)
+      or ``layer`` (latent: the 0-based decoder layer perturbed).
+    - ``refusal_ablation`` (no optimizer, LR, schedule or optimizer steps): ``harmless`` (the harmless stream),
+      ``layer`` (the 0-based decoder layer read), ``position``, ``batches`` read, ``harmless_batches`` /
+      ``harmful_batches``, ``harmless_prompts`` / ``harmful_prompts`` (the prompts averaged), and ``unused``: the
+      adversary fields it ignores (:data:`~tar_lightning.evaluation.redteam.result.OPTIMIZER_FIELDS`).
+
+    Args:
+        adversary: the attack as run.
+        lr: the learning rate drawn for the run.
+        steps: the run's steps (batches read, for ``refusal_ablation``).
+        switch_point: the first step on the adversary's own data (``None``: no switch).
+        n_layers: the model's number of decoder layers (resolves a ``latent`` layer of ``null`` / negative).
+        perturbation: the run's activation perturbation (``embedding`` / ``latent``), after the attack.
+        ablation: the run's refusal direction (``refusal_ablation``), after the attack.
+    """
+    out: dict[str, Any] = {
+        "method": adversary.method,
+        "data": adversary.data,
+        "batch_size": adversary.batch_size,
+    }
+    if adversary.method in NO_OPTIMIZER_METHODS:
+        spec = adversary.refusal_ablation
+        harmless_batches = int(switch_point) if switch_point is not None else 0
+        out.update(
+            harmless=spec.harmless,
+            layer=ablation.layer if ablation is not None else spec.layer,
+            position=spec.position,
+            batches=int(steps),
+            harmless_batches=harmless_batches,
+            harmful_batches=int(steps) - harmless_batches,
+            harmless_prompts=int(ablation.counts[False]) if ablation is not None else None,
+            harmful_prompts=int(ablation.counts[True]) if ablation is not None else None,
+            unused=list(OPTIMIZER_FIELDS),
+        )
+        return out
+    out.update(
+        optimizer=adversary.optimizer,
+        lr=None if lr is None else float(lr),
+        schedule=adversary.schedule,
+        warmup_steps=adversary.warmup_steps,
+        weight_decay=adversary.weight_decay,
+        steps=int(steps),
+    )
+    if adversary.method == "lora":
+        out.update(lora_rank=adversary.lora.rank, lora_alpha=adversary.lora.alpha)
+    if adversary.method in RADIUS_LR_METHODS:
+        spec = adversary.embedding if adversary.method == "embedding" else adversary.latent
+        out.update(
+            lr_units="radius",
+            epsilon=spec.epsilon,
+            relative=spec.relative,
+            radius=perturbation.radius if perturbation is not None else None,
+            reference_norm=perturbation.reference_norm if perturbation is not None else None,
+        )
+        if adversary.method == "embedding":
+            out["scope"] = adversary.embedding.scope
+        else:
+            layer = adversary.latent.layer
+            out["layer"] = resolve_layer(layer, n_layers, "latent.layer") if n_layers is not None else layer
+    return out
 
 
 def run_bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit: str = "step"):
@@ -195,7 +285,8 @@ class AttackRunner:
         before: Optional[dict[str, float]] = None,
         bar: Any = None,
     ) -> dict[str, Any]:
-        """Runs one adversary on a fresh model copy; returns before/after/trajectory/losses."""
+        """Runs one adversary on a fresh model copy; returns before/after/trajectory/losses and what the attack
+        used (``attack_settings``, :func:`attack_settings`; ``lr`` is ``None`` for a method without an optimizer)."""
         steps = int(adversary.steps)
         device = self.handle.device
         with seeded(seed):
@@ -212,7 +303,12 @@ class AttackRunner:
                 device=device,
             )
 
+            used: dict[str, Any] = {}
+
             def start(run: AdversaryRun) -> None:
+                used.update(perturbation=run.perturbation, ablation=run.ablation)
+                if adversary.method == "latent":
+                    used["n_layers"] = len(decoder_layers(run.model))
                 if quantized:  # checked after the pre-attack evaluation, whose eval-mode forwards could repack
                     packed = packed_for_cpu_inference(run.model)
                     if packed:
@@ -238,6 +334,9 @@ class AttackRunner:
                 on_step=(lambda done: bar.update(1)) if bar is not None else None,
             )
             loss_values = torch.stack(outcome.losses).float().cpu().tolist() if outcome.losses else []
+            lr = None if adversary.method in NO_OPTIMIZER_METHODS else outcome.lr  # drawn, never used: not reported
+            settings = attack_settings(adversary, lr=lr, steps=steps, switch_point=outcome.switch_point, **used)
+            used.clear()  # the ablation holds a layer of the model copy: let the copy go
             del model, batches
         _free_memory(device)
         return {
@@ -245,9 +344,10 @@ class AttackRunner:
             "after": outcome.after,
             "trajectory": outcome.trajectory,
             "train_loss": loss_values,
-            "lr": outcome.lr,
+            "lr": lr,
             "switch_point": outcome.switch_point,
             "steps": steps,
+            "attack_settings": settings,
         }
 
     def search(self, task: RunTask, bar: Any = None) -> dict[str, Any]:

@@ -18,6 +18,11 @@ tested; this attack is that adversary. One run (attack × seed) is one Optuna st
   the attribute before), so infeasible trials steer the sampler away.
 - **Best trial**: the most damaging feasible trial (the earliest on ties); when none is feasible, the one that
   kept the most capability, and the run is flagged ``qualified: false`` (as the random ``search:`` does).
+- **What a trial ran**: a trial's recorded ``params`` are the parameters its attack actually used
+  (:func:`trial_params`): a trial that samples ``schedule_free_adamw`` runs the ``constant`` schedule (schedule-free
+  has no LR schedule), and a full fine-tuning trial has no LoRA rank. What the sampler drew but the trial did not
+  use is kept apart, in ``unused_params``. The study itself stores the sampled parameters (Optuna's
+  ``Trial.params``, which TPE learns from), so resuming a study is unaffected.
 - **Storage**: ``<out>/runs/<attack>__seed<k>.sweep.db`` (Optuna's own RDB schema; open it with
   ``optuna.load_study(study_name=..., storage="sqlite:///...")``). The study is named
   ``<attack>__seed<k>__<configuration hash>``, so a changed configuration never resumes a foreign study.
@@ -37,7 +42,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -60,6 +65,7 @@ __all__ = [
     "study_name",
     "suggest",
     "sweep_constraints",
+    "trial_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,33 @@ def suggest(trial: Any, space: SweepSpace, base: AdversaryConfig) -> dict[str, A
     if "lora" in space.methods:
         params["lora_rank"] = trial.suggest_int("lora_rank", space.lora_rank[0], space.lora_rank[1], log=True)
     return params
+
+
+def trial_params(params: dict[str, Any], adversary: Optional[dict[str, Any]]) -> tuple[dict, dict]:
+    """Splits a trial's sampled ``params`` (Optuna's ``Trial.params``) into what the trial ran and what it did not
+    use, from ``adversary``, the summary of the attack it ran (the ``adversary`` user attribute).
+
+    - ``schedule``: the schedule the attack ran (``constant`` with ``schedule_free_adamw``, which has no LR
+      schedule); a different sampled schedule goes to the unused ones;
+    - ``lora_rank``: kept for a ``lora`` trial; the rank sampled for any other method is unused;
+    - every other parameter (``lr``, ``steps``, ``optimizer``, ``method``, ``data``) is used as sampled.
+
+    Returns:
+        ``(ran, unused)``: ``ran`` has the space's keys as the attack used them (reproduce the trial from it, with
+        the ``adversary`` summary for the derived warmup); ``unused`` maps a key to its sampled value that did not
+        run (empty when everything ran). Without ``adversary`` (a trial that failed before its attack was built)
+        ``ran`` is ``params`` as sampled.
+    """
+    ran, unused = dict(params), {}
+    if not adversary:
+        return ran, unused
+    schedule = adversary.get("schedule")
+    if "schedule" in ran and schedule is not None and ran["schedule"] != schedule:
+        unused["schedule"] = ran["schedule"]
+        ran["schedule"] = schedule
+    if "lora_rank" in ran and adversary.get("method") != "lora":
+        unused["lora_rank"] = ran.pop("lora_rank")
+    return ran, unused
 
 
 def capability_constraint(before: float, after: float, floor: float, direction: str) -> float:
@@ -173,9 +206,11 @@ def run_sweep(runner: AttackRunner, task: RunTask, bar: Any = None) -> dict[str,
 
     Returns:
         The best trial's ``attack_once`` result (before, after, trajectory, train_loss, lr, switch_point, steps)
-        plus ``"sweep": {"trials": [{trial, number, state, params, adversary, seed, after, qualified, constraint,
-        value, wall_time_s}], "best", "qualified", "infeasible", "resumed", "failed", "storage", "study", "sampler_seed"}``;
-        ``trials`` holds the COMPLETE trials in slot order, ``failed`` the trials marked FAIL.
+        plus ``"sweep": {"trials": [{trial, number, state, params, unused_params, adversary, seed, after, qualified,
+        constraint, value, wall_time_s}], "best", "qualified", "infeasible", "resumed", "failed", "storage", "study",
+        "sampler_seed"}``; ``trials`` holds the COMPLETE trials in slot order, ``failed`` the trials marked FAIL
+        (``number``, ``state``, ``params``, ``unused_params``). ``params`` are the parameters the trial ran,
+        ``unused_params`` what the sampler drew but the trial did not use (:func:`trial_params`).
 
     Raises:
         ConfigError: optuna is missing.
@@ -258,12 +293,16 @@ def run_sweep(runner: AttackRunner, task: RunTask, bar: Any = None) -> dict[str,
         # every trial as stored (whether this process or an earlier one ran it), so resumed == uninterrupted
         complete = sorted(study.get_trials(deepcopy=False, states=(State.COMPLETE,)),
                           key=lambda t: int(t.user_attrs["slot"]))
+        def split(t: Any) -> dict[str, Any]:  # computed from the stored attributes: old studies resume unchanged
+            ran, unused = trial_params(dict(t.params), t.user_attrs.get("adversary"))
+            return {"params": ran, "unused_params": unused}
+
         trials = [
             {
                 "trial": int(t.user_attrs["slot"]),
                 "number": t.number,
                 "state": t.state.name,
-                "params": dict(t.params),
+                **split(t),
                 "adversary": t.user_attrs["adversary"],
                 "seed": t.user_attrs["seed"],
                 "after": t.user_attrs["result"]["after"],
@@ -275,7 +314,7 @@ def run_sweep(runner: AttackRunner, task: RunTask, bar: Any = None) -> dict[str,
             for t in complete[: space.trials]
         ]
         failed = [
-            {"number": t.number, "state": t.state.name, "params": dict(t.params)}
+            {"number": t.number, "state": t.state.name, **split(t)}
             for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
         ]
         best, qualified = _best(trials, before, safety, cap)
