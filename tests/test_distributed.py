@@ -121,12 +121,19 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
 def test_fsdp2_one_process_equals_single_device(tmp_path):
     """FSDP2 on one rank vs the plain single-device path. Bit-identical on the machine this was first measured on;
     on another CPU (same torch 2.13.0+cpu) 16 of 21 tensors differ by at most 3.7e-9 after 3 AdamW steps and the
-    third clip norm by 1e-7 relative (float summation order), hence the tolerance."""
+    third clip norm by 1e-7 relative (float summation order), and on a heavily loaded 2-core machine one weight by
+    5.3e-7. AdamW divides by √v, so a summation-order difference in a gradient element with a tiny second moment
+    comes out at the scale of a step. The gap is therefore bounded relative to how far the weights move (the
+    largest single-weight movement is ~3e-3): 1e-3 of it, while a wrong gradient or a skipped step would differ by
+    the order of the movement itself."""
     (single,), (single_norms,) = run_script(1, tmp_path / "one", "adamw")
     (sharded,), (sharded_norms,) = run_script(1, tmp_path / "fsdp2", "adamw", "--strategy", "fsdp2")
     assert sharded_norms == pytest.approx(single_norms, rel=1e-6)
+    initial = _initial_weights()
+    moved = max((single[k] - initial[k]).abs().max().item() for k in single)
+    assert moved > 1e-4, moved  # the run trained
     diff = max((single[k] - sharded[k]).abs().max().item() for k in single)
-    assert diff < 1e-7, diff
+    assert diff < 1e-3 * moved, (diff, moved)
 
 
 @pytest.mark.slow
