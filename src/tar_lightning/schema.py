@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional, Union
@@ -44,6 +45,7 @@ __all__ = [
     "field_names",
     "from_mapping",
     "int_at_least",
+    "non_negative_number",
     "number",
     "positive_int_or_none",
     "positive_number",
@@ -111,6 +113,17 @@ def positive_number(value: Any, where: str) -> float:
         out = None
     if out is None or not out > 0:
         raise ConfigError(f"{where} must be a number > 0, got {value!r}")
+    return out
+
+
+def non_negative_number(value: Any, where: str) -> float:
+    """Field converter: a finite number >= 0 (:func:`number`)."""
+    try:
+        out = number(value, where)
+    except ConfigError:
+        out = None
+    if out is None or not math.isfinite(out) or out < 0:
+        raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,11 +28,13 @@ from tar_lightning.data.knowledge import check_world_kwargs
 from tar_lightning.demo.evaluator import METRICS, SAFETY
 from tar_lightning.errors import ConfigError
 from tar_lightning.resources import shipped
+from tar_lightning.safeguards.rmu import rmu_layers
 from tar_lightning.schema import (
     COERCE,
     deep_merge,
     from_mapping,
     int_at_least,
+    non_negative_number,
     positive_int_or_none,
     positive_number,
     positive_number_or_none,
@@ -52,7 +53,6 @@ __all__ = [
     "TARStage",
     "demo_config_from_layers",
     "load_demo_config",
-    "non_negative_number",
     "positive_ints",
     "training_seeds",
 ]
@@ -113,30 +113,6 @@ def training_seeds(value: Any, where: str) -> Optional[list[int]]:
     return [int(v) for v in value]
 
 
-def non_negative_number(value: Any, where: str) -> float:
-    """Field converter: a finite number >= 0, as a float (a string that parses as one too, as YAML 1.1 reads
-    ``1.2e+3``)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not is_number(value) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def layer_list_or_none(value: Any, where: str) -> Optional[list[int]]:
-    """Field converter: ``None`` or a non-empty list of distinct decoder layer indices (integers >= 0)."""
-    if value is None:
-        return None
-    if (not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v >= 0 for v in value)
-            or len(set(value)) != len(value)):
-        raise ConfigError(f"{where} must be null or a non-empty list of distinct decoder layer indices (integers "
-                          f">= 0), got {value!r}")
-    return [int(v) for v in value]
-
-
 @dataclass
 class Stage0Config:
     """Stage 0 (teaching both domains): AdamW, linear warmup then cosine decay to 10%."""
@@ -178,9 +154,9 @@ class RMUStage:
     layer: int = field(default=2, metadata={COERCE: NON_NEGATIVE_INT})
     steering_coeff: float = field(default=30.0, metadata={COERCE: positive_number})
     alpha: float = field(default=100.0, metadata={COERCE: non_negative_number})
-    update_layers: Optional[list] = field(default=None, metadata={COERCE: layer_list_or_none})
+    update_layers: Optional[list] = None
     update_module: str = "mlp"
-    seed: int = 42
+    seed: int = field(default=42, metadata={COERCE: NON_NEGATIVE_INT})
 
     def validate(self, where: str = "rmu", num_layers: Optional[int] = None) -> None:
         """Checks what the field converters cannot: ``update_layers`` against ``layer`` and, when the model's
@@ -189,14 +165,7 @@ class RMUStage:
         if not isinstance(self.update_module, str) or not self.update_module.strip():
             raise ConfigError(f"{where}.update_module must be the name of a submodule of every decoder layer "
                               f"('mlp', 'mlp.down_proj', 'self_attn'), got {self.update_module!r}")
-        if num_layers is not None and not self.layer < num_layers:
-            raise ConfigError(f"{where}.layer={self.layer}: expected a decoder layer index in 0..{num_layers - 1} "
-                              f"(the model has {num_layers} decoder layers)")
-        if self.update_layers is not None:
-            bad = [i for i in self.update_layers if i > self.layer]
-            if bad:
-                raise ConfigError(f"{where}.update_layers={self.update_layers}: {bad} come after {where}.layer="
-                                  f"{self.layer}; a later layer cannot change the steered layer's output")
+        rmu_layers(self.layer, self.update_layers, num_layers, where=where)
 
 
 @dataclass

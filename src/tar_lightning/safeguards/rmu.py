@@ -34,7 +34,7 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.models import decoder_layers, frozen_copy
 from tar_lightning.sharding import fully_shard_model
 
-__all__ = ["RMUModule", "layer_output", "rmu_direction", "steering_distance"]
+__all__ = ["RMUModule", "layer_output", "rmu_direction", "rmu_layers", "steering_distance"]
 
 
 def _adamw(lr: float) -> OptimizerFactory:
@@ -42,6 +42,32 @@ def _adamw(lr: float) -> OptimizerFactory:
         return torch.optim.AdamW(params, lr=lr)
 
     return build
+
+
+def rmu_layers(layer: Any, update_layers: Any, num_layers: Optional[int], where: str = "RMUModule") -> list[int]:
+    """The decoder layers RMU trains: ``update_layers`` checked against the steered ``layer`` (each distinct, in
+    ``0..layer``: a later layer cannot change ``h_layer``), or ``layer-2..layer`` (those >= 0) when it is ``None``.
+    ``layer`` is checked against ``num_layers`` when that is known (``None``: the caller does not know the model
+    yet). The one check of these arguments, for :class:`RMUModule` and the demo's ``rmu`` section; errors name
+    ``<where>.layer`` / ``<where>.update_layers``.
+
+    Raises:
+        ConfigError: a layer outside the model, or bad ``update_layers``.
+    """
+    if not is_int(layer) or layer < 0 or (num_layers is not None and layer >= num_layers):
+        span = f"0..{num_layers - 1} (the model has {num_layers} decoder layers)" if num_layers is not None else ">= 0"
+        raise ConfigError(f"{where}.layer={layer!r}: expected a decoder layer index in {span}")
+    if update_layers is None:
+        return [i for i in range(layer - 2, layer + 1) if i >= 0]
+    chosen = list(update_layers) if isinstance(update_layers, (list, tuple)) else None
+    if not chosen or any(not is_int(i) for i in chosen) or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{where}.update_layers={update_layers!r}: expected a non-empty list of distinct "
+                          f"decoder layer indices in 0..{layer} (the steered layer)")
+    bad = [i for i in chosen if not 0 <= i <= layer]
+    if bad:
+        raise ConfigError(f"{where}.update_layers={update_layers!r}: {bad} outside 0..{layer}; layers after "
+                          f"the steered layer {layer} cannot change its output")
+    return [int(i) for i in chosen]
 
 
 def rmu_direction(hidden_size: int, seed: int) -> Tensor:
@@ -155,22 +181,7 @@ class RMUModule(CausalLMModule):
             raise ConfigError(f"RMUModule.seed={seed!r}: expected an integer")
         super().__init__(model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer)
         layers = decoder_layers(self.model)
-        n = len(layers)
-        if not is_int(layer) or not 0 <= layer < n:
-            raise ConfigError(f"RMUModule.layer={layer!r}: expected a decoder layer index in 0..{n - 1} "
-                              f"(the model has {n} decoder layers)")
-        if update_layers is None:
-            chosen = [i for i in range(layer - 2, layer + 1) if i >= 0]
-        else:
-            chosen = list(update_layers) if isinstance(update_layers, (list, tuple)) else None
-            if not chosen or any(not is_int(i) for i in chosen) or len(set(chosen)) != len(chosen):
-                raise ConfigError(f"RMUModule.update_layers={update_layers!r}: expected a non-empty list of distinct "
-                                  f"decoder layer indices in 0..{layer} (the steered layer)")
-            bad = [i for i in chosen if not 0 <= i <= layer]
-            if bad:
-                raise ConfigError(f"RMUModule.update_layers={update_layers!r}: {bad} outside 0..{layer}; layers after "
-                                  f"the steered layer {layer} cannot change its output (the model has {n} decoder "
-                                  "layers)")
+        chosen = rmu_layers(layer, update_layers, len(layers), where="RMUModule")
         self.model.requires_grad_(False)
         for i in chosen:
             try:
