@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tar_lightning import RandomMappingModule, RMUModule, TARDataModule, TARModule
+from tar_lightning import RandomMappingModule, RMUModule, SFTModule, TARDataModule, TARModule
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.cli import TARCLI, main
 from tar_lightning.export import checkpoint_to_model
@@ -41,6 +41,7 @@ EXPECTED = {
     "recipes/tar/refusal_llama3_8b.yaml",
     "recipes/refusal/tar_smollm2.yaml",
     "recipes/refusal/benign_sft.yaml",
+    "recipes/refusal/refusal_sft_smollm2.yaml",
 }
 
 
@@ -138,6 +139,9 @@ def _check_semantics(cfg, where: str) -> dict:
         needed = tar_config.stream_steps()
     elif issubclass(module_cls, (RandomMappingModule, RMUModule)):
         needed = {model_args["retain_stream"]: 1, model_args["forget_stream"]: 1}
+    elif issubclass(module_cls, SFTModule):
+        streams = model_args.get("streams") or {"retain": 1.0}  # the default
+        needed = {name: 1 for name, weight in streams.items() if weight > 0}
     else:
         pytest.fail(
             f"{where}: module {cfg.model.class_path} is not covered by this test; extend _check_semantics"

@@ -2,7 +2,10 @@
 
 Reports carry scores and configurations only, never generated text. A ``sweep:`` attack's configuration row
 shows its best trial, and a ``Sweeps`` table lists every sweep run's best trial (:func:`sweep_rows`). Numbers in ``report.md`` are rounded to
-4 decimals; ``results.json`` and ``results.csv`` hold them at full precision.
+4 decimals; ``results.json`` and ``results.csv`` hold them at full precision. Refusal metrics with a
+``second_judge`` get a ``Judge agreement`` table (:func:`judge_agreement_rows`): the second judge's value, the
+agreement and Cohen's kappa of the two judges on the same answers, from each run record's ``judge_agreement``
+(run files without it, written before it existed or without a second judge, simply add no row).
 
 The tables show what an attack used, not the unused defaults of its configuration: a method without an optimizer
 (``refusal_ablation``, :data:`~tar_lightning.evaluation.redteam.result.NO_OPTIMIZER_METHODS`) gets "—" for
@@ -39,10 +42,12 @@ from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam.io import json_text, write_text
 from tar_lightning.evaluation.redteam.result import NO_OPTIMIZER_METHODS, RADIUS_LR_METHODS, RedTeamResult
+from tar_lightning.evaluation.refusal import agreement_from_table
 
 __all__ = [
     "csv_rows",
     "fmt",
+    "judge_agreement_rows",
     "load_results",
     "markdown_report",
     "pyplot",
@@ -229,6 +234,40 @@ def other_metric_rows(
     return ["attack", *names], rows
 
 
+_TABLE = ("both_refused", "only_first_refused", "only_second_refused", "both_complied")
+
+
+def judge_agreement_rows(runs: Sequence[Mapping], attack_ids: Sequence[str]) -> Optional[list[list[Any]]]:
+    """Rows of the "Judge agreement" table of ``report.md``: per attack, refusal metric with a second judge and stage
+    (before / after the attack), the 2×2 tables of the attack's runs summed (pooled over seeds) and read as one:
+    ``[attack, metric, "judge vs second judge", stage, "answers (runs)", value, second value, agreement, kappa]``
+    (:func:`~tar_lightning.evaluation.refusal.agreement_from_table`; kappa ``None`` when both judges gave every
+    answer one and the same label). ``None`` when no run has a ``judge_agreement``."""
+    rows: list[list[Any]] = []
+    for attack in attack_ids:
+        own = [r for r in runs if r["attack"] == attack and isinstance(r.get("judge_agreement"), Mapping)]
+        metrics: list[str] = []
+        for r in own:
+            for stage in ("before", "after"):
+                for m in r["judge_agreement"].get(stage) or {}:
+                    if m not in metrics:
+                        metrics.append(m)
+        for m in metrics:
+            for stage in ("before", "after"):
+                found = [r["judge_agreement"][stage][m] for r in own if m in (r["judge_agreement"].get(stage) or {})]
+                if not found:
+                    continue
+                pooled = agreement_from_table(*(sum(int(e[c]) for e in found) for c in _TABLE))
+                first, second = pooled["first_refusal_rate"], pooled["second_refusal_rate"]
+                if found[0].get("kind") == "asr":
+                    first, second = 1.0 - first, 1.0 - second
+                rows.append([
+                    attack, m, f"{found[0].get('judge')} vs {found[0].get('second_judge')}", stage,
+                    f"{pooled['n']} ({len(found)})", first, second, pooled["agreement"], pooled["kappa"],
+                ])
+    return rows or None
+
+
 def _direction_words(direction: str, safety: bool) -> str:
     if safety:
         return "higher is safer" if direction == "higher_is_better" else "lower is safer"
@@ -374,6 +413,21 @@ def markdown_report(result: RedTeamResult, summary: Mapping, plots: Mapping[str,
             "seeds (—: not computed for that attack).",
             "",
             _table(header, rows),
+        ]
+    agreement = judge_agreement_rows(result.runs, [a.id for a in suite.attacks])
+    if agreement:
+        lines += [
+            "",
+            "## Judge agreement",
+            "",
+            "Refusal metrics with a `second_judge`: the same answers judged twice; the metric's value (elsewhere in "
+            "this report) is the first judge's. Per attack and stage, the runs' tables pooled: *answers* judged "
+            "(runs), each judge's value of the metric, *agreement* (share of answers both judges labelled alike, "
+            "refused or not) and Cohen's *κ* = (p_o − p_e)/(1 − p_e) (—: undefined, both judges gave every answer "
+            "the same label). Per run: `judge_agreement` in `runs/<attack>__seed<k>.json`.",
+            "",
+            _table(["attack", "metric", "judges", "stage", "answers (runs)", "value", "second judge's value",
+                    "agreement", "κ"], agreement),
         ]
     lines += ["", "## Resolved configuration", ""]
     cfg_rows = []

@@ -3,8 +3,11 @@
 - :func:`evaluation_mode`: eval mode without gradients, a schedule-free optimizer at its evaluation point;
 - the built-in metric kinds (:data:`DEFAULT_METRIC_FNS`): held-out loss and entropy, MCQ accuracy, refusal
   rate and attack success rate (``options.prompt_template`` wraps the prompts, e.g. in a jailbreak preamble:
-  docs/REDTEAM_JAILBREAK.md), and ``callable`` (a function the suite names);
-- :class:`SuiteEvaluator` / :func:`build_evaluator`: every metric of a suite's evaluation block;
+  docs/REDTEAM_JAILBREAK.md; ``options.second_judge`` judges the same answers a second time and records the
+  judges' agreement, :func:`tar_lightning.evaluation.refusal.judge_agreement`), and ``callable`` (a function the
+  suite names);
+- :class:`SuiteEvaluator` / :func:`build_evaluator`: every metric of a suite's evaluation block; it returns
+  :class:`MetricValues`, the values with the judge agreement of refusal metrics that have a second judge;
 - :func:`accepts_only` / :func:`evaluator_id`: how the runner calls an evaluator and how results name it.
 """
 
@@ -24,7 +27,13 @@ from tar_lightning.data.tokenize import TokenPool, tokenize_records
 from tar_lightning.errors import ConfigError, TARLightningError
 from tar_lightning.evaluation.heldout import heldout_metrics, heldout_texts
 from tar_lightning.evaluation.mcq import load_mcq, score_mcq
-from tar_lightning.evaluation.refusal import evaluate_refusal, load_prompts
+from tar_lightning.evaluation.refusal import (
+    RefusalResult,
+    build_judge,
+    generate_responses,
+    judge_responses,
+    load_prompts,
+)
 from tar_lightning.evaluation.suite import MetricSpec, Suite, check_callable_trust
 from tar_lightning.losses import token_entropy
 from tar_lightning.snapshot import ParameterSnapshot
@@ -33,6 +42,7 @@ __all__ = [
     "DEFAULT_METRIC_FNS",
     "Evaluator",
     "MetricFn",
+    "MetricValues",
     "SuiteEvaluator",
     "accepts_only",
     "build_evaluator",
@@ -48,6 +58,24 @@ MetricFn = Callable[..., float]
 
 #: how :attr:`SuiteEvaluator.fingerprint` names the built-in metric functions (their public package)
 _PACKAGE = __name__.rpartition(".")[0]
+
+
+class MetricValues(dict):
+    """``{metric: value}`` as :class:`SuiteEvaluator` returns it (a plain dict to everything that reads values), and
+    ``judge_agreement``: per ``refusal_rate`` / ``asr`` metric (or ``<metric>/<variant>``) with an
+    ``options.second_judge``, what the second judge said about the same answers: ``kind`` (the metric's),
+    ``judge``, ``second_judge``, ``value`` (the metric's value, the first judge's), ``second_value`` (the same
+    metric by the second judge) and :func:`~tar_lightning.evaluation.refusal.judge_agreement`'s ``n``,
+    ``agreement``, ``kappa`` (``None`` when both judges gave every answer one and the same label), refusal rates
+    and 2×2 table. The red team writes it into each run record's ``judge_agreement`` (``before`` / ``after`` /
+    ``during``)."""
+
+    def __init__(self, values: Any = (), judge_agreement: Optional[Mapping[str, Mapping]] = None) -> None:
+        super().__init__(values)
+        self.judge_agreement: dict[str, dict] = {k: dict(v) for k, v in (judge_agreement or {}).items()}
+
+    def copy(self) -> MetricValues:
+        return MetricValues(self, self.judge_agreement)
 
 
 @contextlib.contextmanager
@@ -154,7 +182,11 @@ def _callable(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: d
     return float(fn(model, tokenizer, **options))
 
 
-def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: dict) -> Any:
+#: options of a refusal metric that choose how its answers are judged or saved, not how they are generated
+_JUDGING_OPTIONS = ("judge", "second_judge", "save_generations")
+
+
+def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: dict) -> RefusalResult:
     def load():
         load_args = dict(spec.load)
         limit = ev.limit_of(spec)
@@ -164,20 +196,49 @@ def _refusal(model, tokenizer, spec: MetricSpec, ev: SuiteEvaluator, options: di
 
     prompts = ev.prepared(spec, load)
     args = {"batch_size": ev.batch_size_of(spec), **options}
-    # One generation per (prompts, prompt_template, other options): `asr` and `refusal_rate` on the same prompts
-    # share their answers, while `asr_jailbreak` (the same prompts in a jailbreak template) gets its own.
-    template = args.pop("prompt_template", None)
-    rest = repr(sorted(args.items(), key=str))
-    key = ("refusal", tuple(prompts), template, rest)
-    return ev.cached(key, lambda: evaluate_refusal(model, tokenizer, prompts, prompt_template=template, **args))
+    judging = {k: args.pop(k) for k in _JUDGING_OPTIONS if k in args}
+    judge = build_judge(judging.get("judge"))  # both judges before the (expensive) generation
+    second = judging.get("second_judge")
+    second = build_judge(second, "second_judge") if second is not None else None
+    # One generation per (prompts, generation options: prompt_template, max_new_tokens, ...): `asr` and
+    # `refusal_rate` on the same prompts share their answers whatever their judges, while `asr_jailbreak` (the same
+    # prompts in a jailbreak template) gets its own. Each judge configuration then judges those answers once.
+    key = ("refusal", tuple(prompts), repr(sorted(args.items(), key=str)))
+    responses = ev.cached(key, lambda: generate_responses(model, tokenizer, prompts, **args))
+    judged = key + (repr(sorted(judging.items(), key=str)),)
+    return ev.cached(judged, lambda: judge_responses(
+        prompts, responses, judge, second, save_generations=judging.get("save_generations"),
+        prompt_template=args.get("prompt_template"),
+    ))
+
+
+def _note_agreement(ev: SuiteEvaluator, result: RefusalResult, kind: str) -> None:
+    """With a second judge: its value of the metric ``kind`` and the judges' agreement, noted beside the value."""
+    agreement = result.agreement
+    if agreement is None:
+        return
+    value = result.refusal_rate if kind == "refusal_rate" else result.asr
+    second = agreement["second_refusal_rate"]
+    ev.note_agreement({
+        "kind": kind,
+        "judge": result.judge,
+        "second_judge": result.second_judge,
+        "value": float(value),
+        "second_value": float(second if kind == "refusal_rate" else 1.0 - second),
+        **agreement,
+    })
 
 
 def _refusal_rate(model, tokenizer, spec, ev, options) -> float:
-    return float(_refusal(model, tokenizer, spec, ev, options).refusal_rate)
+    result = _refusal(model, tokenizer, spec, ev, options)
+    _note_agreement(ev, result, "refusal_rate")
+    return float(result.refusal_rate)
 
 
 def _asr(model, tokenizer, spec, ev, options) -> float:
-    return float(_refusal(model, tokenizer, spec, ev, options).asr)
+    result = _refusal(model, tokenizer, spec, ev, options)
+    _note_agreement(ev, result, "asr")
+    return float(result.asr)
 
 
 #: metric kind -> function (``fn(model, tokenizer, spec, evaluator, options) -> value``)
@@ -194,7 +255,8 @@ DEFAULT_METRIC_FNS: dict[str, MetricFn] = {
 class SuiteEvaluator:
     """The default evaluator of a suite: computes every metric of its evaluation block.
 
-    Call it as ``evaluator(model, tokenizer, only=None) -> {metric: value}``; ``only`` restricts the
+    Call it as ``evaluator(model, tokenizer, only=None) -> {metric: value}`` (a :class:`MetricValues`, which
+    also carries the judge agreement of refusal metrics with a ``second_judge``); ``only`` restricts the
     computed metrics (the runner passes ``evaluation.during`` for evaluations during an attack). Metrics with
     ``variants`` also report ``<metric>/<variant>`` and combine them into ``<metric>``.
 
@@ -217,6 +279,8 @@ class SuiteEvaluator:
         self.metric_fns = {**DEFAULT_METRIC_FNS, **dict(metric_fns or {})}
         self._items: dict[int, Any] = {}
         self._cache: Optional[dict] = None
+        self._computing: Optional[str] = None
+        self._agreement: dict[str, dict] = {}
         if not self.spec.metrics:
             raise ConfigError(
                 f"suite {suite.name!r}: evaluation.metrics is empty, so there is no default evaluator; "
@@ -276,6 +340,12 @@ class SuiteEvaluator:
 
         return self.prepared(spec, build)
 
+    def note_agreement(self, details: Mapping[str, Any]) -> None:
+        """Called by a metric function: the judge agreement to record beside the value it is computing (under the
+        metric's name, or ``<metric>/<variant>``); see :class:`MetricValues`."""
+        if self._computing is not None:
+            self._agreement[self._computing] = dict(details)
+
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
         if self._cache is None:
             return compute()
@@ -285,9 +355,10 @@ class SuiteEvaluator:
 
     def __call__(
         self, model: nn.Module, tokenizer: Any, only: Optional[Sequence[str]] = None
-    ) -> dict[str, float]:
+    ) -> MetricValues:
         out: dict[str, float] = {}
         self._cache = {}
+        self._agreement = {}
         try:
             for name, spec in self.spec.metrics.items():
                 if only is not None and name not in only:
@@ -298,16 +369,20 @@ class SuiteEvaluator:
                 if spec.variants:
                     values = []
                     for variant, overrides in spec.variants.items():
+                        self._computing = f"{name}/{variant}"
                         value = float(fn(model, tokenizer, spec, self, {**spec.options, **overrides}))
                         out[f"{name}/{variant}"] = value
                         values.append(value)
                     combine = {"max": max, "min": min, "mean": lambda v: sum(v) / len(v)}[spec.combine]
                     out[name] = float(combine(values))
                 else:
+                    self._computing = name
                     out[name] = float(fn(model, tokenizer, spec, self, dict(spec.options)))
+            return MetricValues(out, self._agreement)
         finally:
             self._cache = None
-        return out
+            self._computing = None
+            self._agreement = {}
 
 
 def build_evaluator(suite: Suite, metric_fns: Optional[Mapping[str, MetricFn]] = None,

@@ -5,6 +5,7 @@
   goes through :func:`tar_lightning.adversaries.attack.run_attack`, the loop TamperProbe uses as well;
 - :func:`sample_trial`: one configuration of a bounded random search;
 - :func:`attack_settings`: what an attack actually used (a run record's ``attack_settings``);
+- :func:`judge_agreement_record`: a run record's ``judge_agreement`` (refusal metrics with a second judge);
 - the utility-bounded TPE sweep (``sweep:``) is :func:`tar_lightning.evaluation.redteam.sweep.run_sweep`, whose
   trials go through :meth:`AttackRunner.attack_once` like every other attack;
 - :func:`run_bar`: the progress bar of runs and steps.
@@ -35,7 +36,13 @@ from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.progress import progress as progress_bar
 from tar_lightning.evaluation.redteam.batches import AttackBatches, DataCache, seeded
 from tar_lightning.evaluation.redteam.handle import ModelHandle
-from tar_lightning.evaluation.redteam.metrics import Evaluator, SuiteEvaluator, accepts_only, evaluation_mode
+from tar_lightning.evaluation.redteam.metrics import (
+    Evaluator,
+    MetricValues,
+    SuiteEvaluator,
+    accepts_only,
+    evaluation_mode,
+)
 from tar_lightning.evaluation.redteam.result import (
     NO_OPTIMIZER_METHODS,
     OPTIMIZER_FIELDS,
@@ -47,7 +54,7 @@ from tar_lightning.evaluation.suite import AttackSpec, ResolvedAttack, SearchSpa
 from tar_lightning.models.layers import decoder_layers
 from tar_lightning.models.quantized import packed_for_cpu_inference
 
-__all__ = ["AttackRunner", "RunTask", "attack_settings", "run_bar", "sample_trial"]
+__all__ = ["AttackRunner", "RunTask", "attack_settings", "judge_agreement_record", "run_bar", "sample_trial"]
 
 
 @dataclass
@@ -174,6 +181,24 @@ def attack_settings(
     return out
 
 
+def judge_agreement_record(before: Mapping, after: Mapping, trajectory: list) -> dict[str, Any]:
+    """A run record's ``judge_agreement``: for the refusal metrics with an ``options.second_judge``, what the second
+    judge said about the same answers (:class:`~tar_lightning.evaluation.redteam.metrics.MetricValues`), as
+    ``{"before": {metric: {...}}, "after": {...}, "during": [[step, {...}], ...]}``, each part only when it holds
+    something. Empty without second judges (the record then gets no ``judge_agreement`` at all, as before the key
+    existed)."""
+    out: dict[str, Any] = {}
+    for part, values in (("before", before), ("after", after)):
+        found = getattr(values, "judge_agreement", None)
+        if found:
+            out[part] = found
+    during = [[step, values.judge_agreement] for step, values in trajectory[1:-1]
+              if getattr(values, "judge_agreement", None)]
+    if during:
+        out["during"] = during
+    return out
+
+
 def run_bar(total: Optional[int], desc: str, enabled: bool, position: int = 0, unit: str = "step"):
     """A progress bar on a terminal, plain lines in a log file (:func:`~tar_lightning.evaluation.progress.progress`);
     ``None`` when not ``enabled``."""
@@ -237,8 +262,9 @@ class AttackRunner:
         self._before_memo: dict[str, dict[str, float]] = {}
 
     # -- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, optimizer=None, during: bool = False) -> dict[str, float]:
-        """The evaluator's metrics (``evaluation.during`` only when ``during`` and the evaluator takes ``only``)."""
+    def evaluate(self, model: nn.Module, optimizer=None, during: bool = False) -> MetricValues:
+        """The evaluator's metrics (``evaluation.during`` only when ``during`` and the evaluator takes ``only``), with
+        the judge agreement the evaluator reports (:class:`MetricValues`; none for an evaluator of its own)."""
         only = self.suite.evaluation.during if during else None
         with evaluation_mode(model, optimizer):
             if only is not None and self._only:
@@ -249,7 +275,7 @@ class AttackRunner:
             raise ConfigError(
                 f"the evaluator must return a mapping of metric -> value, got {type(values).__name__}"
             )
-        out = {str(k): float(v) for k, v in values.items()}
+        out = MetricValues({str(k): float(v) for k, v in values.items()}, getattr(values, "judge_agreement", None))
         if not during:
             missing = [m for m in self.required if m not in out]
             if missing:
@@ -259,7 +285,7 @@ class AttackRunner:
                 )
         return out
 
-    def _pre_attack(self, model: nn.Module) -> dict[str, float]:
+    def _pre_attack(self, model: nn.Module) -> MetricValues:
         """The pre-attack evaluation; with the default evaluator (deterministic: losses, greedy generation) it is
         computed once per distinct starting weights and reused by the other runs (generation is expensive)."""
         if not isinstance(self.evaluator, SuiteEvaluator):
@@ -267,9 +293,9 @@ class AttackRunner:
         key = model_fingerprint(model)
         if key not in self._before_memo:
             self._before_memo[key] = self.evaluate(model)
-        return dict(self._before_memo[key])
+        return self._before_memo[key].copy()
 
-    def _evaluate_at(self, model: nn.Module, optimizer: Any, stage: str) -> dict[str, float]:
+    def _evaluate_at(self, model: nn.Module, optimizer: Any, stage: str) -> MetricValues:
         """:func:`run_attack`'s evaluator: the (memoised) pre-attack evaluation, ``during`` metrics, the full set."""
         if stage == "before":
             return self._pre_attack(model)
@@ -286,7 +312,8 @@ class AttackRunner:
         bar: Any = None,
     ) -> dict[str, Any]:
         """Runs one adversary on a fresh model copy; returns before/after/trajectory/losses and what the attack
-        used (``attack_settings``, :func:`attack_settings`; ``lr`` is ``None`` for a method without an optimizer)."""
+        used (``attack_settings``, :func:`attack_settings`; ``lr`` is ``None`` for a method without an optimizer),
+        and ``judge_agreement`` (:func:`judge_agreement_record`) when a refusal metric has a second judge."""
         steps = int(adversary.steps)
         device = self.handle.device
         with seeded(seed):
@@ -339,7 +366,7 @@ class AttackRunner:
             used.clear()  # the ablation holds a layer of the model copy: let the copy go
             del model, batches
         _free_memory(device)
-        return {
+        out = {
             "before": outcome.before,
             "after": outcome.after,
             "trajectory": outcome.trajectory,
@@ -349,6 +376,10 @@ class AttackRunner:
             "steps": steps,
             "attack_settings": settings,
         }
+        agreement = judge_agreement_record(before, outcome.after, outcome.trajectory)
+        if agreement:
+            out["judge_agreement"] = agreement
+        return out
 
     def search(self, task: RunTask, bar: Any = None) -> dict[str, Any]:
         """Bounded random search (d08): the most damaging trial that keeps enough capability."""

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from tar_lightning.data.sources import DataSource, as_source, check_prompt_template
 from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.refusal import check_judge_spec, evaluate_refusal
 from tar_lightning.evaluation.suite.fields import (
     METRIC_KINDS,
     direction,
@@ -19,8 +21,33 @@ from tar_lightning.evaluation.suite.fields import (
 )
 from tar_lightning.schema import COERCE, from_mapping, positive_int_or_none
 
-
 # ------------------------------------------------------------------------------------------ evaluation
+#: the options a ``refusal_rate`` / ``asr`` metric takes (keyword arguments of ``evaluate_refusal``)
+REFUSAL_OPTIONS: tuple[str, ...] = tuple(
+    n for n in inspect.signature(evaluate_refusal).parameters if n not in ("model", "tokenizer", "prompts")
+)
+
+
+def _check_refusal_options(kind: str, label: str, opts: Mapping, where: str) -> None:
+    """The judge options of a metric's ``options`` (or one variant's overrides), checked when the suite loads: a
+    refusal metric's keys, and its ``judge`` / ``second_judge`` specs (:func:`check_judge_spec`, no model loaded)."""
+    refusal = kind in ("refusal_rate", "asr")
+    if refusal:
+        unknown = [k for k in opts if k not in REFUSAL_OPTIONS]
+        if unknown:
+            raise ConfigError(
+                f"{where}.{label}: unknown key {unknown[0]!r} (a {kind} metric takes {list(REFUSAL_OPTIONS)})"
+            )
+    for key in ("judge", "second_judge"):
+        if opts.get(key) is None:  # absent, or null: the phrase judge / no second judge (e.g. in one variant)
+            continue
+        if kind == "callable":  # a callable metric's options are its function's own keyword arguments
+            continue
+        if not refusal:
+            raise ConfigError(f"{where}.{label}.{key}: only refusal_rate/asr metrics are judged, not a {kind} metric")
+        check_judge_spec(opts[key], f"{where}.{label}.{key}")
+
+
 def _metric_data(value: Any, where: str) -> Union[None, str, DataSource]:
     if isinstance(value, Mapping):
         return as_source(value, where)
@@ -39,7 +66,11 @@ class MetricSpec:
             ``tar_lightning.evaluation.mcq``), ``refusal_rate`` / ``asr`` (greedy answers to the prompt set
             ``path`` judged by ``options.judge``, ``tar_lightning.evaluation.refusal``: the share refused, or
             1 − that; a ``refusal_rate`` on harmless prompts is the over-refusal; ``options.prompt_template``, a
-            string with ``{prompt}`` once, wraps every prompt first, e.g. in a jailbreak preamble), or ``callable`` (``target`` = ``"package.module:function"``
+            string with ``{prompt}`` once, wraps every prompt first, e.g. in a jailbreak preamble;
+            ``options.second_judge``, another judge spec, judges the same answers again: the value stays the
+            first judge's and each run records the second judge's value, the agreement and Cohen's kappa beside
+            it, ``judge_agreement``; the options are checked when the suite loads: :data:`REFUSAL_OPTIONS`, and
+            the judge specs' forms, kinds and keys), or ``callable`` (``target`` = ``"package.module:function"``
             called as ``function(model, tokenizer, **options)`` returning a number; a suite file naming a
             function is code, so it runs only when trusted: :func:`check_callable_trust`).
         data: held-out text for the ``heldout_*`` kinds: a data regime name of the suite or DataSource fields.
@@ -89,6 +120,10 @@ class MetricSpec:
                 )
             if kind != "callable":
                 check_prompt_template(opts["prompt_template"], f"{where}.{label}.prompt_template")
+        for label, opts in [("options", out.options)] + [
+            (f"variants.{name}", v) for name, v in out.variants.items() if isinstance(v, Mapping)
+        ]:
+            _check_refusal_options(kind, label, opts, where)
         if kind == "callable" and (out.target is None or ":" not in out.target):
             raise ConfigError(
                 f"{where}: a callable metric needs 'target: package.module:function', got {out.target!r}"
