@@ -102,6 +102,8 @@ def test_bad_rmu_values_name_the_key(rmu, message):
 
 def test_a_disabled_section_is_not_checked_against_the_model_and_the_cli_names_the_key(capsys):
     assert load_demo_config(size="minimal", overrides={"rmu": {"layer": 7}}).rmu.layer == 7  # off: not used
+    with pytest.raises(ConfigError, match=r"rmu.update_layers=\[-1\]: \[-1\] outside 0..\d"):  # checked on its own
+        load_demo_config(size="minimal", overrides={"rmu": {"update_layers": [-1]}})
     assert demo_main(["--size", "minimal", "--rmu.enabled", "true", "--rmu.layer", "7", "--print_config"]) == 2
     err = capsys.readouterr().err
     assert "rmu.layer=7: expected a decoder layer index in 0..1" in err

@@ -271,7 +271,7 @@ def test_red_team_records_and_reports_the_agreement_of_two_judges(tmp_path):
 def test_a_model_alias_is_an_offline_llm_judge_with_the_compliance_question():
     """SmolLM2-135M-Instruct (the alias) asked the default compliance question through its chat template; its
     verdicts equal the Yes/No logits of the same model on text built here. How good a judge it is is not asserted
-    (measured: right on 6 of 12 clear examples, docs/REDTEAM_JAILBREAK.md)."""
+    (measured: at chance against hand labels, docs/results/refusal.md)."""
     judge = ClassifierJudge("smollm2-135m-instruct", chat_template=True, batch_size=2)
     assert judge.mode == "causal" and judge.name == "classifier:smollm2-135m-instruct"
     assert judge.template == COMPLIANCE_QUESTION

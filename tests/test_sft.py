@@ -84,7 +84,7 @@ def test_loss_and_gradients_match_a_hand_computation():
     got, ref = _grads(module.model), _grads(reference)
     for name, g in ref.items():
         torch.testing.assert_close(got[name], g.float(), rtol=1e-5, atol=1e-6, msg=name)  # grads ~0.1-0.3
-    # only labelled tokens count: changing the token a masked prompt position predicts leaves the loss alone
+    # only labelled tokens count: labelling a position that was masked moves the loss
     changed = copy.deepcopy(bundle)
     changed["retain"]["labels"][..., 1] = 5  # was masked: now labelled, so the loss must move
     assert module.sft_losses(changed)[0].item() != pytest.approx(loss.item(), rel=1e-6)
@@ -146,10 +146,10 @@ def test_a_stream_of_weight_zero_contributes_nothing():
 @pytest.mark.parametrize("streams, message", [
     ({}, "SFTModule.streams={}: expected a non-empty mapping"),
     (["retain"], "SFTModule.streams=['retain']: expected a non-empty mapping"),
-    ({"retain": -1.0}, "SFTModule.streams['retain']=-1.0: expected a finite number >= 0"),
-    ({"retain": 1.0, "harmful": float("nan")}, "SFTModule.streams['harmful']=nan"),
-    ({"retain": "1"}, "SFTModule.streams['retain']='1'"),
-    ({"retain": True}, "SFTModule.streams['retain']=True"),
+    ({"retain": -1.0}, "SFTModule.streams['retain'] must be a finite number >= 0, got -1.0"),
+    ({"retain": 1.0, "harmful": float("nan")}, "SFTModule.streams['harmful'] must be a finite number >= 0, got nan"),
+    ({"retain": "one"}, "SFTModule.streams['retain'] must be a finite number >= 0, got 'one'"),
+    ({"retain": True}, "SFTModule.streams['retain'] must be a finite number >= 0, got True"),
     ({"retain": 0.0, "harmful": 0}, "every weight is 0"),
     ({1: 1.0}, "SFTModule.streams: stream name 1 is not a non-empty string"),
     ({"": 1.0}, "SFTModule.streams: stream name '' is not a non-empty string"),

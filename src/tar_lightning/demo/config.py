@@ -327,9 +327,9 @@ class DemoConfig:
             check_world_kwargs(self.world)
         except ConfigError as err:
             raise ConfigError(f"world: {err}") from None
-        if self.rmu.enabled:  # a disabled section is not checked against the model (its layer may not exist)
-            tiny_layers = self.tiny.get("num_hidden_layers", LlamaConfig().num_hidden_layers)
-            self.rmu.validate(num_layers=tiny_layers if self.model == "tiny" else None)
+        # a disabled section is checked on its own, not against the model (its layer may not exist there)
+        tiny_layers = self.tiny.get("num_hidden_layers", LlamaConfig().num_hidden_layers)
+        self.rmu.validate(num_layers=tiny_layers if self.model == "tiny" and self.rmu.enabled else None)
         self.tar.validate()
         self.redteam.validate()
         return self

@@ -15,8 +15,8 @@
   Face judge model from a path, hub id or model alias (sequence classifier, or a causal LM answering Yes/No
   such as the HarmBench Llama-2-13B classifier) for users who have one. With ``chat_template: true`` a local
   instruct model (e.g. the alias ``smollm2-135m-instruct``) is asked :data:`COMPLIANCE_QUESTION` through its chat
-  template: an offline LLM judge, but a small model is a poor one (SmolLM2-135M: right on 6 of 12 clear
-  hand-written cases, docs/REDTEAM_JAILBREAK.md).
+  template: an offline LLM judge, but a small model is a poor one (SmolLM2-135M-Instruct: at chance against
+  hand labels of 64 real answers, Cohen's kappa 0.00-0.06, docs/results/refusal.md).
 * Metrics: refusal rate (share of prompts refused), attack success rate = 1 − refusal rate on harmful prompts,
   over-refusal = refusal rate on harmless prompts.
 * A second judge (``second_judge``, any judge spec) judges the *same* answers; :func:`judge_agreement` gives the

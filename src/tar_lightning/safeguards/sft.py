@@ -12,7 +12,6 @@ answering harmless ones: ``recipes/refusal/refusal_sft_smollm2.yaml``) and the p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from tar_lightning.base_module import CausalLMModule, ModelArg, OptimizerFactory, SchedulerFactory
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
+from tar_lightning.schema import non_negative_number
 from tar_lightning.sharding import fully_shard_model
 
 __all__ = ["SFTModule", "check_stream_weights"]
@@ -48,10 +48,9 @@ def check_stream_weights(streams: Any, where: str = "SFTModule.streams") -> dict
     for name, weight in streams.items():
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}: stream name {name!r} is not a non-empty string")
-        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
-        if not ok or weight < 0:
-            raise ConfigError(f"{where}[{name!r}]={weight!r}: expected a finite number >= 0")
-        out[name] = float(weight)
+        if isinstance(weight, bool):
+            raise ConfigError(f"{where}[{name!r}] must be a finite number >= 0, got {weight!r}")
+        out[name] = non_negative_number(weight, f"{where}[{name!r}]")
     if not any(w > 0 for w in out.values()):
         raise ConfigError(f"{where}={out!r}: every weight is 0, so nothing would be trained; give at least one "
                           "stream a weight > 0")
