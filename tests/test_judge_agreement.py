@@ -3,7 +3,9 @@ tables, its checks when a suite loads, and the red team recording and reporting 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -13,6 +15,9 @@ import yaml
 
 from tar_lightning import ConfigError
 from tar_lightning.evaluation import load_suite, run_redteam
+from tar_lightning.evaluation.redteam.io import judge_agreement_problem
+from tar_lightning.evaluation.redteam.metrics import MetricValues
+from tar_lightning.evaluation.redteam.runner import judge_agreement_record
 from tar_lightning.evaluation.refusal import (
     COMPLIANCE_QUESTION,
     ClassifierJudge,
@@ -120,8 +125,14 @@ def test_the_second_judge_sees_the_same_answers_and_both_verdicts_are_saved(tmp_
 def test_phrase_judges_are_named_by_their_phrases():
     assert build_judge(None).name == "refusal_phrase"
     assert build_judge({"kind": "refusal_phrase", "phrases": ["Nope", "no"]}).name == "refusal_phrase(['nope', 'no'])"
-    assert build_judge({"kind": "refusal_phrase", "phrases": list("abcd"), "window": 9}).name == \
-        "refusal_phrase(4 phrases, window 9)"
+    four = build_judge({"kind": "refusal_phrase", "phrases": list("abcd"), "window": 9}).name
+    digest = hashlib.sha256(json.dumps(list("abcd")).encode()).hexdigest()[:8]
+    assert four == f"refusal_phrase(4 phrases {digest}, window 9)"
+    # two lists of the same length are two judges: their names differ
+    assert build_judge({"kind": "refusal_phrase", "phrases": list("abce")}).name != \
+        build_judge({"kind": "refusal_phrase", "phrases": list("abcd")}).name
+    assert build_judge({"kind": "refusal_phrase", "phrases": list("ABCD")}).name == \
+        build_judge({"kind": "refusal_phrase", "phrases": list("abcd")}).name  # case-insensitive: one judge
     assert build_judge({"kind": "refusal_phrase", "window": 9}).name == "refusal_phrase(window 9)"
     with pytest.raises(ConfigError, match="second_judge: unknown key 'phrase'"):
         build_judge({"kind": "refusal_phrase", "phrase": ["nope"]}, "second_judge")
@@ -184,7 +195,7 @@ def _words_splitting(answers: list[str]) -> tuple[str, str]:
     raise AssertionError(f"the tiny model's answers {answers!r} hold no two splitting words")
 
 
-def test_red_team_records_and_reports_the_agreement_of_two_judges(tmp_path):
+def test_red_team_records_and_reports_the_agreement_of_two_judges(tmp_path, caplog):
     model, tok = tiny_llama()
     harmful = tmp_path / "harmful.csv"
     harmful.write_text("goal,target\n" + "".join(f"{p},x\n" for p in PROMPTS))
@@ -256,6 +267,18 @@ def test_red_team_records_and_reports_the_agreement_of_two_judges(tmp_path):
     assert "| r02 | asr | refusal_phrase vs refusal_phrase | before | 8 (1) |" in md
     assert not any(x["response"] in md for x in lines if len(x["response"]) > 8), "answers leaked into the report"
 
+    # a hand-edited run file whose agreement lacks a count is not trusted: the run is done again, with a warning
+    # naming the file and the key, and the report is whole
+    edited = json.loads(json.dumps(run))
+    del edited["judge_agreement"]["after"]["refusal_rate"]["both_refused"]
+    (out / "runs" / "r02__seed0.json").write_text(json.dumps(edited))
+    with caplog.at_level(logging.WARNING, logger="tar_lightning"):
+        redone = run_redteam(model, suite, tokenizer=tok, out_dir=out, seeds=1, progress=False, report=True)
+    assert len(redone.computed) == 1
+    assert "r02__seed0.json: judge_agreement.after.refusal_rate lacks the 2x2 counts ['both_refused']" in caplog.text
+    assert redone.runs[0]["judge_agreement"] == run["judge_agreement"]  # the same greedy answers, the same verdicts
+    assert "## Judge agreement" in (out / "report.md").read_text()
+
     # a run file without judge_agreement (written before it existed) still loads and resumes: no agreement rows
     old = dict(run)
     old.pop("judge_agreement")
@@ -264,6 +287,30 @@ def test_red_team_records_and_reports_the_agreement_of_two_judges(tmp_path):
     assert again.computed == [] and "judge_agreement" not in again.runs[0]
     assert judge_agreement_rows(again.runs, ["r02"]) is None
     assert "## Judge agreement" not in (out / "report.md").read_text()
+
+
+def test_agreement_during_an_attack_is_kept_per_step_and_checked_when_a_run_file_is_read():
+    """``during``: the agreement at each evaluation between the first and the last, with its step; a run file whose
+    entries lack the 2×2 counts anywhere (during included) is named as not whole."""
+    def values(ref: bool):
+        a = [True, ref, False]
+        return MetricValues({"refusal_rate": sum(a) / 3}, {"refusal_rate": judge_agreement(a, [True, True, False])})
+
+    trajectory = [(0, values(False)), (5, values(True)), (10, values(False)), (15, values(True))]
+    record = judge_agreement_record(trajectory[0][1], trajectory[-1][1], trajectory)
+    assert [step for step, _ in record["during"]] == [5, 10]  # the first and the last are before / after
+    assert record["during"][0][1]["refusal_rate"]["agreement"] == 1.0
+    assert record["during"][1][1]["refusal_rate"]["agreement"] == pytest.approx(2 / 3)
+    assert record["after"]["refusal_rate"]["agreement"] == 1.0
+    whole = json.loads(json.dumps(record))
+    assert judge_agreement_problem({"judge_agreement": whole}) is None
+    assert judge_agreement_problem({}) is None  # no second judge: nothing to check
+    broken = json.loads(json.dumps(record))
+    broken["during"][1][1]["refusal_rate"]["both_complied"] = -1
+    assert "during[1].refusal_rate lacks the 2x2 counts ['both_complied']" in judge_agreement_problem(
+        {"judge_agreement": broken})
+    assert "not a [step, metrics] pair" in judge_agreement_problem({"judge_agreement": {"during": [[5]]}})
+    assert "expected a mapping" in judge_agreement_problem({"judge_agreement": [1]})
 
 
 # ---------------------------------------------------------------------------------------------- an LLM judge

@@ -362,14 +362,11 @@ def test_label_span_bad_settings_are_clear_errors():
         DataSource(path="x.jsonl", prompt_field="p", response_field="r", label_span=["a", "b"])
 
 
-def test_knowledge_lm_schedule_warms_up_from_one_over_w_then_decays_to_the_floor():
+def test_stage0_schedule_warms_up_from_one_over_w_then_decays_to_the_floor():
     import math
 
-    from tar_lightning.demo import KnowledgeLMModule as from_demo
-    from tar_lightning.safeguards import KnowledgeLMModule
-    from tar_lightning.safeguards.knowledge_lm import warmup_cosine
+    from tar_lightning.safeguards.sft import warmup_cosine
 
-    assert from_demo is KnowledgeLMModule  # the demo re-exports the safeguard module
     f = warmup_cosine(steps=10, warmup=4, floor=0.1)
     assert [f(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]  # (t + 1) / W, not HF's t / W
     assert f(4) == 1.0 and f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)

@@ -90,29 +90,40 @@ def test_loss_and_gradients_match_a_hand_computation():
     assert module.sft_losses(changed)[0].item() != pytest.approx(loss.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "sgd_scheduled"])
 def test_training_steps_match_a_plain_torch_loop(optimizer):
-    """Two steps through a Lightning Trainer = two steps of the same optimizer on the hand-computed loss."""
+    """Three steps through a Lightning Trainer = three steps of the same optimizer on the hand-computed loss; with
+    an LR schedule, stepped after every optimizer step (the demo's stage-0 schedule)."""
+    from tar_lightning.safeguards.sft import warmup_cosine
+
     torch.set_num_threads(1)
     model, tok = tiny_llama()
     reference = copy.deepcopy(model)
 
     def build(params):
-        if optimizer == "sgd":  # the update is the gradient itself: every loss weight shows in the weights
+        if optimizer.startswith("sgd"):  # the update is the gradient itself: every loss weight shows in the weights
             return torch.optim.SGD(params, lr=0.5)
         # eps well above the fp32 noise of the smallest gradients, which Adam's normalisation would blow up to lr
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, eps=1e-6)
 
-    module = SFTModule(model, optimizer=build, tokenizer=tok, streams=WEIGHTS)
-    bundles = _bundles(len(tok), WEIGHTS, 2)
-    _trainer(2).fit(module, DataLoader(bundles, batch_size=None))
+    def schedule(opt):  # multipliers 0.5, 1.0, 0.1: a schedule stepped once per epoch would keep 0.5
+        return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps=3, warmup=2))
+
+    scheduled = optimizer == "sgd_scheduled"
+    module = SFTModule(model, optimizer=build, tokenizer=tok, streams=WEIGHTS,
+                       lr_scheduler=schedule if scheduled else None)
+    bundles = _bundles(len(tok), WEIGHTS, 3)
+    _trainer(3).fit(module, DataLoader(bundles, batch_size=None))
 
     opt = build(list(reference.parameters()))
+    sched = schedule(opt) if scheduled else None
     reference.train()
     for bundle in bundles:
         opt.zero_grad()
         _hand_loss(reference, bundle, WEIGHTS).float().backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     start = dict(tiny_llama()[0].named_parameters())  # the same seeded init: the weights did move
     for name, p in reference.named_parameters():
         got = dict(module.model.named_parameters())[name]

@@ -24,6 +24,7 @@ from tar_lightning.checkpoint import is_sharded_checkpoint, load_checkpoint, rea
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, mean_entropy
 from tar_lightning.models import ModelSource, load_model, model_from_checkpoint_metadata
+from tar_lightning.sharding import fully_shard_model
 from tar_lightning.snapshot import ParameterSnapshot
 
 __all__ = [
@@ -31,11 +32,13 @@ __all__ = [
     "ModelArg",
     "OptimizerFactory",
     "SchedulerFactory",
+    "adamw",
     "checkpoint_hyperparameters",
     "model_source_from_mapping",
     "plain_hyperparameter",
     "reshard_fsdp",
     "resolve_model",
+    "schedule_free_adamw",
 ]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -116,6 +119,15 @@ def checkpoint_hyperparameters(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return dict(hparams) if isinstance(hparams, Mapping) else {}
 
 
+def adamw(lr: float, weight_decay: float = 0.0) -> OptimizerFactory:
+    """A factory of ``torch.optim.AdamW`` with the given LR and weight decay (torch's other defaults)."""
+
+    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    return build
+
+
 def schedule_free_adamw(lr: float, warmup_steps: int) -> OptimizerFactory:
     """A factory of ``schedulefree.AdamWScheduleFree`` with the given LR and warmup."""
 
@@ -155,7 +167,8 @@ class CausalLMModule(L.LightningModule):
     Args:
         model: a source string, a :class:`~tar_lightning.models.ModelSource`, or an ``nn.Module``.
         optimizer: builds the optimizer from the trainable parameters (``default_optimizer`` when ``None``).
-        lr_scheduler: optional LR schedule factory, stepped once per optimizer step.
+        lr_scheduler: optional LR schedule factory, stepped once per optimizer step (Lightning's ``interval:
+            step``; its default, once per epoch, would never step a run that is one long epoch).
         tokenizer: the tokenizer (taken from the source when ``model`` is a source).
     """
 
@@ -185,7 +198,18 @@ class CausalLMModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer)}
+        if self.automatic_optimization:  # manual optimization (TAR) steps its scheduler itself
+            scheduler["interval"] = "step"
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (the FSDP2 launch overlays): ``fully_shard`` every decoder layer and the
+        root of the model (idempotent); under other strategies nothing. Modules with more models to shard (RMU's
+        frozen copy, TAR's reference) extend or replace it."""
+        mesh = self._fsdp2_mesh()
+        if mesh is not None:
+            fully_shard_model(self.model, mesh, trainer_precision=self.trainer.precision)
 
     # -- schedule-free optimizers keep separate training and evaluation points --------------------------------
 

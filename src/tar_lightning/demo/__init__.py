@@ -5,7 +5,7 @@
 
 0. **teach**: plain LM fine-tuning of a fresh tiny Llama (or a real model) on the hazardous facts of all
    pathogens (``forget_all``) and the cities' facts (``retain``), until held-out-template MCQ accuracy is high
-   (:class:`~tar_lightning.safeguards.KnowledgeLMModule`);
+   (:class:`~tar_lightning.safeguards.SFTModule`, the two streams at weight 0.5 each);
 1. **random mapping** (:class:`~tar_lightning.safeguards.RandomMappingModule`) on ``forget_all`` vs ``retain``;
    with ``rmu.enabled`` also **RMU** (:class:`~tar_lightning.safeguards.RMUModule`) from the stage-0 model on the
    same streams, red-teamed and reported as one more defense;
@@ -54,7 +54,6 @@ from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
 from tar_lightning.demo.pipeline import DEFENSES_BASE, DemoPipeline
 from tar_lightning.demo.report import DemoResult, demo_markdown, demo_targets
 from tar_lightning.demo.run import run_demo
-from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 
 __all__ = [
     "CAPABILITY",
@@ -65,7 +64,6 @@ __all__ = [
     "DemoPipeline",
     "DemoResult",
     "KnowledgeEvaluator",
-    "KnowledgeLMModule",
     "RandomMappingStage",
     "RedTeamStage",
     "RMUStage",

@@ -1,6 +1,6 @@
 """The demo's stage pipeline: :class:`DemoPipeline`, every stage of one configuration, cached on disk.
 
-Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.KnowledgeLMModule`), stage 1 trains random
+Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.SFTModule`), stage 1 trains random
 mapping (and, with ``rmu.enabled``, RMU: another stage-1 defense from the stage-0 model), stage 2 TAR once per
 adversary family from the random-mapping model, stage 3 red-teams every defense. Each training stage is keyed by
 its configuration, its parent's key, the library version and a fingerprint of the source code it runs
@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 import tar_lightning
+from tar_lightning.base_module import adamw
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
@@ -43,9 +44,9 @@ from tar_lightning.evaluation.progress import progress, quiet_hf_progress
 from tar_lightning.evaluation.redteam import run_redteam
 from tar_lightning.evaluation.training_report import training_report
 from tar_lightning.models import export_pretrained, load_model, tiny_model
-from tar_lightning.safeguards.knowledge_lm import KnowledgeLMModule
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
 from tar_lightning.safeguards.rmu import RMUModule
+from tar_lightning.safeguards.sft import SFTModule, warmup_cosine
 from tar_lightning.tar_module import TARModule
 
 __all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label"]
@@ -67,7 +68,7 @@ _LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mappin
 _EVERY_STAGE = ("tar_lightning.demo.pipeline", "tar_lightning.demo.evaluator", "tar_lightning.demo.suite",
                 "tar_lightning.evaluation.mcq", "tar_lightning.evaluation.heldout")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "stage0": _EVERY_STAGE + ("tar_lightning.safeguards.knowledge_lm", "tar_lightning.base_module",
+    "stage0": _EVERY_STAGE + ("tar_lightning.safeguards.sft", "tar_lightning.base_module",
                               "tar_lightning.data", "tar_lightning.losses", "tar_lightning.models"),
     "random_mapping": _EVERY_STAGE + ("tar_lightning.safeguards.random_mapping", "tar_lightning.base_module",
                                       "tar_lightning.losses"),
@@ -300,7 +301,10 @@ class DemoPipeline:
         def train():
             model, tok = self.fresh_model()
             L.seed_everything(cfg.seed, verbose=False)
-            module = KnowledgeLMModule(model, tok, s.lr, s.steps, s.warmup_steps, s.weight_decay)
+            module = SFTModule(  # the mean of the two streams' CEs
+                model, optimizer=adamw(s.lr, s.weight_decay), tokenizer=tok, streams={"forget": 0.5, "retain": 0.5},
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(s.steps, s.warmup_steps)),
+            )
             data = TARDataModule(
                 streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
                 seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed, tokenizer=tok,
@@ -385,7 +389,7 @@ class DemoPipeline:
                 streams={k: v for k, v in streams.items() if k in needed},
                 seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 2, tokenizer=tok,
             )
-            self.say(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={s.inner_steps})")
+            self.say(f"[demo] stage 2: TAR, {family} adversary family ({s.steps} outer steps, K={tar_cfg.inner_steps})")
             callbacks = self.train_callbacks(f"tar_{family}", s.steps)
             folder = self.out / f"tar_{family}"
             _trainer(s.steps, folder, callbacks, log_to=folder / "logs").fit(module, data)

@@ -31,11 +31,13 @@ JSON Lines file.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
@@ -57,6 +59,7 @@ from tar_lightning.models.sources import classify_source
 from tar_lightning.schema import int_at_least
 
 __all__ = [
+    "AGREEMENT_TABLE",
     "COMPLIANCE_QUESTION",
     "agreement_from_table",
     "ClassifierJudge",
@@ -156,6 +159,17 @@ def load_prompts(
 
 # ---------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
+@contextlib.contextmanager
+def padding_side(tokenizer: Any, side: str) -> Iterator[None]:
+    """Pads on ``side`` inside the block and restores the tokenizer's own side after it, exception or not."""
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,
@@ -199,23 +213,21 @@ def generate_responses(
             texts.append(p if system_prompt is None else f"{system_prompt}\n\n{p}")
     device = next(model.parameters()).device
     was_training = model.training
-    side = tokenizer.padding_side
     model.eval()
-    tokenizer.padding_side = "left"
     out: list[str] = []
     try:
-        for lo in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[lo : lo + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=not chat_template)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, use_cache=True, temperature=None, top_p=None, top_k=None,
-            )
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        with padding_side(tokenizer, "left"):
+            for lo in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[lo : lo + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=not chat_template)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, use_cache=True, temperature=None, top_p=None, top_k=None,
+                )
+                new = gen[:, enc["input_ids"].shape[1]:]
+                out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return [s.strip() for s in out]
 
@@ -241,8 +253,9 @@ class RefusalPhraseJudge:
         window: characters at the start of the answer searched (refusals come first).
 
     Its ``name`` is ``refusal_phrase``; with phrases of one's own or another window it says so, e.g.
-    ``refusal_phrase(['nope', 'no'])``, ``refusal_phrase(12 phrases, window 100)`` (the phrases themselves up to
-    three), so that two phrase judges are told apart in results.
+    ``refusal_phrase(['nope', 'no'])``, ``refusal_phrase(12 phrases 3f9a1c0b, window 100)`` (the phrases
+    themselves up to three, else their count and 8 hex digits of the SHA-256 of the lower-cased list), so that two
+    phrase judges are told apart in results.
     """
 
     def __init__(self, phrases: Optional[Sequence[str]] = None, window: int = 200):
@@ -255,10 +268,13 @@ class RefusalPhraseJudge:
         int_at_least(1)(window, "RefusalPhraseJudge: window")
         self.window = window
         parts = [] if phrases is None else [repr(list(self.phrases)) if len(self.phrases) <= 3
-                                            else f"{len(self.phrases)} phrases"]
+                                            else f"{len(self.phrases)} phrases {self._digest()}"]
         if window != 200:
             parts.append(f"window {window}")
         self.name = f"refusal_phrase({', '.join(parts)})" if parts else "refusal_phrase"
+
+    def _digest(self) -> str:
+        return hashlib.sha256(json.dumps(list(self.phrases)).encode()).hexdigest()[:8]
 
     def refused(self, response: str) -> bool:
         head = response.strip().lower().replace("’", "'")[: self.window]
@@ -421,17 +437,13 @@ class ClassifierJudge:
             raise ConfigError("ClassifierJudge.yes_margin: only causal judges answer Yes/No")
         device = next(self.model.parameters()).device
         out: list[float] = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
+        with padding_side(self.tokenizer, "left"):  # the last position is the answer's for every row
             for lo in range(0, len(prompts), self.batch_size):
                 texts = self.texts(prompts[lo : lo + self.batch_size], responses[lo : lo + self.batch_size])
                 enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length, add_special_tokens=not self.chat_template)
                 logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits[:, -1].float()
                 out.extend((logits[:, self.yes_id] - logits[:, self.no_id]).tolist())
-        finally:
-            self.tokenizer.padding_side = side
         return out
 
     @torch.no_grad()
@@ -441,17 +453,13 @@ class ClassifierJudge:
             return [m > 0 for m in self.yes_margin(prompts, responses)]
         device = next(self.model.parameters()).device
         out: list[bool] = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
+        with padding_side(self.tokenizer, "right"):
             for lo in range(0, len(prompts), self.batch_size):
                 p, r = prompts[lo : lo + self.batch_size], responses[lo : lo + self.batch_size]
                 enc = self.tokenizer(p, r, return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length)
                 logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
                 out.extend((logits.argmax(-1) == self.harmful_label).tolist())
-        finally:
-            self.tokenizer.padding_side = side
         return [bool(x) for x in out]
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
@@ -539,6 +547,11 @@ def judge_agreement(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
     only_first = sum(x and not y for x, y in zip(a, b, strict=True))
     only_second = sum(y and not x for x, y in zip(a, b, strict=True))
     return agreement_from_table(both_refused, only_first, only_second, len(a) - both_refused - only_first - only_second)
+
+
+#: The 2×2 counts of a second judge's verdicts against the first's, in this order, in every agreement record
+#: (:func:`agreement_from_table`); reports pool runs by summing them.
+AGREEMENT_TABLE = ("both_refused", "only_first_refused", "only_second_refused", "both_complied")
 
 
 def agreement_from_table(both_refused: int, only_first_refused: int, only_second_refused: int,

@@ -42,7 +42,7 @@ from tar_lightning.checkpoint import atomic_write
 from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation.redteam.io import json_text, write_text
 from tar_lightning.evaluation.redteam.result import NO_OPTIMIZER_METHODS, RADIUS_LR_METHODS, RedTeamResult
-from tar_lightning.evaluation.refusal import agreement_from_table
+from tar_lightning.evaluation.refusal import AGREEMENT_TABLE, agreement_from_table
 
 __all__ = [
     "csv_rows",
@@ -234,7 +234,6 @@ def other_metric_rows(
     return ["attack", *names], rows
 
 
-_TABLE = ("both_refused", "only_first_refused", "only_second_refused", "both_complied")
 
 
 def judge_agreement_rows(runs: Sequence[Mapping], attack_ids: Sequence[str]) -> Optional[list[list[Any]]]:
@@ -257,7 +256,7 @@ def judge_agreement_rows(runs: Sequence[Mapping], attack_ids: Sequence[str]) -> 
                 found = [r["judge_agreement"][stage][m] for r in own if m in (r["judge_agreement"].get(stage) or {})]
                 if not found:
                     continue
-                pooled = agreement_from_table(*(sum(int(e[c]) for e in found) for c in _TABLE))
+                pooled = agreement_from_table(*(sum(int(e[c]) for e in found) for c in AGREEMENT_TABLE))
                 first, second = pooled["first_refusal_rate"], pooled["second_refusal_rate"]
                 if found[0].get("kind") == "asr":
                     first, second = 1.0 - first, 1.0 - second

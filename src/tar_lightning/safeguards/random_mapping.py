@@ -20,7 +20,6 @@ from tar_lightning.base_module import (
 )
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss, random_mapping_loss, random_mapping_table
-from tar_lightning.sharding import fully_shard_model
 
 __all__ = ["RandomMappingModule"]
 
@@ -77,13 +76,6 @@ class RandomMappingModule(CausalLMModule):
         # In the model's dtype: for large vocabularies the table is as big as the embedding matrix.
         table = random_mapping_table(emb.shape[0], emb.shape[1], seed=table_seed, dtype=emb.dtype)
         self.register_buffer("table", table, persistent=False)
-
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (the FSDP2 launch overlays): ``fully_shard`` every decoder layer and the
-        root (idempotent); under other strategies nothing."""
-        mesh = self._fsdp2_mesh()
-        if mesh is not None:
-            fully_shard_model(self.model, mesh, trainer_precision=self.trainer.precision)
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per step for each data stream (read by the data module)."""

@@ -22,26 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from tar_lightning.base_module import CausalLMModule, ModelArg, OptimizerFactory, SchedulerFactory
+from tar_lightning.base_module import CausalLMModule, ModelArg, OptimizerFactory, SchedulerFactory, adamw
 from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.models import decoder_layers, frozen_copy
 from tar_lightning.sharding import fully_shard_model
 
 __all__ = ["RMUModule", "layer_output", "rmu_direction", "rmu_layers", "steering_distance"]
-
-
-def _adamw(lr: float) -> OptimizerFactory:
-    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr)
-
-    return build
 
 
 def rmu_layers(layer: Any, update_layers: Any, num_layers: Optional[int], where: str = "RMUModule") -> list[int]:
@@ -156,7 +149,7 @@ class RMUModule(CausalLMModule):
     rebuilt from the trained weights: pass ``model=`` (the starting model) to train it further.
     """
 
-    default_optimizer = staticmethod(_adamw(lr=5e-5))
+    default_optimizer = staticmethod(adamw(lr=5e-5))
 
     def __init__(
         self,
@@ -220,12 +213,10 @@ class RMUModule(CausalLMModule):
         root of the model and of the frozen copy (idempotent); under other strategies nothing more."""
         if self.frozen_model is None and self.alpha > 0:
             object.__setattr__(self, "frozen_model", frozen_copy(self.model))
+        super().configure_model()
         mesh = self._fsdp2_mesh()
-        if mesh is not None:
-            precision = self.trainer.precision
-            fully_shard_model(self.model, mesh, trainer_precision=precision)
-            if self.frozen_model is not None:
-                fully_shard_model(self.frozen_model, mesh, trainer_precision=precision, inference_only=True)
+        if mesh is not None and self.frozen_model is not None:
+            fully_shard_model(self.frozen_model, mesh, trainer_precision=self.trainer.precision, inference_only=True)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

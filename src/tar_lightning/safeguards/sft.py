@@ -6,32 +6,48 @@ tokens only (prompt and padding tokens are labelled -100 by the data module)::
     L = Σ_s weight_s · CE(stream s)
 
 It is the refusal setting's teaching step (make an instruct model refuse harmful requests while it keeps
-answering harmless ones: ``recipes/refusal/refusal_sft_smollm2.yaml``) and the paper's post-TAR benign SFT
-(``recipes/refusal/benign_sft.yaml``).
+answering harmless ones: ``recipes/refusal/refusal_sft_smollm2.yaml``), the paper's post-TAR benign SFT
+(``recipes/refusal/benign_sft.yaml``) and the demo's stage 0 (:mod:`tar_lightning.demo`: a fresh model learns the
+invented knowledge world, forget and retain facts at weight 0.5 each, AdamW with :func:`warmup_cosine`).
+
+:func:`warmup_cosine` is *not* the ``warmup_cosine`` of :mod:`tar_lightning.adversaries.optim`: its warmup starts
+at ``1/W`` (step ``t`` gets ``(t + 1) / W``) where the Hugging Face schedule starts at 0 (``t / W``); after the
+warmup both give the same values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from tar_lightning.base_module import CausalLMModule, ModelArg, OptimizerFactory, SchedulerFactory
+from tar_lightning.base_module import CausalLMModule, ModelArg, OptimizerFactory, SchedulerFactory, adamw
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
 from tar_lightning.schema import non_negative_number
-from tar_lightning.sharding import fully_shard_model
 
-__all__ = ["SFTModule", "check_stream_weights"]
+__all__ = ["SFTModule", "check_stream_weights", "warmup_cosine"]
 
 
-def _adamw(lr: float, weight_decay: float) -> OptimizerFactory:
-    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def warmup_cosine(steps: int, warmup: int, floor: float = 0.1) -> Callable[[int], float]:
+    """The LR multiplier of step ``t`` (a ``LambdaLR`` function): ``(t + 1) / warmup`` during the warmup, then a
+    half cosine from 1 down to ``floor`` at ``steps`` (and ``floor`` after it).
 
-    return build
+    Args:
+        steps: total optimizer steps.
+        warmup: warmup steps (0: none).
+        floor: the final multiplier.
+    """
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
 
 
 def check_stream_weights(streams: Any, where: str = "SFTModule.streams") -> dict[str, float]:
@@ -76,7 +92,7 @@ class SFTModule(CausalLMModule):
         ConfigError: bad ``streams`` (see :func:`check_stream_weights`).
     """
 
-    default_optimizer = staticmethod(_adamw(lr=1e-5, weight_decay=0.0))
+    default_optimizer = staticmethod(adamw(lr=1e-5))
 
     def __init__(
         self,
@@ -92,13 +108,6 @@ class SFTModule(CausalLMModule):
         self.save_init_hyperparameters(
             model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer, streams=weights,
         )
-
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (the FSDP2 launch overlays): ``fully_shard`` every decoder layer and the
-        root (idempotent); under other strategies nothing."""
-        mesh = self._fsdp2_mesh()
-        if mesh is not None:
-            fully_shard_model(self.model, mesh, trainer_precision=self.trainer.precision)
 
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches per step for each data stream (read by the data module): one per stream, none for a

@@ -23,6 +23,7 @@ import numpy as np
 from tar_lightning.checkpoint import atomic_write_text
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.redteam.result import RESULT_VERSION
+from tar_lightning.evaluation.refusal import AGREEMENT_TABLE
 
 __all__ = [
     "SUMMARY_FILES",
@@ -117,8 +118,38 @@ def claim_out_dir(out: Path, identity: Mapping[str, Any], overwrite: bool) -> No
     log.info("red team: removed %d result file(s) of another model from %s (overwrite)", len(found), out)
 
 
+def judge_agreement_problem(record: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with a run record's ``judge_agreement`` (absent is fine: runs without a second judge, or
+    written before it existed), or ``None``: every entry (``before`` / ``after``: metric -> entry; ``during``:
+    ``[step, {metric: entry}]`` pairs) must hold the 2×2 counts :data:`AGREEMENT_TABLE` as integers >= 0."""
+    found = record.get("judge_agreement")
+    if found is None:
+        return None
+    if not isinstance(found, Mapping):
+        return f"judge_agreement is {type(found).__name__}, expected a mapping"
+    parts: list[tuple[str, Any]] = [(p, found[p]) for p in ("before", "after") if p in found]
+    during = found.get("during", [])
+    if not isinstance(during, list):
+        return "judge_agreement.during is not a list of [step, metrics] pairs"
+    for i, pair in enumerate(during):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            return f"judge_agreement.during[{i}] is not a [step, metrics] pair"
+        parts.append((f"during[{i}]", pair[1]))
+    for where, metrics in parts:
+        if not isinstance(metrics, Mapping):
+            return f"judge_agreement.{where} is not a mapping of metric -> agreement"
+        for metric, entry in metrics.items():
+            bad = [c for c in AGREEMENT_TABLE if not isinstance(entry, Mapping) or isinstance(entry.get(c), bool)
+                   or not isinstance(entry.get(c), int) or entry.get(c) < 0]
+            if bad:
+                return (f"judge_agreement.{where}.{metric} lacks the 2x2 counts {bad} (integers >= 0 expected: "
+                        f"{', '.join(AGREEMENT_TABLE)})")
+    return None
+
+
 def load_finished(path: Path, config_hash: str) -> Optional[dict]:
-    """The run record in ``path`` if it was written for ``config_hash`` (and this file format), else ``None``."""
+    """The run record in ``path`` if it was written for ``config_hash`` (and this file format) and its
+    ``judge_agreement`` is whole (:func:`judge_agreement_problem`), else ``None`` (the run is done again)."""
     if not path.is_file():
         return None
     try:
@@ -128,5 +159,9 @@ def load_finished(path: Path, config_hash: str) -> Optional[dict]:
         return None
     if record.get("config_hash") != config_hash or record.get("version") != RESULT_VERSION:
         log.info("red team: %s was written for another configuration; running it again", path.name)
+        return None
+    problem = judge_agreement_problem(record)
+    if problem:
+        log.warning("red team: %s: %s; running it again", path, problem)
         return None
     return record
