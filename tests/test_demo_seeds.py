@@ -248,3 +248,44 @@ def test_seeds_command_end_to_end(tmp_path, capsys):
     single = tmp_path / "single1"
     assert main(["demo", "--size", "minimal", "--seed", "1", "--out", str(single)]) == 0
     assert _numbers(_json(single / "results.json")) == _numbers(per_seed[1])
+
+
+# ------------------------------------------------------------------------------------ the shipped variants overlay
+VARIANTS = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tar_variants.yaml"
+
+
+def test_tar_variants_overlay_compares_at_equal_compute_and_runs_as_documented(tmp_path, capsys):
+    """``recipes/demo/tar_variants.yaml`` (the command of RESULTS.md's table of TAR variants): every variant costs
+    the shipped extended family's forward+backward passes per outer step (adversary steps + TR evaluations +
+    retain); the options are the documented ones; the overlay runs end to end through ``tar-lightning demo``."""
+    import yaml
+
+    from tar_lightning.demo.config import DEFAULT_CONFIG, demo_config_from_layers
+
+    layers = [(DEFAULT_CONFIG, yaml.safe_load(DEFAULT_CONFIG.read_text())), (VARIANTS, yaml.safe_load(VARIANTS.read_text()))]
+    tar = demo_config_from_layers(layers, {}).tar
+    assert tar.run == ["extended", "ext_full"]
+    configs = {f: tar.tar_config(f) for f in ("extended", "ext_full", "ext_norm30", "mudman30")}
+
+    def passes(c) -> int:
+        return c.trajectories * (c.inner_steps + len(c.tr_points())) + 1
+
+    assert {f: passes(c) for f, c in configs.items()} == dict.fromkeys(configs, 21)
+    ext, full, norm, mud = configs.values()
+    assert full.persistent_state == "full" and full.long_horizon() and full.attack_horizon() == 320
+    assert (full.persistent_pool, full.persistent_horizon, full.retain_weight) == (ext.persistent_pool, 320, 2.0)
+    assert full.adversaries == ext.adversaries == norm.adversaries  # the same five adversaries
+    assert norm.normalize_tr_grad and norm.tr_weight == 30.0 and norm.persistent_state == "delta"
+    assert mud.fork_every == 32 and mud.attack_horizon() == 320 and mud.disruption_mask and mud.normalize_tr_grad
+    assert [a.name for a in mud.adversaries] == ["adamw_forget"]
+
+    # the documented command at the minimal size, every variant at once (one attack seed to stay cheap)
+    out = tmp_path / "variants"
+    args = ["demo", "--size", "minimal", "--config", str(VARIANTS), "--tar.run", "[extended,ext_full,ext_norm30,mudman30]",
+            "--redteam.seeds", "1", "--out", str(out)]
+    assert main(args) == 0
+    result = _json(out / "results.json")
+    assert result["defenses"] == ["no_defense", "random_mapping", "tar_extended", "tar_ext_full", "tar_ext_norm30",
+                                  "tar_mudman30"]
+    assert result["attacks"] == ["w03", "w16"]
+    assert "K=10" in capsys.readouterr().out  # mudman30's own inner steps, not the stage's
