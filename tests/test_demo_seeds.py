@@ -254,10 +254,10 @@ def test_seeds_command_end_to_end(tmp_path, capsys):
 VARIANTS = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tar_variants.yaml"
 
 
-def test_tar_variants_overlay_compares_at_equal_compute_and_runs_as_documented(tmp_path, capsys):
+def test_tar_variants_overlay_compares_at_equal_compute():
     """``recipes/demo/tar_variants.yaml`` (the command of RESULTS.md's table of TAR variants): every variant costs
     the shipped extended family's forward+backward passes per outer step (adversary steps + TR evaluations +
-    retain); the options are the documented ones; the overlay runs end to end through ``tar-lightning demo``."""
+    retain), and the options are the documented ones."""
     import yaml
 
     from tar_lightning.demo.config import DEFAULT_CONFIG, demo_config_from_layers
@@ -279,7 +279,10 @@ def test_tar_variants_overlay_compares_at_equal_compute_and_runs_as_documented(t
     assert mud.fork_every == 32 and mud.attack_horizon() == 320 and mud.disruption_mask and mud.normalize_tr_grad
     assert [a.name for a in mud.adversaries] == ["adamw_forget"]
 
-    # the documented command at the minimal size, every variant at once (one attack seed to stay cheap)
+
+@pytest.mark.slow  # the minimal demo with four TAR families
+def test_tar_variants_overlay_runs_as_documented(tmp_path, capsys):
+    """The documented command at the minimal size, every variant at once (one attack seed to stay cheap)."""
     out = tmp_path / "variants"
     args = ["demo", "--size", "minimal", "--config", str(VARIANTS), "--tar.run", "[extended,ext_full,ext_norm30,mudman30]",
             "--redteam.seeds", "1", "--out", str(out)]

@@ -404,3 +404,21 @@ def test_tiny_refusal_tar_then_attack_then_evaluation(tmp_path):
     answers = generate_responses(module.model, tok, HARMFUL, max_new_tokens=4)
     assert not any(len(a) > 8 and a in written for a in answers), "answers leaked into the red-team files"
     assert np.isfinite(run["after"]["harmful_loss"])
+
+
+def test_generation_builds_no_autograd_graph_and_restores_the_tokenizer():
+    """``generate_responses`` decodes without autograd (whatever the model's own ``generate`` does), pads on the
+    left while it runs, and leaves the tokenizer's padding side and the model's mode as they were."""
+    model, tok = tiny_llama()
+    model.train()
+    seen = []
+    plain_generate = model.generate
+
+    def generate(**kwargs):  # records the autograd mode and padding side generation runs under, then generates
+        seen.append((torch.is_grad_enabled(), tok.padding_side))
+        return plain_generate(**kwargs)
+
+    model.generate = generate
+    out = generate_responses(model, tok, ["name a color", "count to three"], max_new_tokens=2, batch_size=1)
+    assert len(out) == 2 and seen == [(False, "left"), (False, "left")]
+    assert tok.padding_side == "right" and model.training

@@ -106,7 +106,7 @@ def test_training_steps_match_a_plain_torch_loop(optimizer):
         # eps well above the fp32 noise of the smallest gradients, which Adam's normalisation would blow up to lr
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, eps=1e-6)
 
-    def schedule(opt):  # multipliers 0.5, 1.0, 0.1: a schedule stepped once per epoch would keep 0.5
+    def schedule(opt):  # multipliers 0.5, 1.0, 1.0: a schedule stepped once per epoch would keep 0.5
         return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps=3, warmup=2))
 
     scheduled = optimizer == "sgd_scheduled"

@@ -72,6 +72,7 @@ __all__ = [
     "generate_responses",
     "judge_agreement",
     "judge_responses",
+    "padding_side",
     "load_prompts",
 ]
 
@@ -158,7 +159,6 @@ def load_prompts(
 
 
 # ---------------------------------------------------------------------------------------------- generation
-@torch.no_grad()
 @contextlib.contextmanager
 def padding_side(tokenizer: Any, side: str) -> Iterator[None]:
     """Pads on ``side`` inside the block and restores the tokenizer's own side after it, exception or not."""
@@ -170,6 +170,7 @@ def padding_side(tokenizer: Any, side: str) -> Iterator[None]:
         tokenizer.padding_side = before
 
 
+@torch.no_grad()
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,

@@ -234,8 +234,6 @@ def other_metric_rows(
     return ["attack", *names], rows
 
 
-
-
 def judge_agreement_rows(runs: Sequence[Mapping], attack_ids: Sequence[str]) -> Optional[list[list[Any]]]:
     """Rows of the "Judge agreement" table of ``report.md``: per attack, refusal metric with a second judge and stage
     (before / after the attack), the 2×2 tables of the attack's runs summed (pooled over seeds) and read as one:
