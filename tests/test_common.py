@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tar_lightning.common import is_int, is_number, looks_local, model_fingerprint
+from tar_lightning.common import config_hash, is_int, is_number, json_default, looks_local, model_fingerprint
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError, TARLightningError
 
 # ------------------------------------------------------------------------------------------------ local paths
@@ -203,6 +203,42 @@ def test_one_fingerprint_keys_the_red_team_and_the_reference_cache():
 
     assert preference.model_fingerprint is model_fingerprint  # the DPO reference log-prob cache key
     assert redteam.model_fingerprint is model_fingerprint  # run records and pre-attack evaluations
+
+
+# ------------------------------------------------------------------------------------------------ configuration hash
+def test_config_hash_is_sha256_of_key_sorted_json_and_refuses_unstable_values(tmp_path):
+    """One hash keys red-team runs and demo stages: the SHA-256 of the key-sorted compact JSON, recomputed here by
+    hand; paths, tuples, numpy numbers and dataclasses take their plain JSON form; an object whose only form is its
+    ``str`` (a memory address, different in every process) is refused instead of silently keying the cache."""
+    import dataclasses
+    import hashlib
+
+    value = {"b": [1, 2.5, None], "a": {"z": "x", "y": True}}
+    by_hand = hashlib.sha256(b'{"a": {"y": true, "z": "x"}, "b": [1, 2.5, null]}').hexdigest()[:20]
+    assert config_hash(value) == by_hand
+    assert config_hash({"a": {"z": "x", "y": True}, "b": [1, 2.5, None]}) == by_hand  # key order does not matter
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: float
+
+    plain = {"path": str(tmp_path), "pair": [1, 2], "n": 3, "f": 0.5, "p": {"x": 1, "y": 2.0}}
+    typed = {"path": tmp_path, "pair": (1, 2), "n": np.int64(3), "f": np.float32(0.5), "p": Point(1, 2.0)}
+    assert config_hash(typed) == config_hash(plain)
+    assert json_default(np.int64(3)) == 3 and type(json_default(np.int64(3))) is int
+    with pytest.raises(TypeError, match="not JSON serializable: object"):
+        config_hash({"key": object()})
+    with pytest.raises(TypeError, match="not JSON serializable: type"):
+        config_hash({"key": Point})  # a dataclass type is not a dataclass value
+
+
+def test_one_config_hash_keys_red_team_runs_and_demo_stages():
+    from tar_lightning.demo import evaluator, pipeline
+    from tar_lightning.evaluation.redteam import io, run
+
+    assert run.config_hash is config_hash and pipeline.config_hash is config_hash
+    assert evaluator.config_hash is config_hash and io.json_default is json_default
 
 
 # ------------------------------------------------------------------------------------------------ errors

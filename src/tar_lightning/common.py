@@ -1,4 +1,5 @@
-"""Small rules shared by every layer of the library: number checks, "is this a local path", a model's fingerprint.
+"""Small rules shared by every layer of the library: number checks, "is this a local path", a model's fingerprint,
+the JSON form of records and the hash that keys a configuration.
 
 This module imports nothing from the rest of the library (only the standard library and torch), so any module can
 use it without creating an import cycle.
@@ -6,16 +7,28 @@ use it without creating an import cycle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LOCAL_FILE_SUFFIXES", "is_int", "is_number", "looks_local", "model_fingerprint"]
+__all__ = [
+    "LOCAL_FILE_SUFFIXES",
+    "config_hash",
+    "is_int",
+    "is_number",
+    "json_default",
+    "looks_local",
+    "model_fingerprint",
+]
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -103,3 +116,30 @@ def model_fingerprint(model: nn.Module) -> str:
                 raw = t.reshape(-1).view(torch.uint8)  # the values' bytes, whatever the dtype
                 h.update(raw.cpu().numpy().data)
     return h.hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------------------ JSON and hashes
+def json_default(value: Any) -> Any:
+    """The JSON form of what records hold besides JSON types: paths, numpy numbers, tuples, dataclasses.
+
+    Anything else is a ``TypeError``: a key built from an object without a stable JSON form (its ``str`` may hold
+    a memory address) would change from run to run.
+    """
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def config_hash(value: Any) -> str:
+    """20 hex digits of the SHA-256 of ``value``'s key-sorted JSON (:func:`json_default` for other values): the
+    key of a red-team run's configuration and of every cached demo stage."""
+    text = json.dumps(value, sort_keys=True, default=json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

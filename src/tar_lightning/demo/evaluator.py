@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from tar_lightning.common import model_fingerprint
+from tar_lightning.common import config_hash, model_fingerprint
 from tar_lightning.data.knowledge import build_world, knowledge_mcq, knowledge_records
-from tar_lightning.demo.io import stable_hash
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.heldout import heldout_metrics
 from tar_lightning.evaluation.mcq import MCQItem, score_mcq
@@ -73,7 +72,7 @@ class KnowledgeEvaluator:
         self.retain_texts = retain[:heldout_limit] if heldout_limit else retain
         self.seq_len, self.batch_size = seq_len, batch_size
         self._memo: dict[tuple, tuple[Any, dict[str, float]]] = {}
-        self.fingerprint = "KnowledgeEvaluator(" + stable_hash(
+        self.fingerprint = "KnowledgeEvaluator(" + config_hash(
             [dict(world), seq_len, mcq_limit, heldout_limit, "raw"]
         ) + ")"
 

@@ -1,8 +1,7 @@
-"""The demo's small helpers: stable hashes of stage keys, JSON files, torch threads and a quiet Lightning.
+"""The demo's small helpers: source fingerprints for stage keys, JSON files, torch threads and a quiet Lightning.
 
-- :func:`stable_hash`: the hash that keys every cached stage (a change upstream changes every hash below it);
-- :func:`source_fingerprint`: the hash of the source files of some of our modules (part of those keys, so that
-  a stage trained by other code is not reused);
+- :func:`source_fingerprint`: the hash of the source files of some of our modules (part of every stage's key,
+  hashed by :func:`tar_lightning.common.config_hash`, so that a stage trained by other code is not reused);
 - :func:`write_json` / :func:`read_json`: the stage and result files (written atomically; a missing or damaged
   file reads as ``None``, i.e. "not cached");
 - :func:`torch_threads`: the demo's ``threads`` setting for the duration of a block;
@@ -34,15 +33,9 @@ __all__ = [
     "silence_lightning",
     "source_files",
     "source_fingerprint",
-    "stable_hash",
     "torch_threads",
     "write_json",
 ]
-
-
-def stable_hash(value: Any) -> str:
-    """20 hex digits of the SHA-256 of ``value`` as sorted JSON (non-JSON values by ``str``)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def source_files(module_name: str) -> list[Path]:

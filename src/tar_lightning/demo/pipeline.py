@@ -33,10 +33,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 import tar_lightning
 from tar_lightning.base_module import adamw
+from tar_lightning.common import config_hash
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.demo.config import DemoConfig
 from tar_lightning.demo.evaluator import CAPABILITY, SAFETY, KnowledgeEvaluator
-from tar_lightning.demo.io import read_json, source_fingerprint, stable_hash, write_json
+from tar_lightning.demo.io import read_json, source_fingerprint, write_json
 from tar_lightning.demo.report import FIGHT, DemoResult, format_metrics, mean_or_none
 from tar_lightning.demo.suite import build_suite, knowledge_source
 from tar_lightning.errors import ConfigError
@@ -196,7 +197,7 @@ class DemoPipeline:
         out: dict[str, tuple[dict, str]] = {}
 
         def add(name: str, key: dict) -> str:
-            out[name] = (key, stable_hash(key))
+            out[name] = (key, config_hash(key))
             return out[name][1]
 
         h0 = add("stage0", {"stage": 0, **self._model_key(), "world": cfg.world, "seq_len": cfg.seq_len,
@@ -410,7 +411,7 @@ class DemoPipeline:
         parent = self.keys()[self.defenses()[defense]][1]
         key = {"stage": 3, "parent": parent, "suite": self.suite().to_dict(), "evaluator": self.evaluator.fingerprint,
                **self._code_key("redteam")}
-        return key, stable_hash(key)
+        return key, config_hash(key)
 
     def cached_redteam(self, defense: str) -> Optional[dict]:
         """The red team of ``defense`` when ``out/redteam/defense`` holds a finished one of its current key."""

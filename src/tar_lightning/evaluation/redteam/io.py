@@ -1,7 +1,7 @@
 """The red team's files: JSON text, configuration hashes, run files, and the output folder's ownership.
 
-- :func:`json_text` / :func:`config_hash`: the JSON form of run records (paths, numpy numbers, tuples and
-  dataclasses as plain values) and the hash that keys a run's configuration;
+- :func:`json_text`: the JSON form of run records (paths, numpy numbers, tuples and dataclasses as plain values,
+  :func:`tar_lightning.common.json_default`; the configuration key is :func:`tar_lightning.common.config_hash`);
 - :func:`write_text`: every red-team result file goes through :func:`tar_lightning.checkpoint.atomic_write_text`
   (the library's one atomic writer);
 - :func:`load_finished`: a finished run file of the same configuration (resume);
@@ -10,17 +10,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.common import json_default
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.redteam.result import RESULT_VERSION
 from tar_lightning.evaluation.refusal import AGREEMENT_TABLE
@@ -28,9 +25,7 @@ from tar_lightning.evaluation.refusal import AGREEMENT_TABLE
 __all__ = [
     "SUMMARY_FILES",
     "claim_out_dir",
-    "config_hash",
     "describe_model",
-    "json_default",
     "json_text",
     "load_finished",
     "write_text",
@@ -50,27 +45,6 @@ def write_text(path: Path, text: str) -> None:
 def json_text(value: Any) -> str:
     """``value`` as the indented JSON of run files and results.json (see :func:`json_default`)."""
     return json.dumps(value, indent=1, sort_keys=False, default=json_default)
-
-
-def json_default(value: Any) -> Any:
-    """The JSON form of what run records hold besides JSON types: paths, numpy numbers, tuples, dataclasses."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, tuple):
-        return list(value)
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def config_hash(value: Any) -> str:
-    """20 hex digits of the SHA-256 of ``value``'s key-sorted JSON: a run's configuration key."""
-    text = json.dumps(value, sort_keys=True, default=json_default)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def describe_model(identity: Mapping[str, Any]) -> str:

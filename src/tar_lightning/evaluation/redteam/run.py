@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tar_lightning.adversaries.runner import check_adversaries
+from tar_lightning.common import config_hash
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation import aggregate as agg
 
@@ -42,13 +43,7 @@ from tar_lightning.evaluation import aggregate as agg
 from tar_lightning.evaluation import report as report_files
 from tar_lightning.evaluation.redteam.batches import DataCache, run_seed
 from tar_lightning.evaluation.redteam.handle import ModelHandle
-from tar_lightning.evaluation.redteam.io import (
-    claim_out_dir,
-    config_hash,
-    json_text,
-    load_finished,
-    write_text,
-)
+from tar_lightning.evaluation.redteam.io import claim_out_dir, json_text, load_finished, write_text
 from tar_lightning.evaluation.redteam.metrics import Evaluator, build_evaluator, evaluator_id
 from tar_lightning.evaluation.redteam.parallel import run_parallel
 from tar_lightning.evaluation.redteam.result import RESULT_VERSION, RedTeamResult
