@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -82,6 +83,53 @@ def fit_under_fsdp2_overlay(recipe: Path, tmp_path: Path, *args: str) -> subproc
         env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# -- tests/dist_scripts/tar_ddp_equivalence.py: TAR on 1 or 2 gloo CPU processes (tests/test_distributed.py) ---------
+SCRIPT = REPO / "tests" / "dist_scripts" / "tar_ddp_equivalence.py"
+
+
+def run_script(devices: int, out: Path, outer: str, *extra: str) -> tuple[list[dict], list[list[float]]]:
+    """The script on ``devices`` processes (3 outer steps unless ``extra`` sets ``--steps``) into ``out``; asserts it
+    succeeded and returns every rank's final (full) parameters and the clip norms it logged."""
+    env = launch_env()
+    steps = [] if "--steps" in extra else ["--steps", "3"]
+    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--global-batch", "4", *steps,
+           "--outer", outer, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return script_outputs(devices, out)
+
+
+def script_outputs(devices: int, out: Path) -> tuple[list[dict], list[list[float]]]:
+    params = [torch.load(out / f"params.rank{r}.pt") for r in range(devices)]
+    norms = [json.loads((out / f"norms.rank{r}.json").read_text()) for r in range(devices)]
+    return params, norms
+
+
+#: on tests that share :func:`shared_run` runs: under ``-n N --dist loadgroup`` each xdist worker has its own
+#: session, so only tests on one worker can share a run
+SHARED_RUNS = pytest.mark.xdist_group("tar_ddp_equivalence_runs")
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """``shared_run(devices, outer, *extra) -> (params, norms, out)``: :func:`run_script` with exactly these
+    arguments, launched once per pytest session (worker) and argument list, for the reference runs several tests
+    would otherwise repeat identically; every call re-reads the outputs from ``out`` (fresh tensors). Tests only
+    read ``out``; a failed launch is not remembered (the next test asking for it launches it again)."""
+    done: dict[tuple, Path] = {}
+
+    def run(devices: int, outer: str, *extra: str) -> tuple[list[dict], list[list[float]], Path]:
+        key = (devices, outer, *extra)
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"shared_{devices}p_{outer}")
+            run_script(devices, out, outer, *extra)
+            done[key] = out
+        params, norms = script_outputs(devices, done[key])
+        return params, norms, done[key]
+
+    return run
 
 
 # -- Slurm: tests marked `slurm` need a reachable Slurm (bash .ci/slurm.sh up; .ci/run starts one) -------------

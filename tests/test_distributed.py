@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_env
-
-SCRIPT = Path(__file__).parent / "dist_scripts" / "tar_ddp_equivalence.py"
+from conftest import SHARED_RUNS, launch_env, run_script
 
 # fp32, 3 outer steps of 2 trajectories × 2 adversary steps, global batch 4 of equal-length unpadded sequences.
 # Measured max |Δθ| between 1 and 2 processes: ~7e-9 with an SGD outer step, ~8e-6 with AdamW (Adam divides by
@@ -22,23 +20,16 @@ TOLERANCE = {"sgd": 1e-6, "adamw": 5e-5}
 # FSDP2 (ModelParallelStrategy, fully_shard per decoder layer, 2 ranks) vs one unsharded process, same setup:
 # measured max |Δθ| ~1.2e-7 (SGD outer), ~8.5e-6 (AdamW), ~1.5e-8 (SGD, representation retain term); logged clip
 # norms agree across ranks exactly and with one process to ~3e-7 relative. FSDP2 with one rank: see below.
+#
+# Runs that several tests make with identical arguments (the one-process references, the FSDP2 AdamW 2-process
+# run) come from the session fixture `shared_run` (tests/conftest.py): launched once, with exactly the arguments
+# each of those tests passes; the tests that share them carry SHARED_RUNS (one xdist worker).
 
 
-def run_script(devices: int, out: Path, outer: str, *extra: str) -> tuple[list[dict], list[list[float]]]:
-    env = launch_env()
-    steps = [] if "--steps" in extra else ["--steps", "3"]
-    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--global-batch", "4", *steps,
-           "--outer", outer, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    params = [torch.load(out / f"params.rank{r}.pt") for r in range(devices)]
-    norms = [json.loads((out / f"norms.rank{r}.json").read_text()) for r in range(devices)]
-    return params, norms
-
-
+@SHARED_RUNS  # the one-process runs
 @pytest.mark.parametrize("outer", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
-def test_ddp_two_processes_equal_one_process(tmp_path, outer):
-    (single,), (single_norms,) = run_script(1, tmp_path / "one", outer)
+def test_ddp_two_processes_equal_one_process(tmp_path, shared_run, outer):
+    (single,), (single_norms,), _ = shared_run(1, outer)
     (rank0, rank1), (norms0, norms1) = run_script(2, tmp_path / "two", outer)
 
     # the attacked and outer-updated weights stay bit-identical on every rank
@@ -64,16 +55,16 @@ def test_ddp_two_processes_equal_one_process(tmp_path, outer):
 
 @pytest.mark.parametrize(
     "outer,representation",
-    [("sgd", False), pytest.param("adamw", False, marks=pytest.mark.slow), pytest.param("sgd", True, marks=pytest.mark.slow)],
+    [pytest.param("sgd", False, marks=SHARED_RUNS), pytest.param("adamw", False, marks=[pytest.mark.slow, SHARED_RUNS]),
+     pytest.param("sgd", True, marks=pytest.mark.slow)],
 )
-def test_fsdp2_two_processes_equal_one_process(tmp_path, outer, representation):
+def test_fsdp2_two_processes_equal_one_process(shared_run, outer, representation):
     extra = ("--representation",) if representation else ()
-    (single,), (single_norms,) = run_script(1, tmp_path / "one", outer, *extra)
+    (single,), (single_norms,), _ = shared_run(1, outer, *extra)
     # the script also asserts that the model (and the reference) are FSDP2-sharded and that snapshot/restore on
-    # the DTensor shards is bit-exact
-    (rank0, rank1), (norms0, norms1) = run_script(
-        2, tmp_path / "two", outer, "--strategy", "fsdp2", "--checkpoint", *extra
-    )
+    # the DTensor shards is bit-exact (AdamW: the uninterrupted run of the resume test below and the run without
+    # validation of tests/test_fsdp2_core.py's validation test, shared)
+    (rank0, rank1), (norms0, norms1), two = shared_run(2, outer, "--strategy", "fsdp2", "--checkpoint", *extra)
     assert rank0.keys() == single.keys()
     for k in rank0:  # the gathered full parameters
         assert torch.equal(rank0[k], rank1[k]), k
@@ -83,12 +74,13 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, outer, representation):
     diff = max((single[k] - rank0[k]).abs().max().item() for k in single)
     assert diff < TOLERANCE[outer], diff
     # sharded (distributed) checkpoint: a folder with one shard file per rank (resume/export: test below)
-    ckpt = tmp_path / "two" / "last.ckpt"
+    ckpt = two / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
 
 
-@pytest.mark.slow  # 3 two-process runs
-def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_path):
+@pytest.mark.slow  # 3 two-process runs, the uninterrupted one shared with test_fsdp2_two_processes_equal_one_process
+@SHARED_RUNS
+def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_path, shared_run):
     """2 ranks, FSDP2, AdamW outer: 2 steps -> sharded checkpoint -> resume to 3 steps is bit-identical to 3
     uninterrupted steps (measured max |Δθ| 0.0); `export` consolidates the sharded folder into an HF folder whose
     weights are the full (gathered) parameters."""
@@ -96,7 +88,7 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
 
     from tar_lightning.cli import main
 
-    (full0, _), (norms, _) = run_script(2, tmp_path / "full", "adamw", "--strategy", "fsdp2", "--checkpoint")
+    (full0, _), (norms, _), full = shared_run(2, "adamw", "--strategy", "fsdp2", "--checkpoint")
     run_script(2, tmp_path / "first", "adamw", "--strategy", "fsdp2", "--checkpoint", "--steps", "2",
                "--data-steps", "3")
     first = tmp_path / "first" / "last.ckpt"
@@ -110,7 +102,7 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
         assert torch.equal(resumed0[k], full0[k]) and torch.equal(resumed1[k], full0[k]), k
 
     out = tmp_path / "hf"
-    assert main(["export", "--ckpt", str(tmp_path / "full" / "last.ckpt"), "--out", str(out)]) == 0
+    assert main(["export", "--ckpt", str(full / "last.ckpt"), "--out", str(out)]) == 0
     exported = load_file(out / "model.safetensors")
     for k, v in exported.items():
         assert torch.equal(v, full0[k]), k
@@ -118,7 +110,8 @@ def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted_and_exports(tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp2_one_process_equals_single_device(tmp_path):
+@SHARED_RUNS  # the plain one-process run
+def test_fsdp2_one_process_equals_single_device(tmp_path, shared_run):
     """FSDP2 on one rank vs the plain single-device path. Bit-identical on the machine this was first measured on;
     on another CPU (same torch 2.13.0+cpu) 16 of 21 tensors differ by at most 3.7e-9 after 3 AdamW steps and the
     third clip norm by 1e-7 relative (float summation order), and on a heavily loaded 2-core machine one weight by
@@ -126,7 +119,7 @@ def test_fsdp2_one_process_equals_single_device(tmp_path):
     comes out at the scale of a step. The gap is therefore bounded relative to how far the weights move (the
     largest single-weight movement is ~3e-3): 1e-3 of it, while a wrong gradient or a skipped step would differ by
     the order of the movement itself."""
-    (single,), (single_norms,) = run_script(1, tmp_path / "one", "adamw")
+    (single,), (single_norms,), _ = shared_run(1, "adamw")
     (sharded,), (sharded_norms,) = run_script(1, tmp_path / "fsdp2", "adamw", "--strategy", "fsdp2")
     assert sharded_norms == pytest.approx(single_norms, rel=1e-6)
     initial = _initial_weights()
@@ -137,7 +130,8 @@ def test_fsdp2_one_process_equals_single_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):
+@SHARED_RUNS  # the fp32 one-process run
+def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path, shared_run):
     """ShardingConfig under FSDP2 on 2 ranks: bf16 unsharded params in forward, fp32 sharded (master) params,
     activation checkpointing on every decoder layer; ranks agree bit for bit; close to the fp32 run.
 
@@ -145,7 +139,7 @@ def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):
     them by ‖θ₃ − θ₀‖ = 0.7544, the bf16 run by 0.7545, and the two end points are 0.0407 apart (5.4% of the
     movement; per weight the gap reaches 4.4e-3, above the 3.0e-3 largest single-weight movement, because bf16
     compute flips the sign of tiny AdamW updates, hence the norms); clip norms within 0.2%."""
-    (single,), (single_norms,) = run_script(1, tmp_path / "one", "adamw")
+    (single,), (single_norms,), one_out = shared_run(1, "adamw")
     (rank0, rank1), (norms0, norms1) = run_script(
         2, tmp_path / "two", "adamw", "--strategy", "fsdp2", "--param-dtype", "bfloat16", "--activation-checkpointing"
     )
@@ -154,7 +148,7 @@ def test_fsdp2_bf16_mixed_precision_and_activation_checkpointing(tmp_path):
         assert info["forward_dtypes"] == ["torch.bfloat16"]  # the all-gathered (compute) parameters
         assert info["param_dtypes"] == ["torch.float32"]  # the sharded parameters the optimizers update
         assert info["activation_checkpointing"] == [True, True]
-    one = json.loads((tmp_path / "one" / "info.rank0.json").read_text())
+    one = json.loads((one_out / "info.rank0.json").read_text())
     assert one["forward_dtypes"] == ["torch.float32"] and one["activation_checkpointing"] == [False, False]
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k

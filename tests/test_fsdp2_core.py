@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_under_fsdp2_overlay, launch_env, random_bundle
-from test_distributed import SCRIPT, run_script
+from conftest import SCRIPT, SHARED_RUNS, fit_under_fsdp2_overlay, launch_env, random_bundle, run_script
 from test_tar_module import fit, micro
 
 from tar_lightning import AdversaryConfig, ConfigError, TARConfig, TARModule
@@ -112,18 +111,20 @@ def info(out: Path, rank: int = 0) -> dict:
     return json.loads((out / f"info.rank{rank}.json").read_text())
 
 
-@pytest.mark.slow  # 2 two-process runs
-@pytest.mark.parametrize("outer", ["sgd", "schedule_free"])
-def test_fsdp2_validation_between_steps_neither_crashes_nor_changes_training(tmp_path, outer):
+@pytest.mark.slow  # 2 two-process runs (AdamW: the one without validation shared with tests/test_distributed.py)
+@pytest.mark.parametrize("outer", [pytest.param("adamw", marks=SHARED_RUNS), "schedule_free"])
+def test_fsdp2_validation_between_steps_neither_crashes_nor_changes_training(tmp_path, shared_run, outer):
     """Sanity check, a validation stream after every step (val_check_interval=1) and MCQValidation under FSDP2: no
     crash (before the fix: SIGSEGV in the first training step after validation), and the weights equal those of the
     same run without validation, bit for bit. Schedule-free outer (the library's default): validation evaluates at
     x and then restores the training point y exactly (before that fix its eval()/train() lerp there and back moved
-    a few weights by an ulp: max |Δθ| 2.0e-7 after 3 steps)."""
-    (plain0, _), (plain_norms, _) = run_script(2, tmp_path / "plain", outer, "--strategy", "fsdp2")
+    a few weights by an ulp: max |Δθ| 2.0e-7 after 3 steps). AdamW: an outer optimizer without train/eval modes.
+    Both runs save a sharded checkpoint at the end (after the weights are recorded), so the AdamW run without
+    validation is the FSDP2 run tests/test_distributed.py makes with the same arguments (launched once)."""
+    fsdp2 = ("--strategy", "fsdp2", "--checkpoint")
+    (plain0, _), (plain_norms, _), _ = shared_run(2, outer, *fsdp2)
     mcq = write_mcq(tmp_path / "mcq.json")
-    (val0, val1), (val_norms, _) = run_script(
-        2, tmp_path / "val", outer, "--strategy", "fsdp2", "--validation", "--mcq", str(mcq))
+    (val0, val1), (val_norms, _) = run_script(2, tmp_path / "val", outer, *fsdp2, "--validation", "--mcq", str(mcq))
     for r in range(2):
         got = info(tmp_path / "val", r)
         assert got["validations"] == 4  # the sanity check + after each of the 3 steps
