@@ -4,6 +4,7 @@ folders equal to single-seed runs, a rerun that only aggregates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import warnings
@@ -264,17 +265,21 @@ def test_tar_variants_overlay_compares_at_equal_compute():
 
     layers = [(DEFAULT_CONFIG, yaml.safe_load(DEFAULT_CONFIG.read_text())), (VARIANTS, yaml.safe_load(VARIANTS.read_text()))]
     tar = demo_config_from_layers(layers, {}).tar
-    assert tar.run == ["extended", "ext_full"]
-    configs = {f: tar.tar_config(f) for f in ("extended", "ext_full", "ext_norm30", "mudman30")}
+    assert tar.run == ["extended", "ext_delta"]
+    configs = {f: tar.tar_config(f) for f in ("extended", "ext_delta", "ext_norm30", "mudman30")}
 
     def passes(c) -> int:
         return c.trajectories * (c.inner_steps + len(c.tr_points())) + 1
 
     assert {f: passes(c) for f, c in configs.items()} == dict.fromkeys(configs, 21)
-    ext, full, norm, mud = configs.values()
-    assert full.persistent_state == "full" and full.long_horizon() and full.attack_horizon() == 320
-    assert (full.persistent_pool, full.persistent_horizon, full.retain_weight) == (ext.persistent_pool, 320, 2.0)
-    assert full.adversaries == ext.adversaries == norm.adversaries  # the same five adversaries
+    ext, delta, norm, mud = configs.values()
+    # the shipped extended family continues whole attacks; its ablation differs in what a continuation takes over
+    assert ext.persistent_state == "full" and ext.long_horizon() and ext.attack_horizon() == 320
+    assert ext.weighting_rate == 0.0125
+    assert delta.persistent_state == "delta" and not delta.long_horizon() and delta.weighting_rate == 0.0625
+    assert dataclasses.replace(delta, persistent_state="full", weighting_rate=0.0125) == ext
+    assert (ext.persistent_pool, ext.persistent_horizon, ext.retain_weight) == (4, 320, 2.0)
+    assert ext.adversaries == delta.adversaries == norm.adversaries  # the same five adversaries
     assert norm.normalize_tr_grad and norm.tr_weight == 30.0 and norm.persistent_state == "delta"
     assert mud.fork_every == 32 and mud.attack_horizon() == 320 and mud.disruption_mask and mud.normalize_tr_grad
     assert [a.name for a in mud.adversaries] == ["adamw_forget"]
@@ -284,11 +289,11 @@ def test_tar_variants_overlay_compares_at_equal_compute():
 def test_tar_variants_overlay_runs_as_documented(tmp_path, capsys):
     """The documented command at the minimal size, every variant at once (one attack seed to stay cheap)."""
     out = tmp_path / "variants"
-    args = ["demo", "--size", "minimal", "--config", str(VARIANTS), "--tar.run", "[extended,ext_full,ext_norm30,mudman30]",
+    args = ["demo", "--size", "minimal", "--config", str(VARIANTS), "--tar.run", "[extended,ext_delta,ext_norm30,mudman30]",
             "--redteam.seeds", "1", "--out", str(out)]
     assert main(args) == 0
     result = _json(out / "results.json")
-    assert result["defenses"] == ["no_defense", "random_mapping", "tar_extended", "tar_ext_full", "tar_ext_norm30",
+    assert result["defenses"] == ["no_defense", "random_mapping", "tar_extended", "tar_ext_delta", "tar_ext_norm30",
                                   "tar_mudman30"]
     assert result["attacks"] == ["w03", "w16"]
     assert "K=10" in capsys.readouterr().out  # mudman30's own inner steps, not the stage's

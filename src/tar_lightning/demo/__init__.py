@@ -11,7 +11,8 @@
    same streams, red-teamed and reported as one more defense;
 2. **TAR** (:class:`~tar_lightning.TARModule`) from the random-mapping model, once per train-time adversary
    family (``paper``: full-parameter AdamW on forget text at constant LRs plus a retain→forget switch;
-   ``extended``: adds LoRA, warmup+cosine and ``retain_domain`` adversaries), with the max-entropy TR loss taken
+   ``extended``: adds LoRA, warmup+cosine and ``retain_domain`` adversaries, and persistent adversaries whose
+   continued trajectories keep their optimizer state, ``persistent_state: full``), with the max-entropy TR loss taken
    at the answer positions of forget sentences (``entropy_positions: labels`` over ``label_span``);
 3. **red team** (:func:`~tar_lightning.evaluation.redteam.run_redteam`) on every defense (no defense = the
    stage-0 model, random mapping, TAR per family): a subset of the weaponization and durability suites, scaled
