@@ -1,7 +1,7 @@
 """Small rules shared by every layer of the library: number checks, "is this a local path", a model's fingerprint,
 the JSON form of records and the hash that keys a configuration.
 
-This module imports nothing from the rest of the library (only the standard library and torch), so any module can
+This module imports nothing from the rest of the library (only the standard library, numpy and torch), so any module can
 use it without creating an import cycle.
 """
 

@@ -32,7 +32,7 @@ is loaded instead of rerun; red-team runs resume through ``run_redteam``'s own r
 With ``workers: N`` (default 2) the stages and the attacks run on N processes as a job graph
 (:mod:`tar_lightning.demo.workers`); the numbers are the same as with ``workers: 1`` (everything in this process).
 
-Modules, each importing only those above it: :mod:`~tar_lightning.demo.io` (hashes, JSON files, threads, a quiet
+Modules, each importing only those above it: :mod:`~tar_lightning.demo.io` (source fingerprints, JSON files, threads, a quiet
 Lightning), :mod:`~tar_lightning.demo.evaluator` (:class:`KnowledgeEvaluator`), :mod:`~tar_lightning.demo.config`
 (:class:`DemoConfig`, :func:`load_demo_config`), :mod:`~tar_lightning.demo.report` (:class:`DemoResult`, targets,
 ``report.md``, plots), :mod:`~tar_lightning.demo.suite` (the red-team suite), :mod:`~tar_lightning.demo.pipeline`

@@ -32,7 +32,7 @@ DEMO = Command(
     name="demo",
     description="Teach a tiny model two invented domains, safeguard one (random mapping, TAR with two adversary "
     "families), red-team every defense and write report.md + results.json. No network, no GPU. Sizes: default "
-    "(9-15 min on 2 CPU cores), minimal (under a minute), smollm2 (the real SmolLM2-135M-Instruct, chosen by "
+    "(8-15 min on 2 CPU cores), minimal (under a minute), smollm2 (the real SmolLM2-135M-Instruct, chosen by "
     "--model smollm2-135m-instruct).",
     options=DemoConfig,
     base=DEFAULT_CONFIG,
