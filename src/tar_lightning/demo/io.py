@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from tar_lightning.checkpoint import atomic_write_text
+from tar_lightning.common import json_default
 from tar_lightning.errors import ConfigError
 
 __all__ = [
@@ -82,8 +83,9 @@ def source_fingerprint(module_names: Sequence[str]) -> str:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Writes ``value`` as indented JSON, atomically (non-JSON values by ``str``)."""
-    atomic_write_text(path, json.dumps(value, indent=1, default=str), what="demo file")
+    """Writes ``value`` as indented JSON, atomically (other values by :func:`~tar_lightning.common.json_default`,
+    the coercer of the configuration hash: a value with no stable JSON form is a ``TypeError``, not its ``str``)."""
+    atomic_write_text(path, json.dumps(value, indent=1, default=json_default), what="demo file")
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -32,7 +32,6 @@ JSON Lines file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -51,7 +50,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from tar_lightning.common import looks_local
+from tar_lightning.common import config_hash, looks_local
 from tar_lightning.data.sources import DataSource, apply_prompt_template, check_prompt_template, load_records
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
 from tar_lightning.models.gguf import alias_folder
@@ -72,8 +71,8 @@ __all__ = [
     "generate_responses",
     "judge_agreement",
     "judge_responses",
-    "padding_side",
     "load_prompts",
+    "padding_side",
 ]
 
 log = logging.getLogger(__name__)
@@ -275,7 +274,7 @@ class RefusalPhraseJudge:
         self.name = f"refusal_phrase({', '.join(parts)})" if parts else "refusal_phrase"
 
     def _digest(self) -> str:
-        return hashlib.sha256(json.dumps(list(self.phrases)).encode()).hexdigest()[:8]
+        return config_hash(list(self.phrases))[:8]
 
     def refused(self, response: str) -> bool:
         head = response.strip().lower().replace("’", "'")[: self.window]
@@ -518,7 +517,7 @@ def build_judge(spec: Union[None, str, Mapping[str, Any], Judge], where: str = "
     args = {k: v for k, v in spec.items() if k != "kind"}
     if spec["kind"] == "refusal_phrase":
         return RefusalPhraseJudge(**args)
-    key = json.dumps(args, sort_keys=True, default=str)
+    key = config_hash(args)
     if key not in _JUDGES:
         _JUDGES[key] = ClassifierJudge(**args)
     return _JUDGES[key]
