@@ -60,11 +60,11 @@ from tar_lightning.schema import int_at_least
 __all__ = [
     "AGREEMENT_TABLE",
     "COMPLIANCE_QUESTION",
-    "agreement_from_table",
     "ClassifierJudge",
     "Judge",
     "RefusalPhraseJudge",
     "RefusalResult",
+    "agreement_from_table",
     "build_judge",
     "check_judge_spec",
     "evaluate_refusal",
@@ -517,7 +517,7 @@ def build_judge(spec: Union[None, str, Mapping[str, Any], Judge], where: str = "
     args = {k: v for k, v in spec.items() if k != "kind"}
     if spec["kind"] == "refusal_phrase":
         return RefusalPhraseJudge(**args)
-    key = config_hash(args)
+    key = config_hash({k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in args.items()})
     if key not in _JUDGES:
         _JUDGES[key] = ClassifierJudge(**args)
     return _JUDGES[key]
