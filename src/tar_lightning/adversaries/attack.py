@@ -95,6 +95,7 @@ def run_attack(
     settle: Optional[Callable[[nn.Module], None]] = None,
     on_start: Optional[Callable[[AdversaryRun], None]] = None,
     on_step: Optional[Callable[[int], None]] = None,
+    micro_batch_size: Optional[int] = None,
 ) -> AttackOutcome:
     """Attacks ``model`` in place with ``adversary`` for ``steps`` steps and evaluates it along the way.
 
@@ -128,6 +129,8 @@ def run_attack(
             resharding FSDP2 modules that no-grad forwards left unsharded).
         on_start: called with the :class:`AdversaryRun` before its first step (e.g. to register optimizer hooks).
         on_step: called with the number of steps done after every step (e.g. a progress bar).
+        micro_batch_size: run each step's batch in parts of at most this many rows, accumulating the gradient
+            (:class:`AdversaryRun`; the same update, less activation memory).
 
     Returns:
         The :class:`AttackOutcome`.
@@ -145,7 +148,8 @@ def run_attack(
         if settle is not None:
             settle(model)  # the attack's optimizer must hold what the snapshot restores
         model.train()
-        run = AdversaryRun(model, adversary, lr=lr, steps=steps, switch_point=switch, seed=lora_seed)
+        run = AdversaryRun(model, adversary, lr=lr, steps=steps, switch_point=switch, seed=lora_seed,
+                           micro_batch_size=micro_batch_size)
         losses: list[Tensor] = []
         try:
             if on_start is not None:

@@ -21,8 +21,10 @@ from tar_lightning.adversaries.config import ACTIVATION_METHODS, AdversaryConfig
 from tar_lightning.adversaries.optim import build_adversary_optimizer
 from tar_lightning.adversaries.perturbation import ActivationPerturbation, resolve_layer
 from tar_lightning.adversaries.refusal_direction import RefusalDirection
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
+from tar_lightning.losses._common import IGNORE_INDEX
 from tar_lightning.models.layers import decoder_layers
 
 __all__ = ["AdversaryRun", "LORA_ADAPTER_NAME", "check_adversaries"]
@@ -114,10 +116,16 @@ class AdversaryRun:
         params: the parameters a full-parameter adversary trains (default: all that require grad).
         seed: seeds the LoRA adapters' initialisation (without touching the global RNG), so every rank of a
             data-parallel run starts the same adapters; ``None`` draws from the global RNG.
+        micro_batch_size: split each step's batch into forward/backward passes of at most this many rows and
+            accumulate their gradients before the one optimizer step (``None``: the whole batch at once). Each
+            part's loss is weighted by its share of the batch's labelled tokens, so the update is the whole
+            batch's token-mean gradient (up to float rounding) at a fraction of the activation memory. Only with
+            the default next-token loss: another ``loss_fn`` need not be a token mean.
 
     Raises:
         ConfigError: LoRA requested without peft installed, LoRA targets matching no module, a ``latent`` or
-            ``refusal_ablation`` layer outside the model, ``refusal_ablation`` with fewer than 2 steps.
+            ``refusal_ablation`` layer outside the model, ``refusal_ablation`` with fewer than 2 steps, a
+            ``micro_batch_size`` that is not a positive integer or comes with another ``loss_fn``.
     """
 
     def __init__(
@@ -131,7 +139,20 @@ class AdversaryRun:
         loss_fn: LossFn = lm_loss,
         params: Optional[list[nn.Parameter]] = None,
         seed: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
     ) -> None:
+        if micro_batch_size is not None:
+            if not is_int(micro_batch_size) or micro_batch_size < 1:
+                raise ConfigError(
+                    f"adversary {config.name!r}: micro_batch_size must be an integer >= 1 or null, got "
+                    f"{micro_batch_size!r}"
+                )
+            if loss_fn is not lm_loss:
+                raise ConfigError(
+                    f"adversary {config.name!r}: micro_batch_size works with the next-token loss only (each "
+                    "part is weighted by its labelled tokens); this run has its own loss_fn"
+                )
+        self.micro_batch_size = micro_batch_size
         self.model = model
         self.config = config
         self.lr = lr
@@ -306,8 +327,7 @@ class AdversaryRun:
             return value
         if self.perturbation is not None:
             self.perturbation.calibrate(self.model, batch)  # the radius, from the first batch (then a no-op)
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
+        loss = self._backward(batch)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -315,7 +335,36 @@ class AdversaryRun:
         if self.perturbation is not None:
             self.perturbation.project_()
         self.steps_done += 1
-        return loss.detach()
+        return loss
+
+    def _backward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Backward of the step's loss on ``batch`` (in parts of ``micro_batch_size`` rows when it is set);
+        returns the detached loss of the whole batch."""
+        rows = int(batch["input_ids"].shape[0])
+        size = self.micro_batch_size
+        if size is None or rows <= size:
+            loss = self.loss_fn(self.model, batch)
+            loss.backward()
+            return loss.detach()
+        for key, value in batch.items():
+            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != rows:
+                raise ConfigError(
+                    f"adversary {self.config.name!r}: micro-batching splits every batch entry by rows; {key!r} is "
+                    f"not a tensor of {rows} rows"
+                )
+        # causal_lm_loss averages over the labelled next-token positions (labels[:, 1:]) of the whole batch:
+        # each part's token mean, weighted by its share of those positions, sums to that average.
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+        total = counts.sum().clamp(min=1).to(torch.float32)
+        value = None
+        for lo in range(0, rows, size):
+            part = {key: v[lo : lo + size] for key, v in batch.items()}
+            share = counts[lo : lo + size].sum().to(torch.float32) / total
+            loss = self.loss_fn(self.model, part) * share
+            loss.backward()
+            value = loss.detach() if value is None else value + loss.detach()
+        assert value is not None
+        return value
 
     def close(self, merge: bool = False) -> None:
         """Free the optimizer; remove LoRA adapters (``merge=True`` folds them into the weights first); remove an

@@ -62,6 +62,9 @@ class RedTeamOptions:
     dtype: str = field(default="float32", metadata={"help": "load the model in this dtype (float32, bfloat16, "
                                                             "float16)"})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "load the tokenizer from this source instead"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={
+        "coerce": positive_int_or_none, "help": "run each attack step's batch in parts of at most this many rows, "
+        "accumulating the gradient (the same update, less activation memory; null: the whole batch)"})
     threads: Optional[int] = field(default=None, metadata={
         "coerce": positive_int_or_none, "help": "torch CPU threads (1 is fastest for tiny models on a shared machine)"})
     resume: bool = field(default=True, metadata={"help": "reuse runs whose result files exist in --out"})
@@ -112,6 +115,7 @@ def redteam_main(argv: Optional[Sequence[str]] = None) -> int:
             progress=args.progress,
             overwrite=args.overwrite,
             trust_callable=args.trust_callable_metrics,
+            micro_batch_size=args.micro_batch_size,
         )
     except TARLightningError as err:
         print(f"tar-lightning redteam: error: {err}", file=sys.stderr)

@@ -26,14 +26,15 @@ __all__ = ["run_parallel"]
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(devices, n_workers, model_arg, tokenizer, suite, evaluator, work_dir) -> None:
+def _worker_init(devices, n_workers, model_arg, tokenizer, suite, evaluator, work_dir, micro_batch_size) -> None:
     device = devices.get()
     if str(device).startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     handle = ModelHandle(model_arg, tokenizer, device, Path(work_dir))
     data = DataCache(suite.data, handle.tokenizer, suite.seq_len)
-    _WORKER["runner"] = AttackRunner(suite, handle, evaluator or build_evaluator(suite), data, progress=False)
+    _WORKER["runner"] = AttackRunner(suite, handle, evaluator or build_evaluator(suite), data, progress=False,
+                                     micro_batch_size=micro_batch_size)
 
 
 def _worker_execute(task: RunTask) -> dict:
@@ -42,7 +43,9 @@ def _worker_execute(task: RunTask) -> dict:
     return record
 
 
-def run_parallel(tasks, devices, model_arg, tokenizer, suite, evaluator, work_dir, progress) -> list[dict]:
+def run_parallel(
+    tasks, devices, model_arg, tokenizer, suite, evaluator, work_dir, progress, micro_batch_size=None
+) -> list[dict]:
     """Executes ``tasks`` on one spawned process per device; returns their records in the order of ``tasks``.
 
     Args:
@@ -54,6 +57,7 @@ def run_parallel(tasks, devices, model_arg, tokenizer, suite, evaluator, work_di
         evaluator: the evaluator (picklable), or ``None`` for the suite's default evaluator.
         work_dir: the output folder.
         progress: show a bar of finished runs.
+        micro_batch_size: attack steps run their batch in parts of at most this many rows (``None``: whole).
     """
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
@@ -67,7 +71,7 @@ def run_parallel(tasks, devices, model_arg, tokenizer, suite, evaluator, work_di
             max_workers=len(devices),
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(queue, len(devices), model_arg, tokenizer, suite, evaluator, str(work_dir)),
+            initargs=(queue, len(devices), model_arg, tokenizer, suite, evaluator, str(work_dir), micro_batch_size),
         ) as pool:
             futures = {pool.submit(_worker_execute, t): t.key for t in tasks}
             for fut in as_completed(futures):

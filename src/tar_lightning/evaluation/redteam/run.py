@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tar_lightning.adversaries.runner import check_adversaries
-from tar_lightning.common import config_hash
+from tar_lightning.common import config_hash, is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation import aggregate as agg
 
@@ -85,6 +85,7 @@ def run_redteam(
     report: bool = True,
     overwrite: bool = False,
     trust_callable: bool = False,
+    micro_batch_size: Optional[int] = None,
 ) -> RedTeamResult:
     """Runs every attack × seed of a suite on fresh copies of ``model`` and writes results and a report.
 
@@ -113,17 +114,23 @@ def run_redteam(
             :class:`ConfigError`; results of the same model are always kept and resumed).
         trust_callable: run the suite's ``kind: callable`` metrics, which import and call the function the
             suite file names (CLI: ``--trust_callable_metrics``); without it such a suite is refused.
+        micro_batch_size: run each attack step's batch in parts of at most this many rows and accumulate the
+            gradient, weighted by labelled tokens: the same update (up to float rounding) with the activation
+            memory of the smaller part. An execution setting like ``device``: not part of a run's configuration
+            hash (finished runs are reused either way); each run file records it.
 
     Returns:
         The :class:`RedTeamResult`.
 
     Raises:
-        ConfigError: a bad suite, attack id, data override, scale, or an evaluator without the required
-            metrics; a ``callable`` metric without ``trust_callable``; ``out_dir`` holds results of another
+        ConfigError: a bad suite, attack id, data override, scale, ``micro_batch_size``, or an evaluator without
+            the required metrics; a ``callable`` metric without ``trust_callable``; ``out_dir`` holds results of another
             model (without ``overwrite``).
         ModelLoadError: the model source cannot be loaded.
         DataError: a data regime cannot be read.
     """
+    if micro_batch_size is not None and (not is_int(micro_batch_size) or micro_batch_size < 1):
+        raise ConfigError(f"micro_batch_size must be an integer >= 1 or null, got {micro_batch_size!r}")
     out = Path(os.path.expanduser(os.fspath(out_dir))).absolute()
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
@@ -199,14 +206,14 @@ def run_redteam(
             model_arg = handle.source if handle.source is not None else handle.folder()
             for record, task in zip(
                 run_parallel(
-                    todo, device_list, model_arg, handle.tokenizer, suite, evaluator, out, progress
+                    todo, device_list, model_arg, handle.tokenizer, suite, evaluator, out, progress, micro_batch_size
                 ),
                 todo,
                 strict=True,
             ):
                 records[task.key] = record
         elif todo:
-            runner = AttackRunner(suite, handle, evaluator, data_cache, progress)
+            runner = AttackRunner(suite, handle, evaluator, data_cache, progress, micro_batch_size=micro_batch_size)
             bar = run_bar(len(tasks), f"red team {suite.name}", progress, unit="run")
             if bar is not None:
                 bar.update(len(tasks) - len(todo))
@@ -240,6 +247,7 @@ def run_redteam(
         "model": handle.identity,
         "evaluator": evaluator_id(evaluator),
         "devices": device_list,
+        "micro_batch_size": micro_batch_size,
         "wall_time_s": time.perf_counter() - started,
     }
     result.files = report_files.write_results(result, summary, plots=report, markdown=report)

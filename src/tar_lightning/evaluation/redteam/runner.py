@@ -241,6 +241,7 @@ class AttackRunner:
         evaluator: ``evaluator(model, tokenizer[, only=...]) -> {metric: value}``.
         data: the suite's tokenized data regimes.
         progress: show a progress bar per run.
+        micro_batch_size: attack steps run their batch in parts of at most this many rows (``None``: whole).
     """
 
     def __init__(
@@ -250,8 +251,10 @@ class AttackRunner:
         evaluator: Evaluator,
         data: DataCache,
         progress: bool,
+        micro_batch_size: Optional[int] = None,
     ) -> None:
         self.suite = suite
+        self.micro_batch_size = micro_batch_size
         self.handle = handle
         self.evaluator = evaluator
         self.data = data
@@ -359,6 +362,7 @@ class AttackRunner:
                 merge_lora=merge_lora and not quantized,
                 on_start=start,
                 on_step=(lambda done: bar.update(1)) if bar is not None else None,
+                micro_batch_size=self.micro_batch_size,
             )
             loss_values = torch.stack(outcome.losses).float().cpu().tolist() if outcome.losses else []
             lr = None if adversary.method in NO_OPTIMIZER_METHODS else outcome.lr  # drawn, never used: not reported
@@ -475,6 +479,7 @@ class AttackRunner:
             "model": task.config["model"],
             "config": task.config["attack"],
             "device": str(self.handle.device),
+            "micro_batch_size": self.micro_batch_size,
             "wall_time_s": time.perf_counter() - start,
         }
         record.update(result)
