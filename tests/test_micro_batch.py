@@ -152,3 +152,35 @@ def test_worker_processes_take_the_micro_batch_size(tmp_path):
                          seeds=1, devices=["cpu", "cpu"], micro_batch_size=1, progress=False, report=False)
     assert [r["micro_batch_size"] for r in result.runs] == [1, 1]
     assert {r["device"] for r in result.runs} == {"cpu"}
+
+
+def test_tamper_probe_micro_batches_give_the_same_probe():
+    import lightning as L
+    from conftest import random_bundle
+    from torch.utils.data import DataLoader
+
+    from tar_lightning import TARConfig, TARModule
+    from tar_lightning.callbacks.tamper_probe import TamperProbe
+
+    model, tok = tiny_llama()
+    cfg = TARConfig(inner_steps=2, tr_every=1, adversaries=[AdversaryConfig(lr=1e-3)])
+    module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), tokenizer=tok)
+    batch = random_bundle(len(tok), cfg.stream_steps(), batch=3, seed=0, pad_last=5)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=1)
+    trainer.fit(module, DataLoader([batch], batch_size=None))
+    attack = {"name": "p", "data": "forget", "lr": 1e-2, "optimizer": "sgd", "weight_decay": 0.0}
+    rows = []  # rows of every forward that builds a graph (the attack's; evaluations run without autograd)
+    module.model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True)  # the probe's deep copy of the model keeps the hook
+    whole = TamperProbe(attack=attack, steps=2, eval_data="tr").probe(trainer, module, batch)
+    assert rows == [3, 3]
+    rows.clear()
+    micro = TamperProbe(attack=attack, steps=2, eval_data="tr", micro_batch_size=1).probe(trainer, module, batch)
+    assert rows == [1] * 6
+    assert whole["forget_loss"] != pytest.approx(whole["forget_loss_before"], rel=1e-4)
+    for key, value in whole.items():
+        assert micro[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    with pytest.raises(ConfigError, match="TamperProbe.micro_batch_size must be an integer >= 1"):
+        TamperProbe(micro_batch_size=0)

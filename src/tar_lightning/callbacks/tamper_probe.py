@@ -95,6 +95,8 @@ class TamperProbe(L.Callback):
         probe_at_start: also probe once before the first outer step.
         prefix: namespace of the logged metrics.
         evaluator: optional ``fn(model, tokenizer) -> {name: value}`` evaluated after the attack as well.
+        micro_batch_size: run each attack step in passes of at most this many rows, accumulating the gradient
+            (the same update, less activation memory; :class:`~tar_lightning.adversaries.AdversaryRun`).
 
     Raises:
         ConfigError: invalid arguments or attack configuration.
@@ -116,7 +118,10 @@ class TamperProbe(L.Callback):
         probe_at_start: bool = False,
         prefix: str = "probe",
         evaluator: Optional[Callable] = None,
+        micro_batch_size: Optional[int] = None,
     ) -> None:
+        if micro_batch_size is not None and (not is_int(micro_batch_size) or micro_batch_size < 1):
+            raise ConfigError(f"TamperProbe.micro_batch_size must be an integer >= 1 or null, got {micro_batch_size!r}")
         for name, value in (
             ("every_n_steps", every_n_steps),
             ("steps", steps),
@@ -153,6 +158,7 @@ class TamperProbe(L.Callback):
         self.probe_at_start = probe_at_start
         self.prefix = prefix
         self.evaluator = evaluator
+        self.micro_batch_size = micro_batch_size
         self.history: list[dict[str, float]] = []
         self._eval_batches: Optional[list[dict[str, torch.Tensor]]] = None
         self._pools: dict[str, TokenPool] = {}
@@ -349,6 +355,7 @@ class TamperProbe(L.Callback):
                 # restore must all see the sharded parameters
                 settle=reshard_fsdp if sharded else None,
                 on_start=average_replicated if world > 1 else None,
+                micro_batch_size=self.micro_batch_size,
             )
             metrics: dict[str, float] = {**outcome.before, **outcome.after}
             metrics["forget_loss_drop"] = metrics["forget_loss_before"] - metrics["forget_loss"]
