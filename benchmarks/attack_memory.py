@@ -117,6 +117,9 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"worker {variant} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        if not results[variant]["peak_reset"]:
+            sys.exit(f"worker {variant}: /proc/self/clear_refs could not reset the peak; its growth would include "
+                     "the model load (Linux >= 4.0 needed)")
     floor = results["floor"]
     print(f"model {args.model} ({floor['n_params'] / 1e6:.1f} M parameters), batch {args.batch_size} x "
           f"{args.seq_len}, micro-batch {args.micro}, {args.steps} AdamW steps, {args.threads} thread(s)")

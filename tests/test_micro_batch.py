@@ -23,7 +23,7 @@ def _batch(vocab: int) -> dict:
     """5 rows with very different numbers of labelled positions, so a row mean and a token mean disagree."""
     ids = torch.randint(3, vocab, (5, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
-    labels[1, :9] = -100  # 2 labelled next-token positions
+    labels[1, :9] = -100  # 3 labelled next-token positions (targets 9-11)
     labels[2, :] = -100  # none
     labels[3, 6:] = -100  # 5
     labels[4, ::2] = -100  # every other one
@@ -143,6 +143,31 @@ def test_redteam_cli_micro_batch_size_gives_the_same_runs_and_reuses_them(tmp_pa
     assert redteam_main(base + ["--out", str(tmp_path / "bad"), "--micro_batch_size", "0"]) == 2
     err = capsys.readouterr().err
     assert "micro_batch_size" in err and "0" in err
+
+
+def test_redteam_attacks_run_in_micro_batches(tmp_path):
+    from tar_lightning.evaluation.redteam import run_redteam
+
+    model, tok = tiny_llama()
+    rows = []  # rows of every forward that builds a graph (the attack's; evaluations run without autograd)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True)  # each run's fresh copy of the model keeps the hook
+    common = dict(tokenizer=tok, attacks=["d04"], scale=0.3, max_steps=2, seeds=1, progress=False, report=False)
+    run_redteam(model, "durability", out_dir=tmp_path / "whole", **common)
+    assert rows == [3, 3]
+    rows.clear()
+    run_redteam(model, "durability", out_dir=tmp_path / "micro", micro_batch_size=2, **common)
+    assert rows == [2, 1, 2, 1]
+
+
+def test_micro_batching_names_a_batch_entry_it_cannot_split():
+    model, tok = tiny_llama()
+    batch = _batch(len(tok))
+    with AdversaryRun(model, AdversaryConfig(name="a"), lr=1e-3, steps=2, micro_batch_size=2) as run:
+        run.step({**batch, "attention_mask": None, "extra": "kept as is"})  # None and other entries pass through
+        with pytest.raises(ConfigError, match=r"adversary 'a': .*'labels' is \(5,\), not a \[5, seq_len\] tensor"):
+            run.step({**batch, "labels": batch["labels"][:, 0]})
 
 
 def test_worker_processes_take_the_micro_batch_size(tmp_path):

@@ -21,15 +21,18 @@ from tar_lightning.adversaries.config import ACTIVATION_METHODS, AdversaryConfig
 from tar_lightning.adversaries.optim import build_adversary_optimizer
 from tar_lightning.adversaries.perturbation import ActivationPerturbation, resolve_layer
 from tar_lightning.adversaries.refusal_direction import RefusalDirection
-from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses import causal_lm_loss
 from tar_lightning.losses._common import IGNORE_INDEX
 from tar_lightning.models.layers import decoder_layers
+from tar_lightning.schema import positive_int_or_none
 
 __all__ = ["AdversaryRun", "LORA_ADAPTER_NAME", "check_adversaries"]
 
 LORA_ADAPTER_NAME = "tar_adversary"
+
+#: The batch entries micro-batching splits by rows (what :func:`lm_loss` reads).
+_SPLIT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def check_adversaries(model: nn.Module, adversaries: list[AdversaryConfig]) -> None:
@@ -120,7 +123,12 @@ class AdversaryRun:
             accumulate their gradients before the one optimizer step (``None``: the whole batch at once). Each
             part's loss is weighted by its share of the batch's labelled tokens, so the update is the whole
             batch's token-mean gradient (up to float rounding) at a fraction of the activation memory. Only with
-            the default next-token loss: another ``loss_fn`` need not be a token mean.
+            the default next-token loss: another ``loss_fn`` need not be a token mean. Only ``input_ids``,
+            ``attention_mask`` and ``labels`` are split. With dropout (e.g. LoRA dropout) each pass draws its own
+            masks, so the update is the same in distribution, not bit for bit. An activation perturbation's radius
+            is still measured on the first whole batch (a forward without autograd up to its layer), and
+            ``refusal_ablation`` reads whole batches (it trains nothing). Under FSDP2 every pass gathers and
+            reduces the shards again: less memory for more communication.
 
     Raises:
         ConfigError: LoRA requested without peft installed, LoRA targets matching no module, a ``latent`` or
@@ -141,12 +149,8 @@ class AdversaryRun:
         seed: Optional[int] = None,
         micro_batch_size: Optional[int] = None,
     ) -> None:
+        positive_int_or_none(micro_batch_size, f"adversary {config.name!r}: micro_batch_size")
         if micro_batch_size is not None:
-            if not is_int(micro_batch_size) or micro_batch_size < 1:
-                raise ConfigError(
-                    f"adversary {config.name!r}: micro_batch_size must be an integer >= 1 or null, got "
-                    f"{micro_batch_size!r}"
-                )
             if loss_fn is not lm_loss:
                 raise ConfigError(
                     f"adversary {config.name!r}: micro_batch_size works with the next-token loss only (each "
@@ -346,11 +350,14 @@ class AdversaryRun:
             loss = self.loss_fn(self.model, batch)
             loss.backward()
             return loss.detach()
-        for key, value in batch.items():
-            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != rows:
+        split = [key for key in _SPLIT_KEYS if batch.get(key) is not None]
+        for key in split:
+            value = batch[key]
+            if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[0] != rows:
+                found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ConfigError(
-                    f"adversary {self.config.name!r}: micro-batching splits every batch entry by rows; {key!r} is "
-                    f"not a tensor of {rows} rows"
+                    f"adversary {self.config.name!r}: micro-batching splits the batch by rows; {key!r} is {found}, "
+                    f"not a [{rows}, seq_len] tensor like 'input_ids'"
                 )
         # causal_lm_loss averages over the labelled next-token positions (labels[:, 1:]) of the whole batch:
         # each part's token mean, weighted by its share of those positions, sums to that average.
@@ -358,7 +365,7 @@ class AdversaryRun:
         total = counts.sum().clamp(min=1).to(torch.float32)
         value = None
         for lo in range(0, rows, size):
-            part = {key: v[lo : lo + size] for key, v in batch.items()}
+            part = {key: (v[lo : lo + size] if key in split else v) for key, v in batch.items()}
             share = counts[lo : lo + size].sum().to(torch.float32) / total
             loss = self.loss_fn(self.model, part) * share
             loss.backward()

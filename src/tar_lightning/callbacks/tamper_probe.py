@@ -24,6 +24,7 @@ from tar_lightning.evaluation.mcq import load_mcq, score_mcq
 from tar_lightning.evaluation.redteam.batches import AttackBatches, run_seed, seeded
 from tar_lightning.evaluation.redteam.metrics import evaluation_mode
 from tar_lightning.losses import causal_lm_loss
+from tar_lightning.schema import positive_int_or_none
 from tar_lightning.strategy import average_gradients, data_parallel_world_size, has_sharded_parameters
 
 __all__ = ["TamperProbe"]
@@ -120,8 +121,7 @@ class TamperProbe(L.Callback):
         evaluator: Optional[Callable] = None,
         micro_batch_size: Optional[int] = None,
     ) -> None:
-        if micro_batch_size is not None and (not is_int(micro_batch_size) or micro_batch_size < 1):
-            raise ConfigError(f"TamperProbe.micro_batch_size must be an integer >= 1 or null, got {micro_batch_size!r}")
+        positive_int_or_none(micro_batch_size, "TamperProbe.micro_batch_size")
         for name, value in (
             ("every_n_steps", every_n_steps),
             ("steps", steps),

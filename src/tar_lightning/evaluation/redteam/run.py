@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tar_lightning.adversaries.runner import check_adversaries
-from tar_lightning.common import config_hash, is_int
+from tar_lightning.common import config_hash
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation import aggregate as agg
 
@@ -51,6 +51,7 @@ from tar_lightning.evaluation.redteam.runner import AttackRunner, RunTask, run_b
 from tar_lightning.evaluation.redteam.sweep import require_optuna
 from tar_lightning.evaluation.suite import Suite, load_suite
 from tar_lightning.models import ModelSource
+from tar_lightning.schema import positive_int_or_none
 
 __all__ = ["run_redteam"]
 
@@ -116,8 +117,10 @@ def run_redteam(
             suite file names (CLI: ``--trust_callable_metrics``); without it such a suite is refused.
         micro_batch_size: run each attack step's batch in parts of at most this many rows and accumulate the
             gradient, weighted by labelled tokens: the same update (up to float rounding) with the activation
-            memory of the smaller part. An execution setting like ``device``: not part of a run's configuration
-            hash (finished runs are reused either way); each run file records it.
+            memory of the smaller part (with dropout, e.g. LoRA dropout, each pass draws its own masks: the same
+            update in distribution). An execution setting like ``device``: not part of a run's configuration
+            hash (finished runs are reused either way); each run file records the value it ran with, and
+            ``results.json``'s summary this invocation's.
 
     Returns:
         The :class:`RedTeamResult`.
@@ -129,8 +132,7 @@ def run_redteam(
         ModelLoadError: the model source cannot be loaded.
         DataError: a data regime cannot be read.
     """
-    if micro_batch_size is not None and (not is_int(micro_batch_size) or micro_batch_size < 1):
-        raise ConfigError(f"micro_batch_size must be an integer >= 1 or null, got {micro_batch_size!r}")
+    positive_int_or_none(micro_batch_size, "micro_batch_size")
     out = Path(os.path.expanduser(os.fspath(out_dir))).absolute()
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
