@@ -58,6 +58,16 @@ def _sgd_reference(model, batch, row_mean: bool = False):
     return model, float(loss.detach())
 
 
+def _training_rows(model) -> list:
+    """A list that collects the rows of every forward of ``model`` that builds a graph (attack steps; evaluations
+    run without autograd)."""
+    rows = []
+    model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    return rows
+
+
 def _max_diff(a, b) -> float:
     return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
@@ -71,12 +81,9 @@ def test_micro_batched_step_equals_the_whole_batch_token_mean_sgd_update():
     assert _max_diff(reference, wrong) > 1e-3  # the batch tells the two weightings apart
 
     attacked = copy.deepcopy(model)
-    rows = []
-    hook = attacked.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
-                                              with_kwargs=True)
+    rows = _training_rows(attacked)
     with AdversaryRun(attacked, adv, lr=LR, steps=1, micro_batch_size=2) as run:
         loss = run.step(batch)
-    hook.remove()
     assert rows == [2, 2, 1]  # three passes, none larger than the micro-batch
     assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
     assert _max_diff(attacked, reference) < 1e-5
@@ -149,10 +156,7 @@ def test_redteam_attacks_run_in_micro_batches(tmp_path):
     from tar_lightning.evaluation.redteam import run_redteam
 
     model, tok = tiny_llama()
-    rows = []  # rows of every forward that builds a graph (the attack's; evaluations run without autograd)
-    model.register_forward_pre_hook(
-        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
-        with_kwargs=True)  # each run's fresh copy of the model keeps the hook
+    rows = _training_rows(model)  # each run's fresh copy of the model keeps the hook
     common = dict(tokenizer=tok, attacks=["d04"], scale=0.3, max_steps=2, seeds=1, progress=False, report=False)
     run_redteam(model, "durability", out_dir=tmp_path / "whole", **common)
     assert rows == [3, 3]
@@ -195,10 +199,7 @@ def test_tamper_probe_micro_batches_give_the_same_probe():
                         enable_progress_bar=False, enable_model_summary=False, max_steps=1)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     attack = {"name": "p", "data": "forget", "lr": 1e-2, "optimizer": "sgd", "weight_decay": 0.0}
-    rows = []  # rows of every forward that builds a graph (the attack's; evaluations run without autograd)
-    module.model.register_forward_pre_hook(
-        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
-        with_kwargs=True)  # the probe's deep copy of the model keeps the hook
+    rows = _training_rows(module.model)  # the probe's deep copy of the model keeps the hook
     whole = TamperProbe(attack=attack, steps=2, eval_data="tr").probe(trainer, module, batch)
     assert rows == [3, 3]
     rows.clear()

@@ -352,9 +352,9 @@ class AdversaryRun:
             return loss.detach()
         split = [key for key in _SPLIT_KEYS if batch.get(key) is not None]
         for key in split:
-            value = batch[key]
-            if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[0] != rows:
-                found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            entry = batch[key]
+            if not isinstance(entry, Tensor) or entry.dim() != 2 or entry.shape[0] != rows:
+                found = tuple(entry.shape) if isinstance(entry, Tensor) else type(entry).__name__
                 raise ConfigError(
                     f"adversary {self.config.name!r}: micro-batching splits the batch by rows; {key!r} is {found}, "
                     f"not a [{rows}, seq_len] tensor like 'input_ids'"
@@ -363,15 +363,14 @@ class AdversaryRun:
         # each part's token mean, weighted by its share of those positions, sums to that average.
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
         total = counts.sum().clamp(min=1).to(torch.float32)
-        value = None
+        total_loss = torch.zeros((), device=counts.device)
         for lo in range(0, rows, size):
             part = {key: (v[lo : lo + size] if key in split else v) for key, v in batch.items()}
             share = counts[lo : lo + size].sum().to(torch.float32) / total
             loss = self.loss_fn(self.model, part) * share
             loss.backward()
-            value = loss.detach() if value is None else value + loss.detach()
-        assert value is not None
-        return value
+            total_loss += loss.detach()
+        return total_loss
 
     def close(self, merge: bool = False) -> None:
         """Free the optimizer; remove LoRA adapters (``merge=True`` folds them into the weights first); remove an
