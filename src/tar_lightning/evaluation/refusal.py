@@ -54,7 +54,7 @@ from tar_lightning.common import config_hash, looks_local
 from tar_lightning.data.sources import DataSource, apply_prompt_template, check_prompt_template, load_records
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError
 from tar_lightning.models.gguf import alias_folder
-from tar_lightning.models.sources import classify_source
+from tar_lightning.models.sources import NO_HUB_KERNELS, classify_source
 from tar_lightning.schema import int_at_least
 
 __all__ = [
@@ -398,7 +398,7 @@ class ClassifierJudge:
                 archs = " ".join(getattr(config, "architectures", None) or [])
                 mode = "sequence" if "SequenceClassification" in archs else "causal"
             cls = AutoModelForSequenceClassification if mode == "sequence" else AutoModelForCausalLM
-            self.model = cls.from_pretrained(src)
+            self.model = cls.from_pretrained(src, **NO_HUB_KERNELS)
             self.tokenizer = AutoTokenizer.from_pretrained(src)
         except Exception as e:  # noqa: BLE001 - every load failure becomes one error naming the judge
             raise ModelLoadError(f"ClassifierJudge: cannot load judge model {path!r} ({type(e).__name__}: {e})") from e

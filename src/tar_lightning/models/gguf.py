@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tar_lightning.checkpoint import apply_umask
 from tar_lightning.errors import ConfigError, ExportError, ModelLoadError, TARLightningError
-from tar_lightning.models.sources import LOAD_ERRORS, MODEL_ALIASES, first_line
+from tar_lightning.models.sources import LOAD_ERRORS, MODEL_ALIASES, NO_HUB_KERNELS, first_line
 
 try:  # transformers >= 5 can keep GGUF blocks packed; GgufConfig(dequantize=True) unpacks them
     from transformers import GgufConfig
@@ -112,7 +112,7 @@ def from_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
         extra["quantization_config"] = GgufConfig(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=str(path), dtype=dtype, local_files_only=True, **extra
+            str(path.parent), gguf_file=str(path), dtype=dtype, local_files_only=True, **NO_HUB_KERNELS, **extra
         )
     except LOAD_ERRORS as err:
         raise ModelLoadError(

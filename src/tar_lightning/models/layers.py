@@ -124,4 +124,10 @@ def meta_copy(
         memo[id(p)] = nn.Parameter(on_meta(p, param_dtype), requires_grad=False)
     for b in model.buffers():
         memo[id(b)] = on_meta(b, buffer_dtype)
-    return freeze(copy.deepcopy(model, memo))
+    skeleton = copy.deepcopy(model, memo)
+    # eval mode by the flag, as nn.Module.train(False) sets it: transformers' train() override may re-kernelize a
+    # model loaded with Hub kernels (use_kernels), which fails on the meta device
+    for module in skeleton.modules():
+        module.training = False
+    skeleton.requires_grad_(False)
+    return skeleton

@@ -22,6 +22,7 @@ from tar_lightning.models.dtypes import dtype_name, resolve_dtype
 from tar_lightning.models.gguf import alias_folder, from_gguf, gguf_tokenizer
 from tar_lightning.models.sources import (
     LOAD_ERRORS,
+    NO_HUB_KERNELS,
     TINY_SOURCES,
     ModelSource,
     classify_source,
@@ -57,7 +58,7 @@ def _single_gguf(folder: Path) -> Path | None:
 
 def _from_pretrained(ref: str, kind: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """Load a causal LM from a local Hugging Face folder or a hub id."""
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     if kind == "local":
         path = _local_path(ref, "model")
         if not path.is_dir():

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tar_lightning.errors import ConfigError, ModelLoadError
+from tar_lightning.models.sources import NO_HUB_KERNELS
 
 __all__ = ["load_quantized", "packed_for_cpu_inference"]
 
@@ -66,6 +67,7 @@ def load_quantized(
             device_map={"": str(device)},
             dtype=dtype,
             local_files_only=local,
+            **NO_HUB_KERNELS,
         )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise ModelLoadError(f"cannot load {os.fspath(folder)!r} quantized ({quantization}): {err}") from err

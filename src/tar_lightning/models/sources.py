@@ -19,6 +19,7 @@ __all__ = [
     "CONFIG_ERRORS",
     "LOAD_ERRORS",
     "MODEL_ALIASES",
+    "NO_HUB_KERNELS",
     "TINY_SOURCES",
     "ModelSource",
     "classify_source",
@@ -26,6 +27,12 @@ __all__ = [
     "hub_message",
     "hub_offline",
 ]
+
+#: ``from_pretrained`` keyword arguments every load in the library passes: no Hub kernels (transformers >= 5.25
+#: swaps them in by default when the ``kernels`` package is installed, which it now requires). The library's models
+#: compute with plain PyTorch layers: the same numerics offline and online, and eval() works on meta-device copies.
+NO_HUB_KERNELS: dict[str, bool] = {"use_kernels": False}
+
 
 #: Errors transformers raises for an invalid config.
 try:  # transformers >= 5 validates configs as strict dataclasses, with errors outside the ValueError tree
