@@ -20,8 +20,10 @@ from tar_lightning.models import (
     decoder_layers,
     ensure_pad_token,
     export_pretrained,
+    freeze,
     frozen_copy,
     load_model,
+    meta_copy,
     resolve_dtype,
     tiny_llama,
     tiny_model,
@@ -401,7 +403,7 @@ def test_frozen_copy(one_thread):
     model, tok = tiny_llama()
     model.train()
     ref = frozen_copy(model)
-    assert not ref.training
+    assert not any(m.training for m in ref.modules())
     assert all(not p.requires_grad for p in ref.parameters())
     assert all(p.requires_grad for p in model.parameters())
     assert model.training
@@ -411,6 +413,25 @@ def test_frozen_copy(one_thread):
             p.add_(1.0)
     assert torch.equal(before, _logits(ref, _ids(tok)))
     assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+def test_freeze_and_meta_copy_set_eval_by_the_flag_without_calling_train_overrides(one_thread):
+    # transformers' train() override re-kernelizes a model loaded with Hub kernels, which fails on the meta device;
+    # freeze() and meta_copy() must not call it
+    class Refuses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+
+        def train(self, mode=True):
+            raise RuntimeError("train() override called")
+
+    for make in (lambda m: freeze(m), lambda m: meta_copy(m)):
+        model = Refuses()
+        assert all(m.training for m in model.modules())
+        out = make(model)
+        assert not any(m.training for m in out.modules())
+        assert not any(p.requires_grad for p in out.parameters())
 
 
 def test_count_parameters_counts_tied_weights_once():

@@ -30,6 +30,21 @@ def run_probe_script(devices: int, out: Path, *extra: str) -> tuple[list[dict], 
     return params, records
 
 
+def assert_same_probe_metrics(rec: dict, ref: dict) -> None:
+    """Both probes' histories in ``rec`` equal ``ref``'s: the same steps and keys, MCQ accuracies exactly, losses
+    within 5e-5 (the float reduction order of the sharded training and attack)."""
+    for prefix in ("probe", "probe_lora"):
+        ours, want_all = rec["history"][prefix], ref["history"][prefix]
+        assert ours and [h["step"] for h in ours] == [h["step"] for h in want_all]
+        for got, want in zip(ours, want_all, strict=True):
+            assert got.keys() == want.keys()
+            for k in want:
+                if k.startswith("mcq_acc"):
+                    assert got[k] == want[k], (prefix, got["step"], k)
+                else:
+                    assert got[k] == pytest.approx(want[k], abs=5e-5), (prefix, got["step"], k)
+
+
 @pytest.mark.slow  # one 1-process and two 2-process runs (~50 s)
 def test_tamper_probe_under_fsdp2_logs_the_single_process_metrics_and_leaves_training_untouched(tmp_path):
     """Before: under FSDP2 the probe was skipped with a warning and logged nothing.
@@ -63,16 +78,7 @@ def test_tamper_probe_under_fsdp2_logs_the_single_process_metrics_and_leaves_tra
     assert "probe/forget_loss" in rec0["callback_metrics"] and "probe_lora/forget_loss" in rec0["callback_metrics"]
 
     # ... and equal to the one-process probe's metrics
-    for prefix in ("probe", "probe_lora"):
-        ours, ref = rec0["history"][prefix], one["history"][prefix]
-        assert [h["step"] for h in ours] == [h["step"] for h in ref]
-        for got, want in zip(ours, ref, strict=True):
-            assert got.keys() == want.keys()
-            for k in want:
-                if k.startswith("mcq_acc"):
-                    assert got[k] == want[k], (prefix, got["step"], k)
-                else:
-                    assert got[k] == pytest.approx(want[k], abs=5e-5), (prefix, got["step"], k)
+    assert_same_probe_metrics(rec0, one)
     # the attack moved the weights (the metrics are not a no-op's)
     assert all(h["forget_loss"] != h["forget_loss_before"] for h in rec0["history"]["probe"])
 
@@ -92,3 +98,18 @@ def test_tamper_probe_under_fsdp2_logs_the_single_process_metrics_and_leaves_tra
         assert direct["weights_untouched"] and direct["rng_untouched"] and direct["eval_mode_kept"]
         assert direct["grads_none"] and direct["all_sharded"]
     assert one["direct"]["weights_untouched"] and one["direct"]["rng_untouched"] and one["direct"]["eval_mode_kept"]
+
+
+@pytest.mark.slow  # one 1-process and one 2-process run (~35 s)
+def test_micro_batched_probe_attacks_under_fsdp2_match_the_whole_batch_single_process_probe(tmp_path):
+    """``micro_batch_size`` under FSDP2: each rank's attack step runs its 2 rows in 2 passes of 1 row, gradients
+    accumulated (and reduced over ranks) before the step: the same probe metrics as the one-process probe on the
+    whole batch, for the full-parameter and the LoRA probe, and the same trained weights."""
+    mcq = write_mcq(tmp_path / "mcq.json")
+    (single,), (one,) = run_probe_script(1, tmp_path / "one", "--probe", "--mcq", str(mcq))
+    (micro0, _), (rec0, rec1) = run_probe_script(
+        2, tmp_path / "micro", "--strategy", "fsdp2", "--probe", "--mcq", str(mcq), "--micro_batch_size", "1")
+    assert rec0["history"] == rec1["history"]
+    assert_same_probe_metrics(rec0, one)
+    assert all(h["forget_loss"] != h["forget_loss_before"] for h in rec0["history"]["probe"])
+    assert max((single[k] - micro0[k]).abs().max().item() for k in single) < 1e-4

@@ -2,12 +2,14 @@
 subprocess by tests/test_tamper_probe_fsdp2.py.
 
     python tamper_probe_fsdp2.py --devices N --steps 3 --out DIR [--strategy single|fsdp2] [--probe] [--mcq FILE]
+                                 [--micro_batch_size M]
 
 The data, model and TAR configuration are those of tar_ddp_equivalence.py (rank r trains on rows [r*b, (r+1)*b) of
 the same global batches of 4 rows, equal lengths). ``--probe`` adds two probes: ``probe/`` after every outer step
 (full-parameter AdamW on the training batch's ``forget`` micro-batches, held-out loss on its ``tr`` rows, MCQ
 scoring when ``--mcq`` is given) and ``probe_lora/`` every 2 steps (a LoRA attack on the same rows, evaluated on
-a synthetic source: the same text on every rank). Each rank writes DIR/params.rank{r}.pt (full tensors) and
+a synthetic source: the same text on every rank); ``--micro_batch_size`` runs both probes' attack steps in passes
+of at most M rows. Each rank writes DIR/params.rank{r}.pt (full tensors) and
 DIR/probe.rank{r}.json: the probe metrics that reached the loggers (with their step), the probes' histories, the
 ``probe``-prefixed entries of ``trainer.callback_metrics``, and what one more probe called directly after the fit
 (model in eval mode) left behind.
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--strategy", choices=["single", "fsdp2"], default="single")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--mcq", default=None, help="with --probe: the full-parameter probe also scores this MCQ file")
+    ap.add_argument("--micro_batch_size", type=int, default=None, help="with --probe: the probes' micro_batch_size")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -104,10 +107,11 @@ def main() -> None:
         probes = [
             TamperProbe(every_n_steps=1, attack={"name": "full", "data": "forget", "lr": 1e-2}, steps=3,
                         eval_data="tr", eval_limit=8, mcq={"path": args.mcq, "limit": 4} if args.mcq else None,
-                        eval_batch_size=2, seed=3, prefix="probe"),
+                        eval_batch_size=2, seed=3, prefix="probe", micro_batch_size=args.micro_batch_size),
             LoraProbe(every_n_steps=2, attack={"name": "lora", "data": "forget", "method": "lora",
                                                "lora": {"rank": 2, "alpha": 4.0}, "lr": 1e-2},
                       steps=2, seq_len=16, eval_limit=4, eval_batch_size=2, prefix="probe_lora",
+                      micro_batch_size=args.micro_batch_size,
                       eval_data="heldout",
                       sources={"heldout": {"path": "synthetic:forget", "synthetic": {"n": 8, "seed": 5}}}),
         ]

@@ -77,8 +77,14 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode with every parameter frozen (in place); returns it."""
-    model.eval()
+    """Put ``model`` in eval mode with every parameter frozen (in place); returns it.
+
+    Eval mode is set by the ``training`` flag of every submodule, as ``nn.Module.train(False)`` sets it, without
+    calling ``train()`` overrides: transformers' override re-kernelizes a model loaded with Hub kernels
+    (``use_kernels``), which fails on the meta device (:func:`meta_copy`) and is not wanted for a frozen copy.
+    """
+    for module in model.modules():
+        module.training = False
     model.requires_grad_(False)
     return model
 
@@ -124,10 +130,4 @@ def meta_copy(
         memo[id(p)] = nn.Parameter(on_meta(p, param_dtype), requires_grad=False)
     for b in model.buffers():
         memo[id(b)] = on_meta(b, buffer_dtype)
-    skeleton = copy.deepcopy(model, memo)
-    # eval mode by the flag, as nn.Module.train(False) sets it: transformers' train() override may re-kernelize a
-    # model loaded with Hub kernels (use_kernels), which fails on the meta device
-    for module in skeleton.modules():
-        module.training = False
-    skeleton.requires_grad_(False)
-    return skeleton
+    return freeze(copy.deepcopy(model, memo))
