@@ -117,6 +117,7 @@ def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
         data["stages"]["stage0"]["metrics"]["forget_B_acc"]
     )
     assert set(data["targets"]) == {"stage0", "validity", "tar_paper", "tar_extended", "extended_vs_paper"}
+    assert data["targets"]["stage0"]["value"] == data["stages"]["stage0"]["metrics"]["forget_B_acc"]
     for defense in ("tar_paper", "tar_extended"):
         assert set(data["targets"][defense]) == {
             "before_forget", "before_retain_acc", "retain_loss_ratio", "auc_ratio", "moonshot"}
@@ -330,10 +331,11 @@ def test_targets_are_computed_from_the_cells_as_specified():
     assert t["tar_extended"]["moonshot"]["met"] is True
     assert t["extended_vs_paper"]["value"] == pytest.approx(0.01) and t["extended_vs_paper"]["threshold"] == 0.04
     assert t["extended_vs_paper"]["met"] is True
-    assert "stage0" not in t  # neither the stage's evaluation nor a red team of the stage-0 model: not judged
-    # stage 0 learned the world: its own evaluation first, else the red team's pre-attack one of no_defense
-    res.summary["no_defense"] = {"before": 0.95}
-    assert demo_targets(res)["stage0"]["value"] == pytest.approx(0.95) and demo_targets(res)["stage0"]["met"] is True
+    assert "stage0" not in t  # no evaluation of stage 0: not judged
+    # stage 0 learned the world: its stage evaluation's facts-B accuracy >= 0.9
+    res.stages["stage0"] = {"metrics": {"forget_B_acc": 0.95}}
+    st0 = demo_targets(res)["stage0"]
+    assert st0["value"] == pytest.approx(0.95) and st0["met"] is True and st0["every_seed"] is True
     res.stages["stage0"] = {"metrics": {"forget_B_acc": 0.71}}  # SmolLM2 training seed 1's stage 0
     assert demo_targets(res)["stage0"]["value"] == pytest.approx(0.71) and demo_targets(res)["stage0"]["met"] is False
 

@@ -141,7 +141,7 @@ def test_enabled_rmu_is_trained_red_teamed_and_reported(rmu_run):
     assert s["before"] == metrics["forget_B_acc"] and s["before_retain"] == metrics["retain_acc"]
     assert s["mean"] == pytest.approx((data["cells"]["rmu"]["w03"]["safety_after"]
                                        + data["cells"]["rmu"]["d01"]["safety_after"]) / 2)
-    assert set(data["targets"]) == {"stage0", "validity", "tar_paper", "tar_extended", "extended_vs_paper"}  # as before
+    assert set(data["targets"]) == {"stage0", "validity", "tar_paper", "tar_extended", "extended_vs_paper"}  # RMU adds no target
     # trained from stage 0 (not from random mapping): only the MLPs of layers layer-2..layer (here 0, 1) moved
     meta = read_json(out / "rmu" / "stage.json")
     assert meta["key"]["parent"] == read_json(out / "stage0" / "stage.json")["hash"]

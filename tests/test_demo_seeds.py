@@ -56,7 +56,10 @@ def _results(seed: int) -> dict:
                       "bounded_worst": {"attack": None, "safety_after": None},
                       "retain_after_mean": 0.9 - 0.01 * seed}
     ext, pap = 0.1 * (seed + 1), 0.2 + 0.05 * seed  # extended_vs_paper: a threshold measured per seed
+    learned = 0.71 if seed == 4 else 1.0  # seed 4's stage 0 did not learn the world (SmolLM2 training seed 1's value)
     targets = {
+        "stage0": {"value": learned, "op": ">=", "threshold": 0.9, "met": learned >= 0.9, "what": "stage-0 facts-B",
+                   "every_seed": True},
         "validity": {"value": after_gain(seed), "op": ">=", "threshold": 0.15, "met": after_gain(seed) >= 0.15,
                      "what": "random mapping's facts-B gain under w03"},
         "tar_extended": {"before_forget": {"value": BEFORE[seed]["tar_extended"], "op": "<=", "threshold": 0.30,
@@ -107,6 +110,12 @@ def test_aggregation_matches_numbers_computed_by_hand():
     v = agg["targets"]["validity"]
     assert v["value"] == pytest.approx(sum(gains) / 3) and v["per_seed"] == pytest.approx(gains)
     assert v["met"] == (sum(gains) / 3 >= 0.15) and v["per_seed_met"] == [g >= 0.15 for g in gains]
+    # stage0 is judged on every seed: the mean (1 + 1 + 0.71) / 3 = 0.903 clears 0.9, seed 4 does not
+    st0 = agg["targets"]["stage0"]
+    assert st0["value"] == pytest.approx(2.71 / 3) and st0["value"] >= 0.9 and st0["every_seed"] is True
+    assert st0["per_seed_met"] == [True, True, False] and st0["met"] is False
+    assert aggregate_seeds([_results(s) for s in (0, 1)])["targets"]["stage0"]["met"] is True
+    assert v["every_seed"] is False
     b = agg["targets"]["tar_extended"]["before_forget"]
     assert b["value"] == pytest.approx((0.26 + 0.30 + 0.24) / 3) and b["met"] is True and b["threshold"] == 0.30
     e = agg["targets"]["extended_vs_paper"]  # its threshold is measured per seed: the mean of the thresholds

@@ -104,12 +104,25 @@ def test_tamper_probe_under_fsdp2_logs_the_single_process_metrics_and_leaves_tra
 def test_micro_batched_probe_attacks_under_fsdp2_match_the_whole_batch_single_process_probe(tmp_path):
     """``micro_batch_size`` under FSDP2: each rank's attack step runs its 2 rows in 2 passes of 1 row, gradients
     accumulated (and reduced over ranks) before the step: the same probe metrics as the one-process probe on the
-    whole batch, for the full-parameter and the LoRA probe, and the same trained weights."""
+    whole batch, for the full-parameter and the LoRA probe, and the same trained weights. Both probes use plain
+    SGD here, so a gradient scaled wrongly (a part's weight missing or doubled, a second average over ranks) moves
+    the metrics; AdamW would hide it. The rows are of equal length: the token weighting of unequal parts is
+    checked against a hand-written reference in tests/test_micro_batch.py."""
     mcq = write_mcq(tmp_path / "mcq.json")
-    (single,), (one,) = run_probe_script(1, tmp_path / "one", "--probe", "--mcq", str(mcq))
+    (single,), (one,) = run_probe_script(1, tmp_path / "one", "--probe", "--probe_sgd", "--mcq", str(mcq))
     (micro0, _), (rec0, rec1) = run_probe_script(
-        2, tmp_path / "micro", "--strategy", "fsdp2", "--probe", "--mcq", str(mcq), "--micro_batch_size", "1")
+        2, tmp_path / "micro", "--strategy", "fsdp2", "--probe", "--probe_sgd", "--mcq", str(mcq),
+        "--micro_batch_size", "1")
+    # the passes ran: 2 one-row passes per attack step (3 probes x 3 steps + 1 LoRA probe x 2 steps) on every
+    # rank, and none in the whole-batch run (its grad-enabled passes are the TAR step's and the probes' 4 rows)
+    assert rec0["grad_rows"]["1"] == rec1["grad_rows"]["1"] == 2 * (3 * 3 + 1 * 2)
+    assert "1" not in one["grad_rows"] and set(one["grad_rows"]) == {"4"}
     assert rec0["history"] == rec1["history"]
     assert_same_probe_metrics(rec0, one)
     assert all(h["forget_loss"] != h["forget_loss_before"] for h in rec0["history"]["probe"])
     assert max((single[k] - micro0[k]).abs().max().item() for k in single) < 1e-4
+    # nothing accumulated is left behind on any rank
+    for rec in (rec0, rec1):
+        assert rec["grads"] == 0 and rec["lora_modules"] == 0
+        direct = rec["direct"]
+        assert direct["weights_untouched"] and direct["rng_untouched"] and direct["grads_none"] and direct["all_sharded"]

@@ -2,20 +2,23 @@
 subprocess by tests/test_tamper_probe_fsdp2.py.
 
     python tamper_probe_fsdp2.py --devices N --steps 3 --out DIR [--strategy single|fsdp2] [--probe] [--mcq FILE]
-                                 [--micro_batch_size M]
+                                 [--micro_batch_size M] [--probe_sgd]
 
 The data, model and TAR configuration are those of tar_ddp_equivalence.py (rank r trains on rows [r*b, (r+1)*b) of
 the same global batches of 4 rows, equal lengths). ``--probe`` adds two probes: ``probe/`` after every outer step
 (full-parameter AdamW on the training batch's ``forget`` micro-batches, held-out loss on its ``tr`` rows, MCQ
 scoring when ``--mcq`` is given) and ``probe_lora/`` every 2 steps (a LoRA attack on the same rows, evaluated on
 a synthetic source: the same text on every rank); ``--micro_batch_size`` runs both probes' attack steps in passes
-of at most M rows. Each rank writes DIR/params.rank{r}.pt (full tensors) and
+of at most M rows; ``--probe_sgd`` gives both probes plain SGD (no momentum, no weight decay) instead of AdamW,
+whose steps hardly change when every gradient is scaled alike, so that a wrongly weighted gradient shows in the
+metrics. The record also counts the grad-enabled forward passes of the fit by their number of rows. Each rank writes DIR/params.rank{r}.pt (full tensors) and
 DIR/probe.rank{r}.json: the probe metrics that reached the loggers (with their step), the probes' histories, the
 ``probe``-prefixed entries of ``trainer.callback_metrics``, and what one more probe called directly after the fit
 (model in eval mode) left behind.
 """
 
 import argparse
+import collections
 import json
 import os
 
@@ -89,6 +92,7 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--mcq", default=None, help="with --probe: the full-parameter probe also scores this MCQ file")
     ap.add_argument("--micro_batch_size", type=int, default=None, help="with --probe: the probes' micro_batch_size")
+    ap.add_argument("--probe_sgd", action="store_true", help="with --probe: SGD (lr 0.1, no momentum) attacks")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -102,14 +106,24 @@ def main() -> None:
                     adversaries=adversaries, seed=7)
     module = TARModule(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), tokenizer=tok)
     data = Data(global_batches(len(tok), cfg.stream_steps(), args.steps, 4, length=12))
+    grad_rows: collections.Counter = collections.Counter()  # rows of each grad-enabled forward pass
+
+    def count_rows(_module, inputs):
+        if torch.is_grad_enabled():
+            grad_rows[int(inputs[0].shape[0])] += 1
+
+    model.get_input_embeddings().register_forward_pre_hook(count_rows)  # deep copies share the function
+    sgd = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "optimizer_kwargs": {"momentum": 0.0}}
     probes = []
     if args.probe:
         probes = [
-            TamperProbe(every_n_steps=1, attack={"name": "full", "data": "forget", "lr": 1e-2}, steps=3,
+            TamperProbe(every_n_steps=1, attack={"name": "full", "data": "forget", "lr": 1e-2,
+                                                 **(sgd if args.probe_sgd else {})}, steps=3,
                         eval_data="tr", eval_limit=8, mcq={"path": args.mcq, "limit": 4} if args.mcq else None,
                         eval_batch_size=2, seed=3, prefix="probe", micro_batch_size=args.micro_batch_size),
             LoraProbe(every_n_steps=2, attack={"name": "lora", "data": "forget", "method": "lora",
-                                               "lora": {"rank": 2, "alpha": 4.0}, "lr": 1e-2},
+                                               "lora": {"rank": 2, "alpha": 4.0}, "lr": 1e-2,
+                                               **(sgd if args.probe_sgd else {})},
                       steps=2, seq_len=16, eval_limit=4, eval_batch_size=2, prefix="probe_lora",
                       micro_batch_size=args.micro_batch_size,
                       eval_data="heldout",
@@ -139,6 +153,7 @@ def main() -> None:
     trainer.fit(module, datamodule=data)
     rank = trainer.global_rank
     history = {p.prefix: [dict(h) for h in p.history] for p in probes}  # the fit's probes
+    fit_rows = {str(k): v for k, v in sorted(grad_rows.items())}
     direct = direct_probe(trainer, module, probes[0], RankSlice(data.batches, rank, trainer.world_size)[0]) \
         if probes else {}
     os.makedirs(args.out, exist_ok=True)
@@ -153,6 +168,7 @@ def main() -> None:
         "grads": sum(p.grad is not None for p in module.model.parameters()),
         "lora_modules": sum("lora" in n for n, _ in module.model.named_modules()),
         "direct": direct,
+        "grad_rows": fit_rows,
     }
     with open(os.path.join(args.out, f"probe.rank{rank}.json"), "w") as f:
         json.dump(record, f)

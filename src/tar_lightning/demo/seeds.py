@@ -15,7 +15,8 @@ the aggregate gives, over the training seeds (:func:`spread`):
 
 Targets (:func:`~tar_lightning.demo.report.demo_targets`) are judged again on the mean of the per-seed values
 (and of the per-seed thresholds where the threshold is itself measured, as in ``extended_vs_paper``), with the
-per-seed values and verdicts next to them.
+per-seed values and verdicts next to them. A target marked ``every_seed`` (``stage0``: each seed's world instance
+is valid) is met only when it is met on every training seed: a mean would hide the one seed that fails.
 """
 
 from __future__ import annotations
@@ -137,13 +138,21 @@ def _targets(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         thresholds = [c.get("threshold") for c in known]
         fixed = all(t == thresholds[0] for t in thresholds)
         threshold = thresholds[0] if fixed else mean([float(t) for t in thresholds if t is not None])
+        per_seed_met = [None if c is None else c.get("met") for c in checks]
+        every_seed = any(c.get("every_seed") for c in known)
+        if every_seed:  # one failing seed fails it; unknown while any seed is unknown and none failed
+            met = False if False in per_seed_met else (None if None in per_seed_met else True)
+        else:
+            met = judge(values["mean"], op, threshold)
         return {
-            "value": values["mean"], "op": op, "threshold": threshold, "met": judge(values["mean"], op, threshold),
-            "what": what + ("" if fixed else " (threshold: mean of the per-seed thresholds)"),
+            "value": values["mean"], "op": op, "threshold": threshold, "met": met,
+            "what": what + ("" if fixed else " (threshold: mean of the per-seed thresholds)")
+            + (" (met only when met on every seed)" if every_seed else ""),
+            "every_seed": every_seed,
             "std": values["std"], "min": values["min"], "max": values["max"], "n": values["n"],
             "per_seed": values["per_seed"],
             "per_seed_threshold": [None if c is None else c.get("threshold") for c in checks],
-            "per_seed_met": [None if c is None else c.get("met") for c in checks],
+            "per_seed_met": per_seed_met,
         }
 
     names: list[str] = []
