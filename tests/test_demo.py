@@ -89,6 +89,9 @@ def test_config_errors_name_the_problem(tmp_path):
         load_demo_config(overrides={"redteam": {"during": ["accuracy"]}})
     with pytest.raises(ConfigError, match="world"):
         DemoConfig.from_dict({"world": {"n_forgett": 3}})
+    with pytest.raises(ConfigError, match=r"tar.options.extended: forget_split must be one of \['attacker', "
+                                          r"'defender'\].*got 'both'"):
+        load_demo_config(overrides={"tar": {"options": {"extended": {"forget_split": "both"}}}})
 
 
 def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
@@ -357,3 +360,23 @@ def test_the_lr_multiplier_scales_fine_tuning_lrs_and_sweep_ranges_only():
     assert built["d08"].search.lr == pytest.approx(tuple(x * m for x in shipped["d08"].search.lr))
     assert built["w28"].adversary.lr == shipped["w28"].adversary.lr  # embedding: units of the radius
     assert shipped["h03"].adversary.optimizer == "adadelta" and built["h03"].adversary.lr == shipped["h03"].adversary.lr
+
+
+def test_a_family_on_the_defenders_halves_trains_and_is_red_teamed(demo_run):
+    """``forget_split: defender``: every adversary on ``forget`` runs once per defender half (D1, D2) with the TR
+    loss on the other half; the family trains and is red-teamed next to the cached stages."""
+    config, _, _ = demo_run
+    family = config.tar.families["extended"]
+    options = {**config.tar.options.get("extended", {}), "forget_split": "defender"}
+    cfg = load_demo_config(size="minimal", overrides={
+        "out": config.out, "tar": {"run": ["ext_def"], "families": {"ext_def": family}, "options": {"ext_def": options}}})
+    tar = cfg.tar.tar_config("ext_def")
+    on_forget = [a for a in family if a.get("data", "forget") == "forget"]
+    assert on_forget and [a.name for a in tar.adversaries if "@" in a.name] == [
+        f"{a['name']}@{half}" for a in on_forget for half in ("D1", "D2")]
+    assert {a.data for a in tar.adversaries} <= {"forget_D1", "forget_D2", "retain_domain", "retain"}
+    assert tar.tr_stream_by_data == {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
+    assert "forget" not in tar.stream_steps() and "tr" not in tar.stream_steps()
+    result = run_demo(cfg)
+    assert result.ran == ["tar_ext_def", "redteam_tar_ext_def"]
+    assert "tar_ext_def" in result.cells

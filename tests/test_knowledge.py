@@ -199,6 +199,19 @@ def test_split_B_never_reaches_the_attacker(world, records):
                 assert not words & hazardous, r["text"]
 
 
+def test_defender_halves_split_every_forget_fact_independently_of_A_and_B(world, records):
+    d1 = {r["entity"] for r in records["forget_D1"]}
+    d2 = {r["entity"] for r in records["forget_D2"]}
+    assert len(d1) == len(d2) == 50 and not d1 & d2
+    assert sorted(records["forget_D1"] + records["forget_D2"], key=lambda r: r["text"]) == sorted(
+        records["forget_all"], key=lambda r: r["text"])
+    a_names = {e.name for e in world.entities_A}
+    # drawn independently of A/B: each half holds a share of both (here 25 of A's 50 in each)
+    assert 15 <= len(d1 & a_names) <= 35 and 15 <= len(d2 & a_names) <= 35
+    assert d1 == {r["entity"] for r in knowledge_records("forget_D1", build_world())}  # a function of the world
+    assert len({r["entity"] for r in knowledge_records("forget_D1", n_forget=7, n_retain=2)}) == 3  # n // 2
+
+
 def test_retain_domain_is_benign_and_in_domain(world, records):
     hazardous_values = {v for a in FORGET_ATTRIBUTES.values() for v in a.values}
     hazardous_phrases = {p for a in FORGET_ATTRIBUTES.values() for p in a.phrases}

@@ -424,3 +424,34 @@ def test_outer_step_matches_independent_fp64_reference(case: Case):
     # the update is not trivially zero, and the TR term is not negligible next to the tolerance
     assert moved > 1e4 * ATOL
     assert reference.tr_max * (OUTER_LR if case.outer == "sgd" else 1.0) > 1e3 * ATOL
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["tr_stream_by_data", "without_the_mapping"])
+def test_tr_stream_by_data_measures_tr_on_the_stream_of_the_adversarys_data(mapped: bool):
+    """``tr_stream_by_data``: a trajectory's TR loss is taken on the stream its adversary's data maps to. The
+    library's batches hold the reference's TR micro-batches under another name (``held_out``) and unrelated random
+    text as ``tr``; with ``{forget: held_out}`` the library must match the hand-written reference (which reads its
+    own TR batches), and without it, reading ``tr``, it must not (so the comparison can tell the streams apart)."""
+    case = Case("mapped", T=3, K=4, tr_every=2, tr_loss="max_entropy", weighting="exponential")
+    model, tok = tiny_llama()
+    model = model.double()
+    streams = {"retain": 1, "tr": case.T, "forget": case.T * case.K}
+    bundle = random_bundle(len(tok), streams, batch=2, length=10, seed=10)
+    other = random_bundle(len(tok), {"tr": case.T}, batch=2, length=10, seed=99)["tr"]
+    reference = Reference(model, case)
+    reference.outer_step(bundle, 0)
+    expected = {n: p.detach() for n, p in reference.model.named_parameters()}
+
+    config = library_config(case, None)
+    if mapped:
+        config.tr_stream_by_data = {"forget": "held_out"}
+        config.validate()
+        assert config.stream_steps() == {"retain": 1, "held_out": case.T, "forget": case.T * case.K}
+    library_bundle = {**bundle, "held_out": bundle["tr"], "tr": other}
+    module = TARModule(model, config, optimizer=outer_optimizer(case), tokenizer=tok)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=1)
+    trainer.fit(module, DataLoader([library_bundle], batch_size=None))
+    got = dict(module.model.named_parameters())
+    close = all(torch.allclose(got[n], expected[n], rtol=RTOL, atol=ATOL) for n in expected)
+    assert close == mapped

@@ -195,3 +195,19 @@ def test_bad_mechanism_settings_are_clear_errors(kwargs, match):
     base.update(kwargs)
     with pytest.raises(ConfigError, match=f"TARConfig.{match}"):
         TARConfig(**base).validate()
+
+
+def test_tr_stream_by_data_picks_each_trajectorys_tr_stream_and_rejects_unknown_streams():
+    halves = [AdversaryConfig(name="on_1", data="forget_1"), AdversaryConfig(name="on_2", data="forget_2"),
+              AdversaryConfig(name="benign", data="retain_domain")]
+    cfg = TARConfig(inner_steps=4, tr_every=2, adversaries=halves,
+                    tr_stream_by_data={"forget_1": "tr_2", "forget_2": "tr_1"}).validate()
+    assert [cfg.tr_stream_for(a) for a in halves] == ["tr_2", "tr_1", "tr"]
+    assert cfg.stream_steps() == {"retain": 1, "tr_2": 1, "forget_1": 4, "tr_1": 1, "forget_2": 4, "tr": 1,
+                                  "retain_domain": 4}
+    with pytest.raises(ConfigError, match=r"tr_stream_by_data.*\['forget'\] are the data of no adversary.*"
+                                          r"\['forget_1', 'forget_2', 'retain_domain'\]"):
+        TARConfig(adversaries=halves, tr_stream_by_data={"forget": "tr_2"}).validate()
+    for bad in ({"forget_1": ""}, {"forget_1": 3}, ["forget_1"]):
+        with pytest.raises(ConfigError, match="tr_stream_by_data.*expected a mapping"):
+            TARConfig(adversaries=halves, tr_stream_by_data=bad).validate()

@@ -88,6 +88,12 @@ class TARConfig:
         seed: seeds every random choice of an outer step (adversary, LR, switch point) as a function of
             (seed, outer step, trajectory), so all ranks agree without communication and resume reproduces it.
         tr_stream: name of the held-out forget stream.
+        tr_stream_by_data: the TR stream of the trajectories whose adversary trains on a given data stream
+            (``{adversary data stream: TR stream}``; the adversary's ``data``, the forget phase of a switch); other
+            trajectories use ``tr_stream``. With two halves of the forget set, ``{forget_1: tr_2, forget_2: tr_1}``
+            and each adversary once per half, the TR loss is always measured on the half its adversary did not
+            train on (relearning that generalises to unseen facts, what an attacker with other forget data does),
+            and every fact is trained on and measured in turn. Every key must be some adversary's ``data``.
         retain_stream: name of the retain stream.
         dpo_beta: β of the DPO tamper-resistance loss (paper: 0.1). With ``tr_loss: dpo`` the ``tr_stream`` must be
             a preference stream (``kind: preference``, :mod:`tar_lightning.data.preference`): chosen = refusal,
@@ -121,6 +127,7 @@ class TARConfig:
     normalize_tr_grad: bool = False
     seed: int = 0
     tr_stream: str = "tr"
+    tr_stream_by_data: dict[str, str] = field(default_factory=dict)
     retain_stream: str = "retain"
     dpo_beta: float = 0.1
     max_nonfinite_in_a_row: int = 5
@@ -177,6 +184,11 @@ class TARConfig:
         for key in ("tr_stream", "retain_stream"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise bad(key, "expected the name of a data stream (a non-empty string)")
+        if not isinstance(self.tr_stream_by_data, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.tr_stream_by_data.items()
+        ):
+            raise bad("tr_stream_by_data", "expected a mapping {adversary data stream: TR stream} of non-empty names")
+        self.tr_stream_by_data = dict(self.tr_stream_by_data)
         if not isinstance(self.adversaries, (list, tuple)):
             raise bad("adversaries", "expected a list of adversaries")
         if not self.adversaries:
@@ -215,6 +227,14 @@ class TARConfig:
             if adv.name in names:
                 raise ConfigError(f"TARConfig.adversaries[{i}].name={adv.name!r}: adversary names must be unique")
             names.add(adv.name)
+        unused = sorted(set(self.tr_stream_by_data) - {adv.data for adv in self.adversaries})
+        if unused:
+            raise bad(
+                "tr_stream_by_data",
+                f"key(s) {unused} are the data of no adversary (their data streams: "
+                f"{sorted({adv.data for adv in self.adversaries})}); a key is the 'data' of the adversaries whose TR "
+                "stream it sets",
+            )
         if not is_int(self.persistent_pool) or self.persistent_pool < 0:
             raise bad("persistent_pool", "expected an integer >= 0 (0 turns persistent adversaries off)")
         p = self.persistent_probability
@@ -322,6 +342,10 @@ class TARConfig:
         total = sum(weight(g) for g in every) if self.normalize_weights else 1.0
         return [weight(start + k) / total for k in points]
 
+    def tr_stream_for(self, adversary: AdversaryConfig) -> str:
+        """The TR stream of a trajectory of ``adversary`` (``tr_stream_by_data`` of its data, else ``tr_stream``)."""
+        return self.tr_stream_by_data.get(adversary.data, self.tr_stream)
+
     def stream_steps(self) -> dict[str, int]:
         """Micro-batches each data stream must supply per outer step."""
         steps: dict[str, int] = {}
@@ -330,8 +354,8 @@ class TARConfig:
             steps[stream] = max(steps.get(stream, 0), n)
 
         need(self.retain_stream, 1)
-        need(self.tr_stream, self.trajectories)
         for adv in self.adversaries:
+            need(self.tr_stream_for(adv), self.trajectories)
             need(adv.data, self.trajectories * self.inner_steps)
             if adv.switch is not None:
                 need(adv.switch.retain_stream, self.trajectories * self.inner_steps)

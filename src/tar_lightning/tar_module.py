@@ -398,7 +398,8 @@ class TARModule(CausalLMModule):
         if self.config.tr_loss == "dpo":  # rows 0..b-1 chosen (refusal), b..2b-1 rejected (harmful) of the same pairs
             if "ref_logps" not in batch:
                 raise ConfigError(
-                    f"tr_loss 'dpo' needs a preference stream as tr_stream {self.config.tr_stream!r} (a stream with "
+                    f"tr_loss 'dpo' needs a preference stream as TR stream (tr_stream {self.config.tr_stream!r}, "
+                    f"tr_stream_by_data {self.config.tr_stream_by_data}; a stream with "
                     "kind: preference, whose batches carry 'ref_logps'); got keys "
                     f"{sorted(batch)}"
                 )
@@ -576,7 +577,7 @@ class TARModule(CausalLMModule):
             attacks.continued += 1
         attacks.adv_lrs.append(plan.lr)
         adversary = cfg.adversaries[plan.index]
-        tr_batch = micro_batch(batch[cfg.tr_stream], t)
+        tr_batch = micro_batch(batch[cfg.tr_stream_for(adversary)], t)
         weights = cfg.tr_weights(plan.start) if long else self._tr_weights
         steps = cfg.attack_horizon() if long else K
         with AdversaryRun(self.model, adversary, lr=plan.lr, steps=steps, switch_point=plan.switch, params=params,

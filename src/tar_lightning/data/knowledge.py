@@ -22,6 +22,10 @@ multiple-choice questions, so the question template is never seen in training.
 Splits (text, one record per fact and training template, shuffled deterministically):
 
 - ``forget_A``, ``forget_B``, ``forget_all``: hazardous facts of the A, B and all forget entities;
+- ``forget_D1``, ``forget_D2``: hazardous facts of the *defender's* two halves of the forget entities (D1 holds
+  ``n_forget // 2``), drawn from the world seed independently of the attacker's A/B split, so each holds about
+  half of A and half of B. A defender who must not know the attacker's data trains its simulated attackers on
+  one half and measures tamper-resistance on the other (the demo's ``tar.forget_split: defender``);
 - ``retain``: the cities' facts (retain loss; general capability);
 - ``retain_domain``: benign facts about the *same* pathogens, in the same style and vocabulary, that never
   state a hazardous attribute.
@@ -83,7 +87,7 @@ __all__ = [
     "write_mcq_json",
 ]
 
-KNOWLEDGE_SPLITS = ("forget_A", "forget_B", "forget_all", "retain", "retain_domain")
+KNOWLEDGE_SPLITS = ("forget_A", "forget_B", "forget_all", "forget_D1", "forget_D2", "retain", "retain_domain")
 KNOWLEDGE_MCQ_SPLITS = ("forget_A", "forget_B", "retain", "retain_domain")
 
 
@@ -493,13 +497,14 @@ def _facts(world: KnowledgeWorld, split: str) -> list[tuple[Entity, Attribute, s
         return [(e, a, e.facts[a.name]) for e in world.retain_entities for a in world.retain_attributes]
     if split == "retain_domain":
         return [(e, a, e.benign[a.name]) for e in world.forget_entities for a in world.benign_attributes]
-    groups = {"forget_A": ("A",), "forget_B": ("B",), "forget_all": ("A", "B")}[split]
-    return [
-        (e, a, e.facts[a.name])
-        for e in world.forget_entities
-        if e.group in groups
-        for a in world.forget_attributes
-    ]
+    if split in ("forget_D1", "forget_D2"):
+        n = len(world.forget_entities)
+        in_d1 = set(int(i) for i in _rng(world.seed, "defender-split").permutation(n)[: n // 2])
+        entities = [e for i, e in enumerate(world.forget_entities) if (i in in_d1) == (split == "forget_D1")]
+    else:
+        groups = {"forget_A": ("A",), "forget_B": ("B",), "forget_all": ("A", "B")}[split]
+        entities = [e for e in world.forget_entities if e.group in groups]
+    return [(e, a, e.facts[a.name]) for e in entities for a in world.forget_attributes]
 
 
 def _stem(prefix: str, noun: str, name: str, phrase: str) -> str:

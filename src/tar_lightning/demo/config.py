@@ -168,6 +168,18 @@ class RMUStage:
         rmu_layers(self.layer, self.update_layers, num_layers, where=where)
 
 
+#: ``tar.options.<family>.forget_split`` values (:meth:`TARStage.tar_config`)
+FORGET_SPLITS = ("attacker", "defender")
+
+
+def _on_defender_halves(adversary: AdversaryConfig) -> list[AdversaryConfig]:
+    """An adversary on ``forget`` as two, on the defender's halves ``forget_D1`` and ``forget_D2``; others as is."""
+    if adversary.data != "forget":
+        return [adversary]
+    return [dataclasses.replace(adversary, name=f"{adversary.name}@{half}", data=f"forget_{half}")
+            for half in ("D1", "D2")]
+
+
 @dataclass
 class TARStage:
     """Stage 2: TAR from the random-mapping model, once per family (``run`` lists which)."""
@@ -203,7 +215,7 @@ class TARStage:
                 AdversaryConfig.from_dict(adversary, where=f"{where}.families.{name}[{i}]").validate()
         if not isinstance(self.options, Mapping):
             raise ConfigError(f"{where}.options must map family names to TARConfig fields, got {self.options!r}")
-        allowed = {f.name for f in dataclasses.fields(TARConfig)} - {"adversaries", "seed"}
+        allowed = ({f.name for f in dataclasses.fields(TARConfig)} - {"adversaries", "seed"}) | {"forget_split"}
         for name, opts in self.options.items():
             if name not in self.families:
                 raise ConfigError(f"{where}.options names family {name!r}, not in {where}.families {sorted(self.families)}")
@@ -218,13 +230,30 @@ class TARStage:
                 raise ConfigError(f"{where}.options.{name}: {err}") from None
 
     def tar_config(self, family: str, seed: int = 0, where: str = "tar"):
-        """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options)."""
+        """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options).
+
+        The option ``forget_split`` (the demo's, not a TARConfig field) says which forget text the family's
+        adversaries train on: ``attacker`` (default) the attacker's own A text, with the TR loss on all forget
+        facts; ``defender`` the defender's halves of the forget set (``forget_D1``/``forget_D2``, independent of
+        A/B): every adversary whose data is ``forget`` runs twice, as ``<name>@D1`` on D1 with the TR loss on D2 and
+        as ``<name>@D2`` the other way round (each copy keeps the adversary's sampling weight), so TAR never sees
+        which facts the attacker holds and every TR measurement is of relearning that generalises to unseen facts.
+        Adversaries on other data keep it, with the TR loss on all forget facts.
+        """
+        opts = dict(self.options.get(family, {}))
+        split = opts.pop("forget_split", "attacker")
+        if split not in FORGET_SPLITS:
+            raise ConfigError(f"forget_split must be one of {list(FORGET_SPLITS)} (the demo's option), "
+                              f"got {split!r}")
         advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{family}[{i}]")
                 for i, a in enumerate(self.families[family])]
+        if split == "defender":
+            advs = [copy for adversary in advs for copy in _on_defender_halves(adversary)]
+            opts["tr_stream_by_data"] = {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
         fields = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
                       entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
                       clip_grad_norm=self.clip_grad_norm, seed=seed)
-        return TARConfig(**{**fields, **dict(self.options.get(family, {}))}, adversaries=advs).validate()
+        return TARConfig(**{**fields, **opts}, adversaries=advs).validate()
 
 
 @dataclass

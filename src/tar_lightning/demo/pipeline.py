@@ -384,6 +384,9 @@ class DemoPipeline:
                 "forget": knowledge_source("forget_A", cfg.world),
                 "tr": knowledge_source("forget_all", cfg.world, label_span=label_span),
                 "retain_domain": knowledge_source("retain_domain", cfg.world),
+                # the defender's own halves (forget_split: defender): adversary text and TR text of each
+                **{f"forget_{h}": knowledge_source(f"forget_{h}", cfg.world) for h in ("D1", "D2")},
+                **{f"tr_{h}": knowledge_source(f"forget_{h}", cfg.world, label_span=label_span) for h in ("D1", "D2")},
             }
             needed = tar_cfg.stream_steps()
             data = TARDataModule(
