@@ -90,8 +90,10 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="world"):
         DemoConfig.from_dict({"world": {"n_forgett": 3}})
     with pytest.raises(ConfigError, match=r"tar.options.extended: forget_split must be one of \['attacker', "
-                                          r"'defender'\].*got 'both'"):
+                                          r"'defender', 'defender_alternating'\].*got 'both'"):
         load_demo_config(overrides={"tar": {"options": {"extended": {"forget_split": "both"}}}})
+    with pytest.raises(ConfigError, match=r"forget_split 'defender' sets the TR streams itself; leave out \['tr_stream'\]"):
+        load_demo_config(overrides={"tar": {"options": {"extended": {"forget_split": "defender", "tr_stream": "tr"}}}})
 
 
 def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
@@ -362,21 +364,29 @@ def test_the_lr_multiplier_scales_fine_tuning_lrs_and_sweep_ranges_only():
     assert shipped["h03"].adversary.optimizer == "adadelta" and built["h03"].adversary.lr == shipped["h03"].adversary.lr
 
 
-def test_a_family_on_the_defenders_halves_trains_and_is_red_teamed(demo_run):
-    """``forget_split: defender``: every adversary on ``forget`` runs once per defender half (D1, D2) with the TR
-    loss on the other half; the family trains and is red-teamed next to the cached stages."""
+def test_families_on_the_defenders_halves_train_and_are_red_teamed(demo_run):
+    """``forget_split: defender``: every adversary on ``forget`` trains on the defender's half D1, TR on D2;
+    ``defender_alternating``: each runs once per half (D1, D2) with the TR loss on the other half. Both families
+    train and are red-teamed next to the cached stages."""
     config, _, _ = demo_run
     family = config.tar.families["extended"]
-    options = {**config.tar.options.get("extended", {}), "forget_split": "defender"}
+    base = config.tar.options.get("extended", {})
+    options = {"ext_d": {**base, "forget_split": "defender"}, "ext_alt": {**base, "forget_split": "defender_alternating"}}
     cfg = load_demo_config(size="minimal", overrides={
-        "out": config.out, "tar": {"run": ["ext_def"], "families": {"ext_def": family}, "options": {"ext_def": options}}})
-    tar = cfg.tar.tar_config("ext_def")
-    on_forget = [a for a in family if a.get("data", "forget") == "forget"]
-    assert on_forget and [a.name for a in tar.adversaries if "@" in a.name] == [
-        f"{a['name']}@{half}" for a in on_forget for half in ("D1", "D2")]
-    assert {a.data for a in tar.adversaries} <= {"forget_D1", "forget_D2", "retain_domain", "retain"}
-    assert tar.tr_stream_by_data == {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
-    assert "forget" not in tar.stream_steps() and "tr" not in tar.stream_steps()
+        "out": config.out, "tar": {"run": ["ext_d", "ext_alt"], "families": {"ext_d": family, "ext_alt": family},
+                                   "options": options}})
+    on_forget = [a["name"] for a in family if a.get("data", "forget") == "forget"]
+    assert on_forget
+    fixed = cfg.tar.tar_config("ext_d")
+    assert [a.name for a in fixed.adversaries] == [a["name"] for a in family]
+    assert {a.data for a in fixed.adversaries if a.name in on_forget} == {"forget_D1"}
+    assert fixed.tr_stream == "tr_D2" and not fixed.tr_stream_by_data
+    alternating = cfg.tar.tar_config("ext_alt")
+    assert [a.name for a in alternating.adversaries if "@" in a.name] == [
+        f"{name}@{half}" for name in on_forget for half in ("D1", "D2")]
+    assert alternating.tr_stream_by_data == {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
+    for tar in (fixed, alternating):
+        assert "forget" not in tar.stream_steps() and "tr" not in tar.stream_steps()
     result = run_demo(cfg)
-    assert result.ran == ["tar_ext_def", "redteam_tar_ext_def"]
-    assert "tar_ext_def" in result.cells
+    assert result.ran == ["tar_ext_d", "tar_ext_alt", "redteam_tar_ext_d", "redteam_tar_ext_alt"]
+    assert {"tar_ext_d", "tar_ext_alt"} <= set(result.cells)

@@ -169,15 +169,18 @@ class RMUStage:
 
 
 #: ``tar.options.<family>.forget_split`` values (:meth:`TARStage.tar_config`)
-FORGET_SPLITS = ("attacker", "defender")
+FORGET_SPLITS = ("attacker", "defender", "defender_alternating")
 
 
-def _on_defender_halves(adversary: AdversaryConfig) -> list[AdversaryConfig]:
-    """An adversary on ``forget`` as two, on the defender's halves ``forget_D1`` and ``forget_D2``; others as is."""
+def _on_defender_halves(adversary: AdversaryConfig, halves: Sequence[str]) -> list[AdversaryConfig]:
+    """An adversary on ``forget``: on the defender's half ``forget_D1`` (``halves`` ``["D1"]``), or once on each half
+    as ``<name>@D1`` and ``<name>@D2`` (``["D1", "D2"]``). An adversary on other data: as is."""
     if adversary.data != "forget":
         return [adversary]
+    if len(halves) == 1:
+        return [dataclasses.replace(adversary, data=f"forget_{halves[0]}")]
     return [dataclasses.replace(adversary, name=f"{adversary.name}@{half}", data=f"forget_{half}")
-            for half in ("D1", "D2")]
+            for half in halves]
 
 
 @dataclass
@@ -233,12 +236,15 @@ class TARStage:
         """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options).
 
         The option ``forget_split`` (the demo's, not a TARConfig field) says which forget text the family's
-        adversaries train on: ``attacker`` (default) the attacker's own A text, with the TR loss on all forget
-        facts; ``defender`` the defender's halves of the forget set (``forget_D1``/``forget_D2``, independent of
-        A/B): every adversary whose data is ``forget`` runs twice, as ``<name>@D1`` on D1 with the TR loss on D2 and
-        as ``<name>@D2`` the other way round (each copy keeps the adversary's sampling weight), so TAR never sees
-        which facts the attacker holds and every TR measurement is of relearning that generalises to unseen facts.
-        Adversaries on other data keep it, with the TR loss on all forget facts.
+        adversaries train on and where the TR loss is measured. ``attacker`` (default): the attacker's own A text,
+        TR on all forget facts. The other two use the defender's halves of the forget set (``forget_D1`` /
+        ``forget_D2``, drawn independently of A/B), so TAR never sees which facts the attacker holds and every TR
+        measurement is of relearning that generalises to facts the simulated attacker did not train on:
+        ``defender`` puts every adversary on ``forget`` on D1 and measures TR on D2 (every adversary's);
+        ``defender_alternating`` runs each such adversary twice, as ``<name>@D1`` on D1 with TR on D2 and
+        ``<name>@D2`` the other way round (each copy keeps the adversary's sampling weight; adversaries on other
+        data keep TR on all forget facts). Either sets ``tr_stream`` / ``tr_stream_by_data``, which the family's
+        options must then leave out.
         """
         opts = dict(self.options.get(family, {}))
         split = opts.pop("forget_split", "attacker")
@@ -247,9 +253,16 @@ class TARStage:
                               f"got {split!r}")
         advs = [AdversaryConfig.from_dict(dict(a), where=f"{where}.families.{family}[{i}]")
                 for i, a in enumerate(self.families[family])]
-        if split == "defender":
-            advs = [copy for adversary in advs for copy in _on_defender_halves(adversary)]
-            opts["tr_stream_by_data"] = {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
+        if split != "attacker":
+            taken = sorted({"tr_stream", "tr_stream_by_data"} & set(opts))
+            if taken:
+                raise ConfigError(f"forget_split {split!r} sets the TR streams itself; leave out {taken}")
+            halves = ["D1"] if split == "defender" else ["D1", "D2"]
+            advs = [copy for adversary in advs for copy in _on_defender_halves(adversary, halves)]
+            if split == "defender":
+                opts["tr_stream"] = "tr_D2"
+            else:
+                opts["tr_stream_by_data"] = {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
         fields = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
                       entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
                       clip_grad_norm=self.clip_grad_norm, seed=seed)
