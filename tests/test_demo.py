@@ -94,6 +94,12 @@ def test_config_errors_name_the_problem(tmp_path):
         load_demo_config(overrides={"tar": {"options": {"extended": {"forget_split": "both"}}}})
     with pytest.raises(ConfigError, match=r"forget_split 'defender' sets the TR streams itself; leave out \['tr_stream'\]"):
         load_demo_config(overrides={"tar": {"options": {"extended": {"forget_split": "defender", "tr_stream": "tr"}}}})
+    benign = {"benign": [{"name": "domain", "data": "retain_domain", "lr": 1e-3}]}
+    with pytest.raises(ConfigError, match="no adversary of family 'benign' trains on 'forget'"):
+        load_demo_config(overrides={"tar": {"families": benign, "options": {"benign": {"forget_split": "defender"}}}})
+    with pytest.raises(ConfigError, match=r"family 'extended' reads data streams \['trx'\], which the demo does not "
+                                          r"have; its TAR streams are \['retain', 'forget', 'tr'"):
+        load_demo_config(overrides={"tar": {"options": {"extended": {"tr_stream_by_data": {"forget": "trx"}}}}})
 
 
 def test_minimal_demo_runs_end_to_end_with_every_cell(demo_run):
@@ -364,6 +370,14 @@ def test_the_lr_multiplier_scales_fine_tuning_lrs_and_sweep_ranges_only():
     assert shipped["h03"].adversary.optimizer == "adadelta" and built["h03"].adversary.lr == shipped["h03"].adversary.lr
 
 
+def test_the_tar_stage_builds_exactly_the_streams_the_configuration_is_checked_against():
+    from tar_lightning.demo.config import TAR_STREAMS
+    from tar_lightning.demo.pipeline import tar_streams
+
+    cfg = load_demo_config(size="minimal")
+    assert list(tar_streams(cfg.world, "labels")) == list(TAR_STREAMS)
+
+
 def test_families_on_the_defenders_halves_train_and_are_red_teamed(demo_run):
     """``forget_split: defender``: every adversary on ``forget`` trains on the defender's half D1, TR on D2;
     ``defender_alternating``: each runs once per half (D1, D2) with the TR loss on the other half. Both families
@@ -380,7 +394,7 @@ def test_families_on_the_defenders_halves_train_and_are_red_teamed(demo_run):
     fixed = cfg.tar.tar_config("ext_d")
     assert [a.name for a in fixed.adversaries] == [a["name"] for a in family]
     assert {a.data for a in fixed.adversaries if a.name in on_forget} == {"forget_D1"}
-    assert fixed.tr_stream == "tr_D2" and not fixed.tr_stream_by_data
+    assert fixed.tr_stream_by_data == {"forget_D1": "tr_D2"}
     alternating = cfg.tar.tar_config("ext_alt")
     assert [a.name for a in alternating.adversaries if "@" in a.name] == [
         f"{name}@{half}" for name in on_forget for half in ("D1", "D2")]

@@ -206,10 +206,15 @@ def test_defender_halves_split_every_forget_fact_independently_of_A_and_B(world,
     assert sorted(records["forget_D1"] + records["forget_D2"], key=lambda r: r["text"]) == sorted(
         records["forget_all"], key=lambda r: r["text"])
     a_names = {e.name for e in world.entities_A}
-    # drawn independently of A/B: each half holds a share of both (here 25 of A's 50 in each)
-    assert 15 <= len(d1 & a_names) <= 35 and 15 <= len(d2 & a_names) <= 35
+    assert len(d1 & a_names) == len(d2 & a_names) == 25  # the defender's split cuts across the attacker's
     assert d1 == {r["entity"] for r in knowledge_records("forget_D1", build_world())}  # a function of the world
-    assert len({r["entity"] for r in knowledge_records("forget_D1", n_forget=7, n_retain=2)}) == 3  # n // 2
+    for seed in range(6):  # small worlds, where a random half is often A or B itself (8 pathogens: 1 in 35)
+        small = build_world(n_forget=8, n_retain=2, seed=seed)
+        half = {r["entity"] for r in knowledge_records("forget_D1", small)}
+        assert len(half) == 4 and len(half & {e.name for e in small.entities_A}) == 2
+    odd = build_world(n_forget=7, n_retain=2)  # 3 A / 4 B: D1 holds 7 // 2 = 3, 3 // 2 = 1 of them from A
+    half = {r["entity"] for r in knowledge_records("forget_D1", odd)}
+    assert len(half) == 3 and len(half & {e.name for e in odd.entities_A}) == 1
 
 
 def test_retain_domain_is_benign_and_in_domain(world, records):

@@ -23,9 +23,10 @@ Splits (text, one record per fact and training template, shuffled deterministica
 
 - ``forget_A``, ``forget_B``, ``forget_all``: hazardous facts of the A, B and all forget entities;
 - ``forget_D1``, ``forget_D2``: hazardous facts of the *defender's* two halves of the forget entities (D1 holds
-  ``n_forget // 2``), drawn from the world seed independently of the attacker's A/B split, so each holds about
-  half of A and half of B. A defender who must not know the attacker's data trains its simulated attackers on
-  one half and measures tamper-resistance on the other (the demo's ``tar.forget_split: defender``);
+  ``n_forget // 2``), drawn from the world seed so that each holds half of A and half of B (D1 ``n_A // 2`` of
+  A): the defender's split cuts across the attacker's. A defender who must not know the attacker's data trains
+  its simulated attackers on one half and measures tamper-resistance on the other (the demo's
+  ``forget_split: defender``);
 - ``retain``: the cities' facts (retain loss; general capability);
 - ``retain_domain``: benign facts about the *same* pathogens, in the same style and vocabulary, that never
   state a hazardous attribute.
@@ -491,6 +492,18 @@ def _domain(split: str) -> tuple[str, tuple[str, ...], tuple[str, ...], str]:
     return "pathogen", _PATHOGEN_PREFIXES, _PATHOGEN_SUFFIXES, "pathogens"
 
 
+def _defender_half(world: KnowledgeWorld) -> set[int]:
+    """Indices of the forget entities in the defender's half D1: ``n_forget // 2`` of them, ``n_A // 2`` from A and
+    the rest from B, each the first in a random order drawn from the world seed. Drawn at random, a small world's
+    halves can be A and B themselves (8 pathogens: 1 in 35), and the defender would then train on exactly the
+    attacker's text; with half of each, D1 and D2 cut across A/B whatever the world's size."""
+    order = [int(i) for i in _rng(world.seed, "defender-split").permutation(len(world.forget_entities))]
+    in_a = [i for i in order if world.forget_entities[i].group == "A"]
+    in_b = [i for i in order if world.forget_entities[i].group != "A"]
+    from_a = len(in_a) // 2
+    return set(in_a[:from_a] + in_b[: len(order) // 2 - from_a])
+
+
 def _facts(world: KnowledgeWorld, split: str) -> list[tuple[Entity, Attribute, str]]:
     """``(entity, attribute, value)`` of every fact of a split, in entity order."""
     if split == "retain":
@@ -498,8 +511,7 @@ def _facts(world: KnowledgeWorld, split: str) -> list[tuple[Entity, Attribute, s
     if split == "retain_domain":
         return [(e, a, e.benign[a.name]) for e in world.forget_entities for a in world.benign_attributes]
     if split in ("forget_D1", "forget_D2"):
-        n = len(world.forget_entities)
-        in_d1 = set(int(i) for i in _rng(world.seed, "defender-split").permutation(n)[: n // 2])
+        in_d1 = _defender_half(world)
         entities = [e for i, e in enumerate(world.forget_entities) if (i in in_d1) == (split == "forget_D1")]
     else:
         groups = {"forget_A": ("A",), "forget_B": ("B",), "forget_all": ("A", "B")}[split]

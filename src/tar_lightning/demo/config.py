@@ -168,6 +168,11 @@ class RMUStage:
         rmu_layers(self.layer, self.update_layers, num_layers, where=where)
 
 
+#: The data streams the demo's TAR stage offers its families (``DemoPipeline.stage_tar``): knowledge-world text of
+#: the attacker's A split (``forget``), all forget facts at their answers (``tr``), the defender's halves (adversary
+#: text ``forget_D1``/``forget_D2``, TR text ``tr_D1``/``tr_D2``), the cities and benign same-pathogen text.
+TAR_STREAMS = ("retain", "forget", "tr", "retain_domain", "forget_D1", "forget_D2", "tr_D1", "tr_D2")
+
 #: ``tar.options.<family>.forget_split`` values (:meth:`TARStage.tar_config`)
 FORGET_SPLITS = ("attacker", "defender", "defender_alternating")
 
@@ -228,9 +233,13 @@ class TARStage:
             if unknown:
                 raise ConfigError(f"{where}.options.{name}: unknown TARConfig fields {unknown}; expected some of {sorted(allowed)}")
             try:
-                self.tar_config(name, where=where)
+                needed = self.tar_config(name, where=where).stream_steps()
             except (ConfigError, TypeError, ValueError) as err:
                 raise ConfigError(f"{where}.options.{name}: {err}") from None
+            unknown = sorted(set(needed) - set(TAR_STREAMS))
+            if unknown:
+                raise ConfigError(f"{where}: family {name!r} reads data streams {unknown}, which the demo does not "
+                                  f"have; its TAR streams are {list(TAR_STREAMS)}")
 
     def tar_config(self, family: str, seed: int = 0, where: str = "tar"):
         """The validated :class:`~tar_lightning.TARConfig` of one family (the stage's fields + its options).
@@ -240,11 +249,11 @@ class TARStage:
         TR on all forget facts. The other two use the defender's halves of the forget set (``forget_D1`` /
         ``forget_D2``, drawn independently of A/B), so TAR never sees which facts the attacker holds and every TR
         measurement is of relearning that generalises to facts the simulated attacker did not train on:
-        ``defender`` puts every adversary on ``forget`` on D1 and measures TR on D2 (every adversary's);
+        ``defender`` puts every adversary on ``forget`` on D1 and measures its TR on D2;
         ``defender_alternating`` runs each such adversary twice, as ``<name>@D1`` on D1 with TR on D2 and
-        ``<name>@D2`` the other way round (each copy keeps the adversary's sampling weight; adversaries on other
-        data keep TR on all forget facts). Either sets ``tr_stream`` / ``tr_stream_by_data``, which the family's
-        options must then leave out.
+        ``<name>@D2`` the other way round (each copy keeps the adversary's sampling weight). In both, adversaries
+        on other data keep it, with TR on all forget facts. Either sets ``tr_stream_by_data``, which the family's
+        options must then leave out (and ``tr_stream``), and needs an adversary on ``forget``.
         """
         opts = dict(self.options.get(family, {}))
         split = opts.pop("forget_split", "attacker")
@@ -257,12 +266,13 @@ class TARStage:
             taken = sorted({"tr_stream", "tr_stream_by_data"} & set(opts))
             if taken:
                 raise ConfigError(f"forget_split {split!r} sets the TR streams itself; leave out {taken}")
+            if not any(a.data == "forget" for a in advs):
+                raise ConfigError(f"forget_split {split!r} moves the adversaries on 'forget' to the defender's "
+                                  f"halves, and no adversary of family {family!r} trains on 'forget'")
             halves = ["D1"] if split == "defender" else ["D1", "D2"]
             advs = [copy for adversary in advs for copy in _on_defender_halves(adversary, halves)]
-            if split == "defender":
-                opts["tr_stream"] = "tr_D2"
-            else:
-                opts["tr_stream_by_data"] = {"forget_D1": "tr_D2", "forget_D2": "tr_D1"}
+            opts["tr_stream_by_data"] = {"forget_D1": "tr_D2", "forget_D2": "tr_D1"} if len(halves) == 2 else {
+                "forget_D1": "tr_D2"}
         fields = dict(inner_steps=self.inner_steps, tr_every=self.tr_every, tr_weight=self.tr_weight,
                       entropy_positions=self.entropy_positions, retain_representation=self.retain_representation,
                       clip_grad_norm=self.clip_grad_norm, seed=seed)

@@ -50,7 +50,7 @@ from tar_lightning.safeguards.rmu import RMUModule
 from tar_lightning.safeguards.sft import SFTModule, warmup_cosine
 from tar_lightning.tar_module import TARModule
 
-__all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label"]
+__all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label", "tar_streams"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "redteam": _EVERY_STAGE + ("tar_lightning.evaluation.redteam", "tar_lightning.adversaries",
                                "tar_lightning.evaluation.suite"),
 }
+
+
+def tar_streams(world: Mapping, entropy_positions: str) -> dict[str, Any]:
+    """The data sources of the TAR stage's streams (:data:`~tar_lightning.demo.config.TAR_STREAMS`, whose names
+    the configuration is checked against), the TR ones labelled at the answers with ``entropy_positions: labels``."""
+    label_span = ["answer_start", "answer_end"] if entropy_positions == "labels" else None
+    return {
+        "retain": knowledge_source("retain", world),
+        "forget": knowledge_source("forget_A", world),
+        "tr": knowledge_source("forget_all", world, label_span=label_span),
+        "retain_domain": knowledge_source("retain_domain", world),
+        # the defender's own halves (forget_split): adversary text and TR text of each
+        **{f"forget_{h}": knowledge_source(f"forget_{h}", world) for h in ("D1", "D2")},
+        **{f"tr_{h}": knowledge_source(f"forget_{h}", world, label_span=label_span) for h in ("D1", "D2")},
+    }
 
 
 def stage_label(stage: str) -> str:
@@ -378,16 +393,7 @@ class DemoPipeline:
                 copy.deepcopy(base), tar_cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
                 reference_model=base,
             )
-            label_span = ["answer_start", "answer_end"] if s.entropy_positions == "labels" else None
-            streams = {
-                "retain": knowledge_source("retain", cfg.world),
-                "forget": knowledge_source("forget_A", cfg.world),
-                "tr": knowledge_source("forget_all", cfg.world, label_span=label_span),
-                "retain_domain": knowledge_source("retain_domain", cfg.world),
-                # the defender's own halves (forget_split: defender): adversary text and TR text of each
-                **{f"forget_{h}": knowledge_source(f"forget_{h}", cfg.world) for h in ("D1", "D2")},
-                **{f"tr_{h}": knowledge_source(f"forget_{h}", cfg.world, label_span=label_span) for h in ("D1", "D2")},
-            }
+            streams = tar_streams(cfg.world, s.entropy_positions)
             needed = tar_cfg.stream_steps()
             data = TARDataModule(
                 streams={k: v for k, v in streams.items() if k in needed},
