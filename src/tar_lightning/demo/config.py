@@ -247,7 +247,7 @@ class TARStage:
         The option ``forget_split`` (the demo's, not a TARConfig field) says which forget text the family's
         adversaries train on and where the TR loss is measured. ``attacker`` (default): the attacker's own A text,
         TR on all forget facts. The other two use the defender's halves of the forget set (``forget_D1`` /
-        ``forget_D2``, drawn independently of A/B), so TAR never sees which facts the attacker holds and every TR
+        ``forget_D2``, each half of A and half of B), so TAR never sees which facts the attacker holds and every TR
         measurement is of relearning that generalises to facts the simulated attacker did not train on:
         ``defender`` puts every adversary on ``forget`` on D1 and measures its TR on D2;
         ``defender_alternating`` runs each such adversary twice, as ``<name>@D1`` on D1 with TR on D2 and
