@@ -17,6 +17,7 @@ every wait; and start two-rank ``tar-lightning fit`` runs with srun, every task 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -384,6 +385,27 @@ def _scontrol_job(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
+def _sleep_into_next_second() -> None:
+    """Sleeps past the start of the next whole second of the wall clock (plus 0.1 s)."""
+    now = time.time()
+    time.sleep(math.floor(now) + 1.1 - now)
+
+
+def _daemon_log_lines(job: str) -> str:
+    """The lines of slurmctld's and slurmd's logs about ``job`` (a failed launch is explained only there)."""
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    files = dict(re.findall(r"^(Slurm(?:ctld|d)LogFile)\s*=\s*(\S+)", proc.stdout, flags=re.M))
+    pattern = re.compile(rf"JobId={job}\b|[Jj]ob {job}\b|\[{job}\.")
+    out = []
+    for key, path in sorted(files.items()):
+        try:
+            lines = [line for line in Path(path).read_text(errors="replace").splitlines() if pattern.search(line)]
+        except OSError as err:
+            lines = [f"(cannot read: {err})"]
+        out.append(f"{key} {path}:\n" + "\n".join(lines[-40:]))
+    return "\n".join(out) or "(no Slurm daemon logs named by scontrol show config)"
+
+
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     """One job of the tiny TAR recipe through our sbatch template (1 node x 2 CPU tasks, DDP on gloo), sent
@@ -446,7 +468,7 @@ trainer:
                 why = f"the job ended ({info.get('JobState')})" if ended else f"no {what} within {seconds} s"
                 pytest.fail(f"slurm job {job}: {why} while waiting for {what}; JobState={info.get('JobState')} "
                             f"Restarts={info.get('Restarts')} ExitCode={info.get('ExitCode')} "
-                            f"Reason={info.get('Reason')}\n{job_log()[-4000:]}")
+                            f"Reason={info.get('Reason')}\n{job_log()[-4000:]}\n{_daemon_log_lines(job)}")
             time.sleep(0.5)
 
     try:
@@ -458,7 +480,11 @@ trainer:
         requeue_ckpt = tmp / "requeue.ckpt"
         shutil.copyfile(ckpt_dir / "last.ckpt", requeue_ckpt)  # before the requeued run overwrites it
         first_run_files = sorted(p.name for p in ckpt_dir.iterdir())
-        # Slurm holds a requeued batch job ~2 min before it may start again; release it now
+        # Slurm holds a requeued batch job ~2 min before it may start again, so that the restart's job credential
+        # is newer than the revocation of the first run's: slurmd compares them in whole seconds, and a restart
+        # allocated in the second of the requeue is killed at launch ("Job credential revoked": JobState=FAILED,
+        # ExitCode=1:0, no output; seen in CI). Release it now, but only once that second is over.
+        _sleep_into_next_second()
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         final = wait("the end of the job", DEADLINE_FINISH, lambda info: info.get("JobState") in TERMINAL)
     finally:
@@ -474,7 +500,7 @@ def _assert_completed_once_requeued(run: dict) -> None:
     summary = (f"slurm job {run['job']}: JobState={final.get('JobState')} Restarts={final.get('Restarts')} "
                f"ExitCode={final.get('ExitCode')}")
     assert (final.get("JobState"), final.get("Restarts"), final.get("ExitCode")) == ("COMPLETED", "1", "0:0"), (
-        summary + "\n" + run["log"][-4000:])
+        summary + "\n" + run["log"][-4000:] + "\n" + _daemon_log_lines(run["job"]))
 
 
 @pytest.mark.slurm
