@@ -107,8 +107,11 @@ def test_dpo_config_validation_and_missing_preference_stream():
     model, tok = tiny_llama()
     module = TARModule(model, config=TARConfig(inner_steps=1, tr_every=1, tr_loss="dpo"), tokenizer=tok)
     ids = torch.tensor([[1, 5, 6, 2]])
-    with pytest.raises(ConfigError, match="preference stream"):
-        module.tr_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ConfigError, match="preference stream as TR stream: stream 'tr' is not one"):
+        module.tr_loss(batch)
+    with pytest.raises(ConfigError, match="stream 'forget_D2' is not one"):  # the stream read, when mapped
+        module.tr_loss(batch, "forget_D2")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -392,16 +392,16 @@ class TARModule(CausalLMModule):
 
     # -- losses -------------------------------------------------------------------------------------------
 
-    def tr_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The tamper-resistance loss at the current (attacked) weights, and a diagnostic to log."""
+    def tr_loss(self, batch: dict[str, Tensor], stream: Optional[str] = None) -> tuple[Tensor, Tensor]:
+        """The tamper-resistance loss at the current (attacked) weights, and a diagnostic to log. ``stream``: the
+        TR stream ``batch`` comes from, named in errors (default: ``tr_stream``)."""
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         if self.config.tr_loss == "dpo":  # rows 0..b-1 chosen (refusal), b..2b-1 rejected (harmful) of the same pairs
             if "ref_logps" not in batch:
+                name = self.config.tr_stream if stream is None else stream
                 raise ConfigError(
-                    f"tr_loss 'dpo' needs a preference stream as TR stream (tr_stream {self.config.tr_stream!r}, "
-                    f"tr_stream_by_data {self.config.tr_stream_by_data}; a stream with "
-                    "kind: preference, whose batches carry 'ref_logps'); got keys "
-                    f"{sorted(batch)}"
+                    f"tr_loss 'dpo' needs a preference stream as TR stream: stream {name!r} is not one (a stream "
+                    f"with kind: preference, whose batches carry 'ref_logps'); its batches have keys {sorted(batch)}"
                 )
             logps = sequence_logprobs(out.logits, batch["labels"])
             half = logps.shape[0] // 2
@@ -577,7 +577,8 @@ class TARModule(CausalLMModule):
             attacks.continued += 1
         attacks.adv_lrs.append(plan.lr)
         adversary = cfg.adversaries[plan.index]
-        tr_batch = micro_batch(batch[cfg.tr_stream_for(adversary)], t)
+        tr_stream = cfg.tr_stream_for(adversary)
+        tr_batch = micro_batch(batch[tr_stream], t)
         weights = cfg.tr_weights(plan.start) if long else self._tr_weights
         steps = cfg.attack_horizon() if long else K
         with AdversaryRun(self.model, adversary, lr=plan.lr, steps=steps, switch_point=plan.switch, params=params,
@@ -590,7 +591,7 @@ class TARModule(CausalLMModule):
                 stream = run.stream_for_step(k)
                 attacks.adv_losses[k] += run.step(micro_batch(batch[stream], t * K + k)).float() / cfg.trajectories
                 if k in self._tr_points:
-                    self._tr_gradient(run, tr_batch, e, attacks, weights[e])
+                    self._tr_gradient(run, tr_batch, e, attacks, weights[e], tr_stream)
                     e += 1
             if pool is not None and adversary.method != "lora":
                 record = dict(continued=plan.resume_from, adversary=plan.index, lr=plan.lr, steps=K, replace=plan.slot)
@@ -602,13 +603,13 @@ class TARModule(CausalLMModule):
                         pool.record(params, snapshot, **record)
 
     def _tr_gradient(self, run: AdversaryRun, tr_batch: dict[str, Tensor], e: int, attacks: _Attacks,
-                     weight: float) -> None:
+                     weight: float, tr_stream: str) -> None:
         """λ_TR·w_e/T · ∇L_TR at evaluation point ``e`` (``weight`` = w_e), added to the TR buffer; scored where the
         attacker evaluates (schedule-free: x, not y), the gradient taken by the base weights (also under LoRA)."""
         T = self.config.trajectories
         with run.evaluation_point(), run.base_gradients():
             attacks.tr_grads.swap_in()
-            loss, diag = self.tr_loss(tr_batch)
+            loss, diag = self.tr_loss(tr_batch, tr_stream)
             (loss * (self.config.tr_weight * weight / T)).backward()
             attacks.tr_grads.swap_out()
         attacks.tr_losses[e] += loss.detach().float() / T
