@@ -199,7 +199,7 @@ def test_split_B_never_reaches_the_attacker(world, records):
                 assert not words & hazardous, r["text"]
 
 
-def test_defender_halves_hold_half_of_A_and_half_of_B_in_every_world_size(world, records):
+def test_defender_halves_each_take_half_of_A_and_half_of_B(world, records):
     d1 = {r["entity"] for r in records["forget_D1"]}
     d2 = {r["entity"] for r in records["forget_D2"]}
     assert len(d1) == len(d2) == 50 and not d1 & d2

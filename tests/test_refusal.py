@@ -110,7 +110,7 @@ def test_dpo_config_validation_and_missing_preference_stream():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with pytest.raises(ConfigError, match="preference stream as TR stream: stream 'tr' is not one"):
         module.tr_loss(batch)
-    with pytest.raises(ConfigError, match="stream 'forget_D2' is not one"):  # the stream read, when mapped
+    with pytest.raises(ConfigError, match=r"stream 'forget_D2' \(from tr_stream_by_data\) is not one"):  # the stream read, when mapped
         module.tr_loss(batch, "forget_D2")
 
 

@@ -17,7 +17,6 @@ every wait; and start two-rank ``tar-lightning fit`` runs with srun, every task 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -385,25 +384,30 @@ def _scontrol_job(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
-def _sleep_into_next_second() -> None:
-    """Sleeps past the start of the next whole second of the wall clock (plus 0.1 s)."""
-    now = time.time()
-    time.sleep(math.floor(now) + 1.1 - now)
-
-
 def _daemon_log_lines(job: str) -> str:
-    """The lines of slurmctld's and slurmd's logs about ``job`` (a failed launch is explained only there)."""
-    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
-    files = dict(re.findall(r"^(Slurm(?:ctld|d)LogFile)\s*=\s*(\S+)", proc.stdout, flags=re.M))
-    pattern = re.compile(rf"JobId={job}\b|[Jj]ob {job}\b|\[{job}\.")
-    out = []
-    for key, path in sorted(files.items()):
-        try:
-            lines = [line for line in Path(path).read_text(errors="replace").splitlines() if pattern.search(line)]
-        except OSError as err:
-            lines = [f"(cannot read: {err})"]
-        out.append(f"{key} {path}:\n" + "\n".join(lines[-40:]))
-    return "\n".join(out) or "(no Slurm daemon logs named by scontrol show config)"
+    """The lines of slurmctld's and slurmd's logs about ``job`` (a failed launch is explained only there). Never
+    raises: it only adds to the message of a failure that is already being reported."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            return f"(scontrol show config failed ({proc.returncode}): {proc.stderr.strip()})"
+        files = dict(re.findall(r"^(Slurm(?:ctld|d)LogFile)\s*=\s*(\S+)", proc.stdout, flags=re.M))
+        pattern = re.compile(rf"JobId={job}\b|StepId={job}\.|[Jj]ob {job}\b|\[{job}\.")
+        out = []
+        for key, path in sorted(files.items()):
+            if path == "(null)":
+                out.append(f"{key}: not a file (syslog)")
+                continue
+            try:
+                text = Path(path).read_text(errors="replace")
+            except OSError as err:
+                out.append(f"{key} {path}: cannot read: {err}")
+                continue
+            lines = [line for line in text.splitlines() if pattern.search(line)]
+            out.append(f"{key} {path}:\n" + ("\n".join(lines[-40:]) or "(no lines about this job)"))
+        return "\n".join(out) or "(scontrol show config names no Slurm daemon log file)"
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not replace the failure it explains
+        return f"(Slurm daemon logs unavailable: {err!r})"
 
 
 @pytest.fixture(scope="module")
@@ -483,8 +487,9 @@ trainer:
         # Slurm holds a requeued batch job ~2 min before it may start again, so that the restart's job credential
         # is newer than the revocation of the first run's: slurmd compares them in whole seconds, and a restart
         # allocated in the second of the requeue is killed at launch ("Job credential revoked": JobState=FAILED,
-        # ExitCode=1:0, no output; seen in CI). Release it now, but only once that second is over.
-        _sleep_into_next_second()
+        # ExitCode=1:0, no output; seen in CI). Release it now, but only once that second is over: the revocation
+        # was stamped before the job showed PENDING, so 1.1 s after that is in a later second on any clock.
+        time.sleep(1.1)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         final = wait("the end of the job", DEADLINE_FINISH, lambda info: info.get("JobState") in TERMINAL)
     finally:

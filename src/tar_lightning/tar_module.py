@@ -399,9 +399,11 @@ class TARModule(CausalLMModule):
         if self.config.tr_loss == "dpo":  # rows 0..b-1 chosen (refusal), b..2b-1 rejected (harmful) of the same pairs
             if "ref_logps" not in batch:
                 name = self.config.tr_stream if stream is None else stream
+                where = "" if name == self.config.tr_stream else " (from tr_stream_by_data)"
                 raise ConfigError(
-                    f"tr_loss 'dpo' needs a preference stream as TR stream: stream {name!r} is not one (a stream "
-                    f"with kind: preference, whose batches carry 'ref_logps'); its batches have keys {sorted(batch)}"
+                    f"tr_loss 'dpo' needs a preference stream as TR stream: stream {name!r}{where} is not one (a "
+                    f"stream with kind: preference, whose batches carry 'ref_logps'); its batches have keys "
+                    f"{sorted(batch)}"
                 )
             logps = sequence_logprobs(out.logits, batch["labels"])
             half = logps.shape[0] // 2
