@@ -343,6 +343,25 @@ def test_evaluate_refusal_counts_and_writes_generations_only_when_asked(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+def test_dpo_error_in_fit_names_the_mapped_stream_the_trajectory_read(tmp_path):
+    """Through ``trainer.fit``: a ``tr_stream_by_data`` mapping that sends a DPO trajectory to a stream without
+    reference log-probs fails naming that stream, not the (valid) configured ``tr_stream``."""
+    model, tok = tiny_llama()
+    pairs = simple_pairs(tmp_path)
+    cfg = TARConfig(inner_steps=1, tr_every=1, tr_loss="dpo", tr_stream_by_data={"harmful_sft": "harmful_sft"},
+                    adversaries=[AdversaryConfig(name="harmful_sft", data="harmful_sft", lr=1e-3)])
+    dm = TARDataModule(
+        streams={"retain": {"kind": "preference", "path": str(pairs), "emit": "chosen"},
+                 "tr": {"kind": "preference", "path": str(pairs), "cache": False},
+                 "harmful_sft": {"kind": "preference", "path": str(pairs), "emit": "rejected"}},
+        seq_len=96, batch_size=2,
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match=r"stream 'harmful_sft' \(from tr_stream_by_data\) is not one"):
+        trainer.fit(TARModule(model, config=cfg, tokenizer=tok), datamodule=dm)
+
+
 def test_tiny_refusal_tar_then_attack_then_evaluation(tmp_path):
     model, tok = tiny_llama()
     pairs = simple_pairs(tmp_path)
