@@ -33,6 +33,17 @@ class TARConfig:
         entropy_positions: which predictive distributions the entropy is taken over: ``attention`` (every
             non-padding position), ``labels`` (positions whose next token is labelled, e.g. a fact's answer),
             ``all`` (padding included, as the reference code did).
+        entropy_tokens: token ids the max-entropy loss is restricted to (``null``, default: the whole vocabulary).
+            The entropy is then that of the model's distribution renormalised to these tokens, ``softmax`` of their
+            logits alone; its maximum is ``log(len(entropy_tokens))``. Full-vocabulary entropy can be raised by
+            moving probability onto tokens that are never answers while the ranking of the possible answers (what
+            a multiple-choice evaluation reads) stays intact; restricted to the possible answers' first tokens
+            (or an MCQ's answer letters), the loss asks for uncertainty between exactly the candidates. Ids are
+            the tokenizer's: e.g. ``[tok(" " + v, add_special_tokens=False).input_ids[0] for v in values]``.
+            The loss is then taken only at the positions ``entropy_positions`` selects whose labelled next token is
+            one of these ids (where one of the candidates is the answer: a value's first token, not its later
+            ones), and is 0 for a batch without such a position. Needs ``tr_loss: max_entropy``; at least 2 distinct ids, each below the model's vocabulary size
+            (checked at the first TR loss). Costs nothing extra: the softmax runs over these logits only.
         tr_weight: λ_TR (paper: 4).
         retain_weight: λ_retain (paper: 1).
         weighting: ``exponential`` (w_k = exp(rate·(k − (K−1))), later attacks count more) or ``uniform``.
@@ -107,6 +118,7 @@ class TARConfig:
     trajectories: int = 1
     tr_loss: Literal["max_entropy", "neg_ce", "dpo"] = "max_entropy"
     entropy_positions: Literal["attention", "labels", "all"] = "attention"
+    entropy_tokens: Optional[list[int]] = None
     tr_weight: float = 4.0
     retain_weight: float = 1.0
     weighting: Literal["uniform", "exponential"] = "exponential"
@@ -167,6 +179,17 @@ class TARConfig:
             raise bad("weighting", f"expected one of {list(WEIGHTINGS)}")
         if not isinstance(self.entropy_positions, str) or self.entropy_positions not in ENTROPY_POSITIONS:
             raise bad("entropy_positions", f"expected one of {list(ENTROPY_POSITIONS)}")
+        if self.entropy_tokens is not None:
+            ids = self.entropy_tokens
+            if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
+                raise bad("entropy_tokens", "expected null or a list of token ids (integers >= 0)")
+            if len(set(ids)) < 2 or len(set(ids)) != len(ids):
+                raise bad("entropy_tokens", "expected at least 2 distinct token ids, each once (the entropy over "
+                          "one token is always 0)")
+            if self.tr_loss != "max_entropy":
+                raise bad("entropy_tokens", f"restricts the max-entropy loss; tr_loss is {self.tr_loss!r}, set "
+                          "tr_loss: max_entropy or entropy_tokens: null")
+            self.entropy_tokens = [int(i) for i in ids]
         for key in ("tr_weight", "retain_weight", "representation_weight", "weighting_rate"):
             value = getattr(self, key)
             if not is_number(value) or value < 0:

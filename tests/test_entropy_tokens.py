@@ -1,0 +1,139 @@
+"""TARConfig.entropy_tokens: the max-entropy TR loss over candidate tokens only, where a candidate comes next."""
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import random_bundle
+from torch.utils.data import DataLoader
+
+from tar_lightning import AdversaryConfig, ConfigError, TARConfig, TARModule
+from tar_lightning.models import tiny_llama
+
+CANDIDATES = [5, 9, 17, 23]
+
+
+def answer_batch(vocab: int, seed: int = 0) -> dict:
+    """Random text, labels on a span per row; some labelled next tokens are candidates, some are not."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(30, vocab, (3, 12), generator=g)
+    ids[0, 4], ids[0, 5], ids[1, 7], ids[2, 2], ids[2, 9] = 9, 17, 5, 23, 9
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]  # two candidates then a non-candidate
+    labels[1, 6:9] = ids[1, 6:9]  # non-candidate, candidate, non-candidate
+    labels[2, 2] = ids[2, 2]      # a candidate; ids[2, 9] is one too but not labelled
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def hand_restricted_entropy_loss(model, batch, positions: str) -> torch.Tensor:
+    """Minus the mean over (b, t) of H(softmax(logits[b, t, CANDIDATES])), written out position by position."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    entropies = []
+    B, T = batch["input_ids"].shape
+    for b in range(B):
+        for t in range(T - 1):
+            nxt = int(batch["labels"][b, t + 1])
+            if positions == "labels" and nxt == -100:
+                continue
+            if positions == "attention" and batch["attention_mask"][b, t] == 0:
+                continue
+            if nxt not in CANDIDATES:
+                continue
+            z = torch.stack([logits[b, t, i] for i in CANDIDATES])
+            p = torch.exp(z - torch.logsumexp(z, 0))
+            entropies.append(-sum(p[j] * torch.log(p[j]) for j in range(len(CANDIDATES))))
+    assert entropies, "the batch must select some positions"
+    return -torch.stack(entropies).mean()
+
+
+@pytest.mark.parametrize("positions", ["labels", "attention"])
+def test_restricted_entropy_and_its_gradient_match_a_hand_computation(positions):
+    model, tok = tiny_llama()
+    model = model.double()
+    reference = copy.deepcopy(model)
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_positions=positions, entropy_tokens=CANDIDATES)
+    module = TARModule(model, cfg, tokenizer=tok)
+    batch = answer_batch(len(tok))
+    if positions == "attention":  # every attended position is labelled (padding excluded), as in random_bundle
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    loss, entropy = module.tr_loss(batch)
+    expected = hand_restricted_entropy_loss(reference, batch, positions)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    assert 0 < float(entropy) <= math.log(len(CANDIDATES))
+    grads = torch.autograd.grad(loss, list(module.model.parameters()))
+    hand = torch.autograd.grad(expected, list(reference.parameters()))
+    for (name, _), g, h in zip(module.model.named_parameters(), grads, hand, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    # not the full-vocabulary entropy
+    full = TARModule(copy.deepcopy(reference), TARConfig(inner_steps=1, tr_every=1, entropy_positions=positions),
+                     tokenizer=tok).tr_loss(batch)[0]
+    assert abs(float(full.detach()) - float(loss.detach())) > 0.1
+
+
+def test_a_batch_without_a_candidate_answer_gives_zero_with_a_graph():
+    model, tok = tiny_llama()
+    module = TARModule(model, TARConfig(inner_steps=1, tr_every=1, entropy_positions="labels",
+                                        entropy_tokens=[1, 2]), tokenizer=tok)
+    batch = answer_batch(len(tok))
+    loss, _ = module.tr_loss(batch)
+    assert float(loss) == 0.0 and loss.requires_grad
+
+
+def _fit(module, batches):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=len(batches),
+                        log_every_n_steps=1)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_fit_trains_on_the_restricted_entropy():
+    """Through trainer.fit the logged TR entropy is the candidates' (at most log 4 nats), not the vocabulary's."""
+    model, tok = tiny_llama()
+    cfg = TARConfig(inner_steps=2, tr_every=1, entropy_tokens=CANDIDATES,
+                    adversaries=[AdversaryConfig(name="sgd", data="forget", optimizer="sgd", lr=0.01)])
+    module = TARModule(model, cfg, tokenizer=tok)
+    bundle = random_bundle(len(tok), cfg.stream_steps(), batch=2, length=10, seed=3)
+    bundle["tr"]["input_ids"][:, :, 4] = CANDIDATES[0]  # a candidate comes next at position 3 of every row
+    bundle["tr"]["labels"][:, :, 4] = CANDIDATES[0]
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer = _fit(module, [bundle])
+    entropy = float(trainer.callback_metrics["train/entropy_last"])
+    assert 0 < entropy <= math.log(len(CANDIDATES)) + 1e-6
+    assert math.log(len(tok)) - entropy > 1.0  # the full vocabulary's entropy of a fresh model is near log V
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(module.model.parameters(), before, strict=True))
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_clear_error():
+    model, tok = tiny_llama()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_tokens=[3, vocab])
+    module = TARModule(model, cfg, tokenizer=tok)
+    bundle = random_bundle(len(tok), cfg.stream_steps(), batch=2, length=10)
+    with pytest.raises(ConfigError, match=rf"entropy_tokens: token id {vocab} is not in the model's vocabulary"):
+        _fit(module, [bundle])
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ([3], "at least 2 distinct"),
+        ([3, 3], "at least 2 distinct"),
+        ([1, -2], "integers >= 0"),
+        ([1, True], r"entropy_tokens\[1\] must be an integer"),
+        ({"a": 1}, "entropy_tokens"),
+    ],
+)
+def test_bad_entropy_tokens_are_clear_errors(value, match):
+    with pytest.raises(ConfigError, match=match):
+        TARConfig.from_dict({"entropy_tokens": value})
+
+
+def test_entropy_tokens_need_the_max_entropy_loss():
+    with pytest.raises(ConfigError, match="entropy_tokens.*tr_loss is 'neg_ce'"):
+        TARConfig.from_dict({"entropy_tokens": [1, 2], "tr_loss": "neg_ce"})
