@@ -10,6 +10,7 @@ from conftest import random_bundle
 from torch.utils.data import DataLoader
 
 from tar_lightning import AdversaryConfig, ConfigError, TARConfig, TARModule
+from tar_lightning.losses import entropy_position_mask, max_entropy_loss
 from tar_lightning.models import tiny_llama
 
 CANDIDATES = [5, 9, 17, 23]
@@ -112,18 +113,22 @@ def test_fit_trains_on_the_restricted_entropy():
 def test_a_token_id_outside_the_vocabulary_is_a_clear_error():
     model, tok = tiny_llama()
     vocab = model.get_output_embeddings().weight.shape[0]
-    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_tokens=[3, vocab])
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_tokens=[3, vocab, vocab + 5])
     module = TARModule(model, cfg, tokenizer=tok)
+    before = [p.detach().clone() for p in module.model.parameters()]
     bundle = random_bundle(len(tok), cfg.stream_steps(), batch=2, length=10)
-    with pytest.raises(ConfigError, match=rf"entropy_tokens: token id {vocab} is not in the model's vocabulary"):
-        _fit(module, [bundle])
+    with pytest.raises(ConfigError, match=rf"TARConfig.entropy_tokens: token ids {vocab}, {vocab + 5} are not in "
+                                          "the model's vocabulary"):
+        _fit(module, [bundle])  # at fit start, every bad id named
+    assert all(torch.equal(p, b) for p, b in zip(module.model.parameters(), before, strict=True))
 
 
 @pytest.mark.parametrize(
     "value,match",
     [
-        ([3], "at least 2 distinct"),
-        ([3, 3], "at least 2 distinct"),
+        ([3], "at least 2 token ids"),
+        ([3, 3], r"each token id once; repeated: \[3\]"),
+        ([4, 3, 4, 5, 3], r"repeated: \[3, 4\]"),
         ([1, -2], "integers >= 0"),
         ([1, True], r"entropy_tokens\[1\] must be an integer"),
         ({"a": 1}, "entropy_tokens"),
@@ -137,3 +142,65 @@ def test_bad_entropy_tokens_are_clear_errors(value, match):
 def test_entropy_tokens_need_the_max_entropy_loss():
     with pytest.raises(ConfigError, match="entropy_tokens.*tr_loss is 'neg_ce'"):
         TARConfig.from_dict({"entropy_tokens": [1, 2], "tr_loss": "neg_ce"})
+
+
+def left_padded_batch(vocab: int) -> dict:
+    """A left-padded row whose first real token is a labelled candidate: the padding position before it predicts
+    it, so only the attention mask tells that position apart."""
+    batch = answer_batch(vocab)
+    batch["attention_mask"][1, :3] = 0
+    batch["input_ids"][1, :3] = 0
+    batch["input_ids"][1, 3] = CANDIDATES[2]
+    batch["labels"][1, :] = -100
+    batch["labels"][1, 3:5] = batch["input_ids"][1, 3:5]
+    return batch
+
+
+@pytest.mark.parametrize("positions", ["attention", "labels", "all"])
+def test_the_position_mask_still_applies_with_candidates(positions):
+    """``attention`` leaves out the padding position before the row's first real token; ``labels`` and ``all``
+    keep it (its next token is a labelled candidate): the loss must match the hand computation for each."""
+    model, tok = tiny_llama()
+    model = model.double()
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_positions=positions, entropy_tokens=CANDIDATES)
+    module = TARModule(copy.deepcopy(model), cfg, tokenizer=tok)
+    batch = left_padded_batch(len(tok))
+    loss, _ = module.tr_loss(batch)
+    torch.testing.assert_close(loss, hand_restricted_entropy_loss(model, batch, positions), rtol=1e-10, atol=1e-12)
+    if positions == "attention":  # the padding position changes the value when it is counted
+        counted = hand_restricted_entropy_loss(model, batch, "all")
+        assert abs(float(counted) - float(loss)) > 1e-6
+
+
+def test_bf16_logits_give_the_fp32_value():
+    """A bf16 model: the loss is reduced in fp32, close to the fp32 model's, and its backward runs."""
+    model, tok = tiny_llama()
+    batch = answer_batch(len(tok))
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_positions="labels", entropy_tokens=CANDIDATES)
+    fp32, _ = TARModule(copy.deepcopy(model), cfg, tokenizer=tok).tr_loss(batch)
+    half = TARModule(model.to(torch.bfloat16), cfg, tokenizer=tok)
+    bf16, entropy = half.tr_loss(batch)
+    assert bf16.dtype == torch.float32 and entropy.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
+    bf16.backward()
+    head = half.model.get_output_embeddings().weight.grad
+    assert head.dtype == torch.bfloat16 and torch.isfinite(head).all() and head[CANDIDATES].abs().sum() > 0
+
+
+def test_entropy_tokens_add_nothing_to_the_checkpoint():
+    model, tok = tiny_llama()
+    plain = TARModule(copy.deepcopy(model), TARConfig(inner_steps=1, tr_every=1), tokenizer=tok)
+    restricted = TARModule(model, TARConfig(inner_steps=1, tr_every=1, entropy_tokens=CANDIDATES), tokenizer=tok)
+    restricted.tr_loss(answer_batch(len(tok)))  # after a TR loss too
+    assert restricted.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_the_loss_function_names_every_bad_id_and_needs_labels():
+    logits = torch.randn(2, 5, 40)
+    labels = torch.full((2, 5), -100)
+    with pytest.raises(ConfigError, match="tokens: token ids 40, 41 are not in the model's vocabulary"):
+        max_entropy_loss(logits, None, labels, positions="labels", tokens=[1, 40, 41])
+    with pytest.raises(ConfigError, match="tokens .*need labels"):
+        max_entropy_loss(logits, None, None, positions="attention", tokens=[1, 2])
+    with pytest.raises(ConfigError, match="tokens .*need labels"):
+        entropy_position_mask(None, None, "all", shape=(2, 5), tokens=[1, 2])

@@ -42,8 +42,11 @@ class TARConfig:
             the tokenizer's: e.g. ``[tok(" " + v, add_special_tokens=False).input_ids[0] for v in values]``.
             The loss is then taken only at the positions ``entropy_positions`` selects whose labelled next token is
             one of these ids (where one of the candidates is the answer: a value's first token, not its later
-            ones), and is 0 for a batch without such a position. Needs ``tr_loss: max_entropy``; at least 2 distinct ids, each below the model's vocabulary size
-            (checked at the first TR loss). Costs nothing extra: the softmax runs over these logits only.
+            ones), and is 0 for a batch without such a position. So it is meant for TR data whose labels mark only
+            the answer (a stream with ``label_span``, as the demo's facts): with labels over the whole text, every
+            position whose next token happens to be a candidate counts, wherever it is. Needs
+            ``tr_loss: max_entropy``; at least 2 ids, each once and below the model's vocabulary size (checked
+            when fit starts). Costs nothing extra: the softmax runs over these logits only.
         tr_weight: λ_TR (paper: 4).
         retain_weight: λ_retain (paper: 1).
         weighting: ``exponential`` (w_k = exp(rate·(k − (K−1))), later attacks count more) or ``uniform``.
@@ -183,9 +186,11 @@ class TARConfig:
             ids = self.entropy_tokens
             if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
                 raise bad("entropy_tokens", "expected null or a list of token ids (integers >= 0)")
-            if len(set(ids)) < 2 or len(set(ids)) != len(ids):
-                raise bad("entropy_tokens", "expected at least 2 distinct token ids, each once (the entropy over "
-                          "one token is always 0)")
+            if len(set(ids)) != len(ids):
+                repeated = sorted({int(i) for i in ids if ids.count(i) > 1})
+                raise bad("entropy_tokens", f"expected each token id once; repeated: {repeated}")
+            if len(ids) < 2:
+                raise bad("entropy_tokens", "expected at least 2 token ids (the entropy over one token is always 0)")
             if self.tr_loss != "max_entropy":
                 raise bad("entropy_tokens", f"restricts the max-entropy loss; tr_loss is {self.tr_loss!r}, set "
                           "tr_loss: max_entropy or entropy_tokens: null")

@@ -48,13 +48,11 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.grad_sync import GradientSync, choose_gradient_sync
 from tar_lightning.guards import NonFiniteGuard
 from tar_lightning.losses import (
-    entropy_position_mask,
+    check_token_ids,
     max_entropy_loss,
     negative_ce_loss,
     retain_loss,
-    token_entropy,
 )
-from tar_lightning.losses._common import masked_mean
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.models import ModelSource, freeze, frozen_copy, load_model, meta_copy
 from tar_lightning.persistent import AdversaryPool, load_optimizer_state, optimizer_state
@@ -254,6 +252,9 @@ class TARModule(CausalLMModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         check_lora_targets(self.model, self.config.adversaries)  # a typo fails here, not at a random later step
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if self.config.entropy_tokens is not None and head is not None:  # else checked at the first TR loss
+            check_token_ids(self.config.entropy_tokens, head.weight.shape[0], "TARConfig.entropy_tokens")
         if self.reference_model is not None and self._fsdp2_mesh() is None:
             # Single device / DDP: next to the policy, in its dtype (Lightning's precision conversion is done now).
             weight = next(self.model.parameters())
@@ -420,34 +421,11 @@ class TARModule(CausalLMModule):
             )
             return loss, reward_accuracy
         if self.config.tr_loss == "max_entropy":
-            if self.config.entropy_tokens is None:
-                loss = max_entropy_loss(
-                    out.logits, batch["attention_mask"], batch["labels"], positions=self.config.entropy_positions
-                )
-            else:  # the entropy of the distribution renormalised to the candidates, where one of them comes next
-                index = self._entropy_token_index(out.logits)
-                mask = entropy_position_mask(batch["attention_mask"], batch["labels"],
-                                             self.config.entropy_positions, shape=out.logits.shape[:2]).to(index.device)
-                mask[:, :-1] &= torch.isin(batch["labels"][:, 1:], index)
-                mask[:, -1] = False
-                loss = masked_mean(token_entropy(out.logits.index_select(-1, index)), mask).neg()
+            loss = max_entropy_loss(out.logits, batch["attention_mask"], batch["labels"],
+                                    positions=self.config.entropy_positions, tokens=self.config.entropy_tokens)
             return loss, -loss.detach()  # the entropy itself
         loss = negative_ce_loss(out.logits, batch["labels"])
         return loss, -loss.detach()  # the CE itself
-
-    def _entropy_token_index(self, logits: Tensor) -> Tensor:
-        """``config.entropy_tokens`` as an index tensor on the logits' device, checked against their vocabulary."""
-        ids = self.config.entropy_tokens
-        index = getattr(self, "_entropy_index", None)
-        if index is None or index.device != logits.device:
-            vocab = logits.shape[-1]
-            if max(ids) >= vocab:
-                raise ConfigError(
-                    f"TARConfig.entropy_tokens: token id {max(ids)} is not in the model's vocabulary (its logits "
-                    f"have {vocab} entries, ids 0..{vocab - 1}); were the ids taken with another tokenizer?"
-                )
-            index = self._entropy_index = torch.tensor(ids, dtype=torch.long, device=logits.device)
-        return index
 
     def retain_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """λ-free retain loss at the current weights: CE (+ representation distance to the reference)."""

@@ -10,6 +10,7 @@ from tar_lightning.losses.ce import causal_lm_loss, negative_ce_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.losses.entropy import (
     ENTROPY_POSITIONS,
+    check_token_ids,
     entropy_position_mask,
     max_entropy_loss,
     mean_entropy,
@@ -21,6 +22,7 @@ from tar_lightning.losses.retain import representation_distance, retain_loss
 __all__ = [
     "ENTROPY_POSITIONS",
     "causal_lm_loss",
+    "check_token_ids",
     "dpo_loss",
     "entropy_position_mask",
     "max_entropy_loss",

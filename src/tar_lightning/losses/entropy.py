@@ -18,7 +18,14 @@ from tar_lightning.losses._common import (
     masked_mean,
 )
 
-__all__ = ["ENTROPY_POSITIONS", "entropy_position_mask", "max_entropy_loss", "mean_entropy", "token_entropy"]
+__all__ = [
+    "ENTROPY_POSITIONS",
+    "check_token_ids",
+    "entropy_position_mask",
+    "max_entropy_loss",
+    "mean_entropy",
+    "token_entropy",
+]
 
 ENTROPY_POSITIONS = ("attention", "labels", "all")
 
@@ -73,6 +80,7 @@ def entropy_position_mask(
     labels: Tensor | None = None,
     positions: str = "attention",
     shape: Sequence[int] | None = None,
+    tokens: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """Which positions' predictive distributions count in the entropy loss.
 
@@ -86,13 +94,16 @@ def entropy_position_mask(
             ``"all"``: every position including padding (the reference implementation's behaviour).
         shape: ``(B, T)``; required when it cannot be taken from ``attention_mask`` or ``labels``, and checked
             against them when given.
+        tokens: candidate token ids (see :func:`max_entropy_loss`). When given, only the positions above whose
+            labelled next token is one of them are kept (``labels[:, t + 1]`` in ``tokens``; never the last
+            position), so ``labels`` is needed.
 
     Returns:
-        A ``[B, T]`` bool tensor.
+        A ``[B, T]`` bool tensor, on ``labels``' device when ``tokens`` is given.
 
     Raises:
         ConfigError: ``positions`` is not one of ``"attention"``, ``"labels"``, ``"all"``; ``labels`` is None
-            for ``"labels"``; the shape cannot be determined; or the tensors' shapes disagree.
+            for ``"labels"`` or with ``tokens``; the shape cannot be determined; or the tensors' shapes disagree.
     """
     if not isinstance(positions, str) or positions not in ENTROPY_POSITIONS:
         raise ConfigError(f"positions must be one of {list(ENTROPY_POSITIONS)}, got {positions!r}")
@@ -107,6 +118,21 @@ def entropy_position_mask(
         check_batch_seq(attention_mask, "attention_mask", shape)
         check_batch_seq(labels, "labels", shape)
 
+    mask = _position_mask(attention_mask, labels, positions, shape)
+    if tokens is None:
+        return mask
+    if labels is None:
+        raise ConfigError("tokens restrict the positions to those whose labelled next token is a candidate: they "
+                          "need labels, got labels=None")
+    mask = mask.to(labels.device)
+    candidates = torch.as_tensor(tokens, dtype=torch.long, device=labels.device)
+    mask[:, :-1] &= torch.isin(labels[:, 1:], candidates)
+    mask[:, -1] = False
+    return mask
+
+
+def _position_mask(attention_mask, labels, positions: str, shape) -> Tensor:
+    """:func:`entropy_position_mask` without the ``tokens`` restriction (arguments already checked)."""
     if positions == "labels":
         if labels is None:
             raise ConfigError('positions="labels" needs labels, got labels=None')
@@ -124,30 +150,63 @@ def entropy_position_mask(
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int, name: str = "tokens") -> None:
+    """Checks that every candidate token id indexes the model's logits.
+
+    Args:
+        ids: the token ids.
+        vocab_size: the logits' last dimension (the output embedding's rows).
+        name: what the error names, e.g. ``"TARConfig.entropy_tokens"``.
+
+    Raises:
+        ConfigError: naming every id outside ``0 .. vocab_size - 1``.
+    """
+    bad = [int(i) for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise ConfigError(
+            f"{name}: token {'ids' if len(bad) > 1 else 'id'} {', '.join(map(str, bad))} "
+            f"{'are' if len(bad) > 1 else 'is'} not in the model's vocabulary "
+            f"(its logits have {vocab_size} entries, ids 0..{vocab_size - 1}); were the ids taken with another "
+            "tokenizer?"
+        )
+
+
 def max_entropy_loss(
     logits: Tensor,
     attention_mask: Tensor | None = None,
     labels: Tensor | None = None,
     positions: str = "attention",
+    tokens: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """The max-entropy TR loss: minus the mean predictive entropy over the selected positions.
 
-    Minimising it drives the predictive distributions toward uniform.
+    Minimising it drives the predictive distributions toward uniform: over the whole vocabulary, or, with
+    ``tokens``, over those candidates only.
 
     Args:
         logits: ``[B, T, V]`` model outputs (fp32 or bf16).
         attention_mask: ``[B, T]`` of 0/1; ``None`` means no padding.
-        labels: ``[B, T]`` with ``-100`` where ignored; needed for ``positions="labels"``.
+        labels: ``[B, T]`` with ``-100`` where ignored; needed for ``positions="labels"`` and with ``tokens``.
         positions: ``"attention"``, ``"labels"`` or ``"all"``; see :func:`entropy_position_mask`.
+        tokens: candidate token ids (e.g. the first tokens of the possible answers), or ``None``. When given,
+            the entropy is that of ``softmax(logits[..., tokens])`` (at most ``log(len(tokens))``), taken only at
+            the selected positions whose labelled next token is a candidate. Meant for labels that mark only the
+            answer: with labels over the whole text, every position before any occurrence of a candidate token
+            counts.
 
     Returns:
         A 0-dim fp32 tensor; 0 (graph kept) when no position is selected.
 
     Raises:
-        ConfigError: bad ``positions``, missing ``labels`` for ``"labels"``, or mismatched shapes.
+        ConfigError: bad ``positions``; missing ``labels`` for ``"labels"`` or with ``tokens``; a token id outside
+            the logits' vocabulary; mismatched shapes.
     """
     check_logits(logits)
-    mask = entropy_position_mask(attention_mask, labels, positions, shape=logits.shape[:2])
+    if tokens is not None:
+        tokens = tokens.tolist() if isinstance(tokens, Tensor) else [int(i) for i in tokens]
+        check_token_ids(tokens, logits.shape[-1])
+        logits = logits.index_select(-1, torch.tensor(tokens, dtype=torch.long, device=logits.device))
+    mask = entropy_position_mask(attention_mask, labels, positions, shape=logits.shape[:2], tokens=tokens)
     mask = mask.to(logits.device)
     return masked_mean(token_entropy(logits), mask).neg()
 
@@ -157,6 +216,7 @@ def mean_entropy(
     attention_mask: Tensor | None = None,
     labels: Tensor | None = None,
     positions: str = "attention",
+    tokens: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """Mean predictive entropy over the selected positions, for logging.
 
@@ -166,14 +226,15 @@ def mean_entropy(
     Args:
         logits: ``[B, T, V]`` model outputs (fp32 or bf16).
         attention_mask: ``[B, T]`` of 0/1; ``None`` means no padding.
-        labels: ``[B, T]`` with ``-100`` where ignored; needed for ``positions="labels"``.
+        labels: ``[B, T]`` with ``-100`` where ignored; needed for ``positions="labels"`` and with ``tokens``.
         positions: ``"attention"``, ``"labels"`` or ``"all"``; see :func:`entropy_position_mask`.
+        tokens: candidate token ids, or ``None``; see :func:`max_entropy_loss`.
 
     Returns:
         A 0-dim fp32 tensor without grad, in nats; 0 when no position is selected.
 
     Raises:
-        ConfigError: bad ``positions``, missing ``labels`` for ``"labels"``, or mismatched shapes.
+        ConfigError: as :func:`max_entropy_loss`.
     """
     with torch.no_grad():
-        return max_entropy_loss(logits.detach(), attention_mask, labels, positions).neg()
+        return max_entropy_loss(logits.detach(), attention_mask, labels, positions, tokens).neg()
