@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tar_lightning import RandomMappingModule, RMUModule, SFTModule, TARDataModule, TARModule
+from tar_lightning import RandomMappingModule, RMUModule, SFTModule, TARDataModule, TARModule, UnlearnModule
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.cli import TARCLI, main
 from tar_lightning.export import checkpoint_to_model
@@ -34,6 +34,7 @@ EXPECTED = {
     "recipes/tiny/tar.yaml",
     "recipes/tiny/random_mapping.yaml",
     "recipes/tiny/rmu.yaml",
+    "recipes/tiny/unlearn.yaml",
     "recipes/stage1/bio_llama3_8b.yaml",
     "recipes/tar/bio_llama3_8b.yaml",
     "recipes/tar/chem_llama3_8b.yaml",
@@ -137,7 +138,7 @@ def _check_semantics(cfg, where: str) -> dict:
     if issubclass(module_cls, TARModule):
         tar_config = _tar_config(model_args["config"], where)
         needed = tar_config.stream_steps()
-    elif issubclass(module_cls, (RandomMappingModule, RMUModule)):
+    elif issubclass(module_cls, (RandomMappingModule, RMUModule, UnlearnModule)):
         needed = {model_args["retain_stream"]: 1, model_args["forget_stream"]: 1}
     elif issubclass(module_cls, SFTModule):
         streams = model_args.get("streams") or {"retain": 1.0}  # the default

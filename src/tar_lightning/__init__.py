@@ -6,7 +6,7 @@ from tar_lightning.data import DataSource, TARDataModule
 from tar_lightning.errors import ConfigError, DataError, ModelLoadError, TARLightningError
 from tar_lightning.evaluation import load_suite, run_redteam
 from tar_lightning.models import ModelSource, load_model, tiny_llama, tiny_model
-from tar_lightning.safeguards import RandomMappingModule, RMUModule, SFTModule
+from tar_lightning.safeguards import RandomMappingModule, RMUModule, SFTModule, UnlearnModule
 from tar_lightning.tar_config import TARConfig
 from tar_lightning.tar_module import TARModule
 
@@ -31,6 +31,7 @@ __all__ = [
     "TARDataModule",
     "TARLightningError",
     "TARModule",
+    "UnlearnModule",
     "load_model",
     "load_suite",
     "run_redteam",

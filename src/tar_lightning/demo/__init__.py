@@ -7,8 +7,10 @@
    pathogens (``forget_all``) and the cities' facts (``retain``), until held-out-template MCQ accuracy is high
    (:class:`~tar_lightning.safeguards.SFTModule`, the two streams at weight 0.5 each);
 1. **random mapping** (:class:`~tar_lightning.safeguards.RandomMappingModule`) on ``forget_all`` vs ``retain``;
-   with ``rmu.enabled`` also **RMU** (:class:`~tar_lightning.safeguards.RMUModule`) from the stage-0 model on the
-   same streams, red-teamed and reported as one more defense;
+   with ``rmu.enabled`` also **RMU** (:class:`~tar_lightning.safeguards.RMUModule`), and with
+   ``max_entropy.enabled`` / ``min_posterior.enabled`` the paper's **Max-Entropy** / **Min-Posterior** baselines
+   (:class:`~tar_lightning.safeguards.UnlearnModule`), from the stage-0 model on the same streams, each red-teamed
+   and reported as one more defense;
 2. **TAR** (:class:`~tar_lightning.TARModule`) from the random-mapping model, once per train-time adversary
    family (``paper``: full-parameter AdamW on forget text at constant LRs plus a retain→forget switch;
    ``extended``: adds LoRA, warmup+cosine and ``retain_domain`` adversaries, and persistent adversaries whose
@@ -44,6 +46,8 @@ from tar_lightning.demo.cli import DEMO, demo_main
 from tar_lightning.demo.config import (
     DEFAULT_CONFIG,
     DemoConfig,
+    MaxEntropyStage,
+    MinPosteriorStage,
     RandomMappingStage,
     RedTeamStage,
     RMUStage,
@@ -65,6 +69,8 @@ __all__ = [
     "DemoPipeline",
     "DemoResult",
     "KnowledgeEvaluator",
+    "MaxEntropyStage",
+    "MinPosteriorStage",
     "RandomMappingStage",
     "RedTeamStage",
     "RMUStage",

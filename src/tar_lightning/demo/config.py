@@ -1,8 +1,8 @@
 """The demo's configuration: :class:`DemoConfig` and its stage sections, read by :func:`load_demo_config`.
 
 The schema of ``recipes/demo/default.yaml`` (every field is commented there): the model and world, then one
-section per stage (:class:`Stage0Config`, :class:`RandomMappingStage`, :class:`RMUStage` (opt-in),
-:class:`TARStage`, :class:`RedTeamStage`).
+section per stage (:class:`Stage0Config`, :class:`RandomMappingStage`, the opt-in baselines :class:`RMUStage`,
+:class:`MaxEntropyStage` and :class:`MinPosteriorStage`, :class:`TARStage`, :class:`RedTeamStage`).
 :func:`load_demo_config` reads the YAML, merges a size preset and overrides over it
 (:func:`tar_lightning.schema.deep_merge`) and checks every value (unknown keys and wrong types are a :class:`~tar_lightning.errors.ConfigError` naming the key).
 """
@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 from transformers import LlamaConfig
@@ -27,8 +27,10 @@ from tar_lightning.common import is_int, is_number
 from tar_lightning.data.knowledge import check_world_kwargs
 from tar_lightning.demo.evaluator import METRICS, SAFETY
 from tar_lightning.errors import ConfigError
+from tar_lightning.losses import MIN_POSTERIOR_THRESHOLD
 from tar_lightning.resources import shipped
 from tar_lightning.safeguards.rmu import rmu_layers
+from tar_lightning.safeguards.unlearn import check_unlearn_options
 from tar_lightning.schema import (
     COERCE,
     deep_merge,
@@ -46,11 +48,14 @@ __all__ = [
     "NON_NEGATIVE_INT",
     "POSITIVE_INT",
     "DemoConfig",
+    "MaxEntropyStage",
+    "MinPosteriorStage",
     "RMUStage",
     "RandomMappingStage",
     "RedTeamStage",
     "Stage0Config",
     "TARStage",
+    "UnlearnStage",
     "demo_config_from_layers",
     "load_demo_config",
     "positive_ints",
@@ -166,6 +171,66 @@ class RMUStage:
             raise ConfigError(f"{where}.update_module must be the name of a submodule of every decoder layer "
                               f"('mlp', 'mlp.down_proj', 'self_attn'), got {self.update_module!r}")
         rmu_layers(self.layer, self.update_layers, num_layers, where=where)
+
+
+@dataclass
+class UnlearnStage:
+    """Stage 1 (opt-in): an output-space baseline of the TAR paper
+    (:class:`~tar_lightning.safeguards.unlearn.UnlearnModule`), trained from the stage-0 model on the streams random
+    mapping uses (its forget loss on ``forget_all``, CE on ``retain``); AdamW at a constant LR. With ``enabled`` it
+    is one more defense, red-teamed and reported after RMU (the targets still compare TAR with random mapping); off
+    by default. The section, the stage, the defense and the logged forget term are all named :attr:`forget_loss`
+    (:class:`MaxEntropyStage`, :class:`MinPosteriorStage`).
+
+    ``forget_weight`` and ``retain_weight`` are :class:`UnlearnModule`'s arguments of the same names; ``steps``,
+    ``lr`` and ``batch_size`` (sentences per stream per step) its training.
+    """
+
+    #: :class:`UnlearnModule`'s ``forget_loss``: the section's name
+    forget_loss: ClassVar[str] = ""
+
+    enabled: bool = False
+    steps: int = field(default=600, metadata={COERCE: POSITIVE_INT})
+    lr: float = field(default=1.0e-3, metadata={COERCE: positive_number})
+    batch_size: int = field(default=16, metadata={COERCE: POSITIVE_INT})
+    forget_weight: float = field(default=1.0, metadata={COERCE: non_negative_number})
+    retain_weight: float = field(default=1.0, metadata={COERCE: non_negative_number})
+
+    def module_options(self) -> dict[str, Any]:
+        """The :class:`UnlearnModule` arguments this section sets (all but the model, optimizer and tokenizer)."""
+        return {"forget_loss": self.forget_loss, "forget_weight": self.forget_weight,
+                "retain_weight": self.retain_weight}
+
+    def validate(self) -> None:
+        """Checks what the field converters cannot, with :class:`UnlearnModule`'s own check (errors name
+        ``<forget_loss>.<key>``)."""
+        check_unlearn_options(self.forget_loss, **self.module_options())
+
+
+@dataclass
+class MaxEntropyStage(UnlearnStage):
+    """Stage 1 (opt-in): the Max-Entropy baseline (:class:`UnlearnStage`); ``entropy_positions``: the forget
+    positions whose entropy counts (``attention``: every non-padding token)."""
+
+    forget_loss: ClassVar[str] = "max_entropy"
+
+    entropy_positions: str = "attention"
+
+    def module_options(self) -> dict[str, Any]:
+        return {**super().module_options(), "entropy_positions": self.entropy_positions}
+
+
+@dataclass
+class MinPosteriorStage(UnlearnStage):
+    """Stage 1 (opt-in): the Min-Posterior baseline (:class:`UnlearnStage`); ``threshold``: positions whose true next
+    token has ``log p`` below it add nothing (the reference's -15; ``-.inf``: none)."""
+
+    forget_loss: ClassVar[str] = "min_posterior"
+
+    threshold: float = MIN_POSTERIOR_THRESHOLD
+
+    def module_options(self) -> dict[str, Any]:
+        return {**super().module_options(), "threshold": self.threshold}
 
 
 #: The data streams the demo's TAR stage offers its families (``DemoPipeline.stage_tar``): knowledge-world text of
@@ -358,6 +423,12 @@ class DemoConfig:
                                                metadata={"help": "1. random mapping (steps, lr, batch_size, table_seed)"})
     rmu: RMUStage = field(default_factory=RMUStage,
                           metadata={"help": "1. RMU, opt-in (enabled, steps, lr, layer, steering_coeff, alpha, ...)"})
+    max_entropy: MaxEntropyStage = field(
+        default_factory=MaxEntropyStage,
+        metadata={"help": "1. Max-Entropy baseline, opt-in (enabled, steps, lr, forget_weight, entropy_positions, ...)"})
+    min_posterior: MinPosteriorStage = field(
+        default_factory=MinPosteriorStage,
+        metadata={"help": "1. Min-Posterior baseline, opt-in (enabled, steps, lr, forget_weight, threshold, ...)"})
     tar: TARStage = field(default_factory=TARStage,
                           metadata={"help": "2. TAR per adversary family (steps, inner_steps, tr_every, families, ...)"})
     redteam: RedTeamStage = field(default_factory=RedTeamStage,
@@ -382,12 +453,19 @@ class DemoConfig:
         # a disabled section is checked on its own, not against the model (its layer may not exist there)
         tiny_layers = self.tiny.get("num_hidden_layers", LlamaConfig().num_hidden_layers)
         self.rmu.validate(num_layers=tiny_layers if self.model == "tiny" and self.rmu.enabled else None)
+        for section in (self.max_entropy, self.min_posterior):
+            section.validate()
         self.tar.validate()
         self.redteam.validate()
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def unlearn_stages(self) -> list[UnlearnStage]:
+        """The enabled Max-Entropy / Min-Posterior sections, in report order (each names its stage and defense:
+        :attr:`UnlearnStage.forget_loss`)."""
+        return [s for s in (self.max_entropy, self.min_posterior) if s.enabled]
 
 
 def load_demo_config(

@@ -1,8 +1,9 @@
 """The demo's stage pipeline: :class:`DemoPipeline`, every stage of one configuration, cached on disk.
 
 Stage 0 teaches a fresh model (:class:`~tar_lightning.safeguards.SFTModule`), stage 1 trains random
-mapping (and, with ``rmu.enabled``, RMU: another stage-1 defense from the stage-0 model), stage 2 TAR once per
-adversary family from the random-mapping model, stage 3 red-teams every defense. Each training stage is keyed by
+mapping (and, with ``rmu.enabled``, ``max_entropy.enabled`` or ``min_posterior.enabled``, the RMU, Max-Entropy or
+Min-Posterior baseline: more stage-1 defenses from the stage-0 model), stage 2 TAR once per adversary family from
+the random-mapping model, stage 3 red-teams every defense. Each training stage is keyed by
 its configuration, its parent's key, the library version and a fingerprint of the source code it runs
 (:data:`STAGE_CODE`, :meth:`DemoPipeline.keys`): a stage whose key did not change is loaded from ``out/<stage>``
 instead of being trained again, and a red team from ``out/redteam/<defense>``. After a library upgrade or an edit
@@ -48,17 +49,19 @@ from tar_lightning.models import export_pretrained, load_model, tiny_model
 from tar_lightning.safeguards.random_mapping import RandomMappingModule
 from tar_lightning.safeguards.rmu import RMUModule
 from tar_lightning.safeguards.sft import SFTModule, warmup_cosine
+from tar_lightning.safeguards.unlearn import FORGET_LOSSES, UnlearnModule
 from tar_lightning.tar_module import TARModule
 
 __all__ = ["DEFENSES_BASE", "STAGE_CODE", "DemoPipeline", "StepProgress", "stage_label", "tar_streams"]
 
 log = logging.getLogger(__name__)
 
-#: Defenses red-teamed besides the TAR families, in report order (``rmu``, opt-in, comes after them:
-#: :meth:`DemoPipeline.defenses`).
+#: Defenses red-teamed besides the TAR families, in report order (the opt-in ``rmu``, ``max_entropy`` and
+#: ``min_posterior`` come after them: :meth:`DemoPipeline.defenses`).
 DEFENSES_BASE = ("no_defense", "random_mapping")
 
-_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping", "rmu": "stage 1: RMU"}
+_LABELS = {"stage0": "stage 0: teach", "random_mapping": "stage 1: random mapping", "rmu": "stage 1: RMU",
+           "max_entropy": "stage 1: Max-Entropy", "min_posterior": "stage 1: Min-Posterior"}
 
 #: The library code each kind of stage runs, beyond what its parent stage ran (a stage's key holds its parent's
 #: hash, so a change upstream reruns everything below): modules, or packages with every file under them. The
@@ -75,6 +78,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
                                       "tar_lightning.losses"),
     "rmu": _EVERY_STAGE + ("tar_lightning.safeguards.rmu", "tar_lightning.base_module", "tar_lightning.models",
                            "tar_lightning.sharding"),
+    **dict.fromkeys(FORGET_LOSSES, _EVERY_STAGE + ("tar_lightning.safeguards.unlearn", "tar_lightning.base_module",
+                                                   "tar_lightning.losses")),
     "tar": _EVERY_STAGE + ("tar_lightning.tar_module", "tar_lightning.tar_config", "tar_lightning.base_module",
                            "tar_lightning.adversaries", "tar_lightning.persistent", "tar_lightning.snapshot",
                            "tar_lightning.grad_sync", "tar_lightning.guards", "tar_lightning.losses"),
@@ -99,7 +104,8 @@ def tar_streams(world: Mapping, entropy_positions: str) -> dict[str, Any]:
 
 
 def stage_label(stage: str) -> str:
-    """The progress-bar label of a training stage (``stage0``, ``random_mapping``, ``rmu``, ``tar_<family>``)."""
+    """The progress-bar label of a training stage (``stage0``, ``random_mapping``, ``rmu``, ``max_entropy``,
+    ``min_posterior``, ``tar_<family>``)."""
     return _LABELS.get(stage, f"stage 2: TAR {stage[len('tar_'):]}")
 
 
@@ -222,6 +228,9 @@ class DemoPipeline:
         if cfg.rmu.enabled:
             add("rmu", {"stage": 1, "method": "rmu", "parent": h0, "config": dataclasses.asdict(cfg.rmu),
                         **self._code_key("rmu")})
+        for u in cfg.unlearn_stages():
+            add(u.forget_loss, {"stage": 1, "method": u.forget_loss, "parent": h0, "config": dataclasses.asdict(u),
+                                **self._code_key(u.forget_loss)})
         s = cfg.tar
         for family in s.run:
             key = {"stage": 2, "parent": h1, "family": family, "adversaries": s.families[family],
@@ -234,10 +243,11 @@ class DemoPipeline:
         return out
 
     def defenses(self) -> dict[str, str]:
-        """Defense -> the training stage whose model it is, in report order: no defense, random mapping, RMU
-        (with ``rmu.enabled``), then TAR per family."""
+        """Defense -> the training stage whose model it is, in report order: no defense, random mapping, RMU,
+        Max-Entropy and Min-Posterior (each when enabled), then TAR per family."""
         rmu = {"rmu": "rmu"} if self.cfg.rmu.enabled else {}
-        return {"no_defense": "stage0", "random_mapping": "random_mapping", **rmu,
+        unlearn = {u.forget_loss: u.forget_loss for u in self.cfg.unlearn_stages()}
+        return {"no_defense": "stage0", "random_mapping": "random_mapping", **rmu, **unlearn,
                 **{f"tar_{f}": f"tar_{f}" for f in self.cfg.tar.run}}
 
     def cached_stage(self, name: str) -> Optional[dict]:
@@ -333,6 +343,15 @@ class DemoPipeline:
 
         return self.stage("stage0", train)
 
+    def stage1_data(self, tok, batch_size: int) -> TARDataModule:
+        """The data of every stage-1 defense: ``forget_all`` as ``forget`` and ``retain``, in one order (data seed
+        ``seed + 1``)."""
+        cfg = self.cfg
+        return TARDataModule(
+            streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
+            seq_len=cfg.seq_len, batch_size=batch_size, seed=cfg.seed + 1, tokenizer=tok,
+        )
+
     def stage_rm(self, base, tok):
         cfg, s = self.cfg, self.cfg.random_mapping
 
@@ -342,10 +361,7 @@ class DemoPipeline:
                 copy.deepcopy(base), optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr), tokenizer=tok,
                 table_seed=s.table_seed,
             )
-            data = TARDataModule(
-                streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
-                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 1, tokenizer=tok,
-            )
+            data = self.stage1_data(tok, s.batch_size)
             self.say(f"[demo] stage 1: random mapping ({s.steps} steps)")
             callbacks = self.train_callbacks("random_mapping", s.steps)
             _trainer(s.steps, self.out / "random_mapping", callbacks).fit(module, data)
@@ -373,15 +389,29 @@ class DemoPipeline:
                 )
             except ConfigError as err:  # RMUModule.<key>=...: the demo's key is rmu.<key>
                 raise ConfigError(f"{str(err).replace('RMUModule.', 'rmu.')} (model {cfg.model})") from None
-            data = TARDataModule(
-                streams={"forget": knowledge_source("forget_all", cfg.world), "retain": knowledge_source("retain", cfg.world)},
-                seq_len=cfg.seq_len, batch_size=s.batch_size, seed=cfg.seed + 1, tokenizer=tok,
-            )
+            data = self.stage1_data(tok, s.batch_size)
             self.say(f"[demo] stage 1: RMU at layer {s.layer} ({s.steps} steps)")
             _trainer(s.steps, self.out / "rmu", self.train_callbacks("rmu", s.steps)).fit(module, data)
             return module.model, tok
 
         return self.stage("rmu", train)
+
+    def stage_unlearn(self, name: str, base, tok):
+        """The Max-Entropy or Min-Posterior baseline (``name``: ``max_entropy`` or ``min_posterior``, with its
+        section's ``enabled``) from the stage-0 model ``base``: the streams random mapping trains on (its forget loss
+        on ``forget_all``, CE on ``retain``), in the same order (data seed ``seed + 1``)."""
+        cfg, s = self.cfg, getattr(self.cfg, name)
+
+        def train():
+            L.seed_everything(cfg.seed, verbose=False)
+            module = UnlearnModule(copy.deepcopy(base), optimizer=lambda p: torch.optim.AdamW(p, lr=s.lr),
+                                   tokenizer=tok, **s.module_options())
+            self.say(f"[demo] {stage_label(name)} ({s.steps} steps)")
+            _trainer(s.steps, self.out / name, self.train_callbacks(name, s.steps)).fit(
+                module, self.stage1_data(tok, s.batch_size))
+            return module.model, tok
+
+        return self.stage(name, train)
 
     def stage_tar(self, family: str, base, tok):
         cfg, s = self.cfg, self.cfg.tar
@@ -492,6 +522,9 @@ class DemoPipeline:
         if self.cfg.rmu.enabled:
             rmu, _, _ = self.stage_rmu(m0, tok)
             defenses["rmu"] = (rmu, tok)
+        for u in self.cfg.unlearn_stages():
+            model, _, _ = self.stage_unlearn(u.forget_loss, m0, tok)
+            defenses[u.forget_loss] = (model, tok)
         for family in self.cfg.tar.run:
             m, _, _ = self.stage_tar(family, rm, tok)
             defenses[f"tar_{family}"] = (m, tok)

@@ -50,7 +50,8 @@ class DemoResult:
         config: the configuration run.
         out_dir: the output folder.
         stages: stage name -> ``{"metrics", "wall_time_s", "cached", "hash"}``
-            (``stage0``, ``random_mapping``, ``rmu`` (opt-in), ``tar_<family>``, ``redteam_<defense>``).
+            (``stage0``, ``random_mapping``, ``rmu``, ``max_entropy``, ``min_posterior`` (each opt-in),
+            ``tar_<family>``, ``redteam_<defense>``).
         cells: defense -> attack -> cell (``safety_before``/``safety_after`` = facts-B accuracy before/after,
             ``capability_after`` = retain accuracy, ``curve``, ...).
         summary: defense -> ``{"before", "mean", "worst", "bounded_worst", "retain_after_mean"}``.
@@ -201,6 +202,27 @@ def _rmu_note(res: DemoResult) -> list[str]:
     ]
 
 
+def _unlearn_notes(res: DemoResult) -> list[str]:
+    """The report's lines on the Max-Entropy and Min-Posterior defenses (one per baseline among the stages or
+    defenses)."""
+    cfg = res.config
+    what = {
+        "max_entropy": "the TAR paper's Max-Entropy baseline (minus the mean predictive entropy over forget text, "
+                       f"positions `{cfg.max_entropy.entropy_positions}`)",
+        "min_posterior": "the TAR paper's Min-Posterior baseline (the mean of -log(1 - p) of every true next token "
+                         f"of forget text; log p below {cfg.min_posterior.threshold:g} adds nothing)",
+    }
+    lines = []
+    for name, text in what.items():
+        if name not in res.stages and name not in res.cells:
+            continue
+        u = getattr(cfg, name)
+        lines += ["", f"`{name}`: {text}, plus CE on retain text (weights {u.forget_weight:g} forget, "
+                      f"{u.retain_weight:g} retain), trained like random mapping from the stage-0 model on the same "
+                      f"streams ({u.steps} steps). The targets compare TAR with random mapping only."]
+    return lines
+
+
 def demo_markdown(res: DemoResult, plots: Mapping[str, Path]) -> str:
     """The demo's report: stage table, defense × attack table, per-attack descriptions, plots."""
     cfg = res.config
@@ -214,13 +236,15 @@ def demo_markdown(res: DemoResult, plots: Mapping[str, Path]) -> str:
         "Capability: MCQ accuracy on the cities' facts. Questions use held-out templates and the `raw` scoring "
         "variant (stem + ` choice`, summed log-probability).",
         *_rmu_note(res),
+        *_unlearn_notes(res),
         "",
         "## Before any attack",
         "",
         "| stage | facts A acc | facts B acc | retain acc | B held-out loss | retain LM loss | wall s | cached |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    first = {"stage0": 0, "random_mapping": 1, "rmu": 2}  # then TAR, in the order run (workers finish in any order)
+    # the stage-1 defenses in report order, then TAR in the order run (workers finish in any order)
+    first = {"stage0": 0, "random_mapping": 1, "rmu": 2, "max_entropy": 3, "min_posterior": 4}
     for name, st in sorted(res.stages.items(), key=lambda item: first.get(item[0], len(first))):
         if name.startswith("redteam_"):
             continue

@@ -1,7 +1,8 @@
 """The demo's stages on several worker processes (``workers: 2`` in ``recipes/demo/default.yaml``).
 
-The demo is a graph of jobs: stage 0 → random mapping → TAR once per family (and stage 0 → RMU with
-``rmu.enabled``), and every defense's red-team attacks need only the model of its own stage.
+The demo is a graph of jobs: stage 0 → random mapping → TAR once per family (and stage 0 → RMU, Max-Entropy,
+Min-Posterior with ``rmu.enabled``, ``max_entropy.enabled``, ``min_posterior.enabled``), and every defense's
+red-team attacks need only the model of its own stage.
 :func:`run_stages_in_workers` trains stage 0 in this process while ``workers`` spawned processes (each with
 ``threads`` torch threads) start, then runs the rest of the graph on them. Whenever a process is free it takes
 the ready job that comes first: training stages (a stage unlocks more work), the collection of a red team whose
@@ -44,6 +45,7 @@ from tar_lightning.demo.report import DemoResult
 from tar_lightning.errors import TARLightningError
 from tar_lightning.evaluation.progress import PlainProgress, progress
 from tar_lightning.evaluation.redteam import run_redteam
+from tar_lightning.safeguards.unlearn import FORGET_LOSSES
 
 __all__ = ["run_stages_in_workers"]
 
@@ -95,6 +97,8 @@ def _stage_job(name: str) -> dict:
         demo.stage_rm(*demo.load_stage("stage0"))
     elif name == "rmu":
         demo.stage_rmu(*demo.load_stage("stage0"))
+    elif name in FORGET_LOSSES:
+        demo.stage_unlearn(name, *demo.load_stage("stage0"))
     else:
         demo.stage_tar(name[len("tar_"):], *demo.load_stage("random_mapping"))
     return {"meta": demo.result.stages[name], "cached": name in demo.result.cached}
@@ -182,7 +186,8 @@ def _jobs(demo: DemoPipeline) -> list[_Job]:
     """The jobs still to do: uncached training stages, then per uncached red team its attacks and the collection
     of their runs."""
     stages = list(demo.keys())
-    parent = {"stage0": None, "random_mapping": "stage0", "rmu": "stage0"}  # else (TAR): random_mapping
+    # the stage-1 defenses start from stage 0; anything else (TAR) from random_mapping
+    parent = {"stage0": None, "random_mapping": "stage0", "rmu": "stage0", **dict.fromkeys(FORGET_LOSSES, "stage0")}
     jobs: list[_Job] = []
     todo: set[str] = set()
     for i, name in enumerate(stages):
