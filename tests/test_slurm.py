@@ -530,7 +530,7 @@ def test_sigusr1_requeues_with_restored_weights_and_the_job_resumes(slurm_run):
     path, step = saved[0][0], int(saved[0][1])
     assert Path(path) == slurm_run["ckpt_dir"] / "last.ckpt"
     assert 2 <= step < MAX_STEPS
-    assert f"requeued Slurm job {slurm_run['job']}" in log
+    assert f"requeueing Slurm job {slurm_run['job']}" in log
     # the checkpoint holds the weights at the end of outer step `step`: those ModelCheckpoint wrote at that
     # batch end (weights restored), which the attacked weights of the next step's inner loop are not
     requeue = torch.load(slurm_run["requeue_ckpt"], map_location="cpu", weights_only=True)

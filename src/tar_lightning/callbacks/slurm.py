@@ -181,9 +181,10 @@ class SlurmRequeue(Callback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if trainer.is_global_zero:
+            # Said before the call: a successful `scontrol requeue` kills this process, often before a line
+            # printed after it reaches the job's log.
+            rank_zero_info(f"SlurmRequeue: requeueing Slurm job {job}; it resumes from {self.saved_path}")
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode == 0:
-                rank_zero_info(f"SlurmRequeue: requeued Slurm job {job}; it resumes from {self.saved_path}")
-            else:
+            if result.returncode != 0:
                 rank_zero_warn(f"SlurmRequeue: 'scontrol requeue {job}' failed ({result.returncode}): "
                                f"{result.stderr.strip()}; resubmit the job to resume from {self.saved_path}")
