@@ -35,7 +35,7 @@ BASELINES = ["max_entropy", "min_posterior"]
 
 
 # ------------------------------------------------------------------------------------------ hand computations
-def hand_min_posterior(logits: torch.Tensor, labels: torch.Tensor, threshold: float = -15.0) -> torch.Tensor:
+def hand_min_posterior(logits: torch.Tensor, labels: torch.Tensor, threshold: float | None = -15.0) -> torch.Tensor:
     """Position by position, in fp64: the mean over labelled positions of -log(1 - p(label)), 0 where log p is
     below the threshold (such positions still count in the mean)."""
     total, count = torch.zeros((), dtype=torch.float64), 0
@@ -46,7 +46,7 @@ def hand_min_posterior(logits: torch.Tensor, labels: torch.Tensor, threshold: fl
                 continue
             count += 1
             p = torch.softmax(logits[b, t].double(), dim=-1)[y]
-            if torch.log(p).item() < threshold:
+            if threshold is not None and torch.log(p).item() < threshold:
                 continue
             total = total - torch.log(1 - p)
     return total / max(count, 1)
@@ -97,11 +97,11 @@ def test_min_posterior_loss_and_gradient_match_a_hand_computation_with_threshold
     for b, t in ((1, 3), (1, 4), (0, 1), (0, 5), (1, 5), (0, 3)):
         assert torch.count_nonzero(mine.grad[b, t]) == 0, (b, t)
     assert torch.count_nonzero(mine.grad[1, 0]) > 0  # the near-certain position still gets a gradient
-    # a higher threshold zeroes positions whose terms are visible (they still count in the mean); -inf none
+    # a higher threshold zeroes positions whose terms are visible (they still count in the mean); None: none
     log_p = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     below = int(((log_p < -3.0) & (labels[:, 1:] != -100)).sum())
     assert 2 <= below <= 5  # of the 7 labelled positions
-    for threshold in (-3.0, -math.inf):
+    for threshold in (-3.0, None):
         assert min_posterior_loss(logits, labels, threshold).item() == pytest.approx(
             hand_min_posterior(logits, labels, threshold).item(), rel=1e-5)
     assert min_posterior_loss(logits, labels, -3.0) < min_posterior_loss(logits, labels)
@@ -128,10 +128,11 @@ def test_min_posterior_loss_is_exact_up_to_p_one_and_bf16_logits_give_an_fp32_re
     assert loss.item() == pytest.approx(hand_min_posterior(half.detach(), labels).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("threshold", [1.0, float("nan"), True, "-15"])
+@pytest.mark.parametrize("threshold", [1.0, float("nan"), True, "-15", -math.inf])
 def test_min_posterior_loss_refuses_a_bad_threshold_and_bad_shapes(threshold):
     logits, labels = _logits_and_labels()
-    with pytest.raises(ConfigError, match=r"threshold must be a number <= 0"):
+    with pytest.raises(ConfigError, match=r"threshold must be a finite number <= 0 \(a log-probability\), or "
+                                          r"null/None for no threshold, got"):
         min_posterior_loss(logits, labels, threshold)
     with pytest.raises(ConfigError, match=r"labels must have shape \[batch, seq\] = \(2, 6\)"):
         min_posterior_loss(logits, labels[:, :-1])
@@ -165,7 +166,7 @@ def test_training_step_is_the_weighted_sum_of_retain_ce_and_the_forget_loss(forg
         term = hand_max_entropy(logits_f, forget["attention_mask"])
     else:
         term = hand_min_posterior(logits_f, forget["labels"], threshold=threshold)
-        assert 0 < term.item() < hand_min_posterior(logits_f, forget["labels"], threshold=-math.inf).item()
+        assert 0 < term.item() < hand_min_posterior(logits_f, forget["labels"], threshold=None).item()
     want = 0.7 * hand_ce(logits_r, retain["labels"]) + 1.9 * term
     assert loss.requires_grad and loss.item() == pytest.approx(want.item(), rel=1e-5)
     _, parts = module.unlearn_losses(forget, retain)
@@ -226,8 +227,8 @@ def test_load_from_checkpoint_round_trip(tmp_path):
     ({"forget_weight": -1.0}, r"UnlearnModule.forget_weight=-1.0: expected a finite number >= 0"),
     ({"retain_weight": float("nan")}, r"UnlearnModule.retain_weight=nan: expected a finite number >= 0"),
     ({"entropy_positions": "padding"}, r"UnlearnModule.entropy_positions='padding': expected one of \['attention'"),
-    ({"threshold": 2.0}, r"UnlearnModule.threshold=2.0: expected a number <= 0"),
-    ({"threshold": None}, r"UnlearnModule.threshold=None: expected a number <= 0"),
+    ({"threshold": 2.0}, r"UnlearnModule.threshold=2.0: expected a finite number <= 0"),
+    ({"threshold": -math.inf}, r"UnlearnModule.threshold=-inf: expected a finite number <= 0 .*or null/None"),
 ])
 def test_bad_options_raise_config_errors_naming_them(kwargs, message):
     model, tok = tiny_llama()
@@ -296,8 +297,10 @@ def test_baselines_are_off_by_default_and_do_not_change_the_other_stages_keys():
     ({"max_entropy": {"forget_weight": -1}}, r"max_entropy.forget_weight must be a finite number >= 0, got -1"),
     ({"min_posterior": {"retain_weight": "x"}}, r"min_posterior.retain_weight must be a finite number >= 0"),
     ({"max_entropy": {"entropy_positions": "pad"}}, r"max_entropy.entropy_positions='pad': expected one of"),
-    ({"min_posterior": {"threshold": 1.0}}, r"min_posterior.threshold=1.0: expected a number <= 0"),
+    ({"min_posterior": {"threshold": 1.0}}, r"min_posterior.threshold=1.0: expected a finite number <= 0"),
     ({"min_posterior": {"threshold": "low"}}, r"min_posterior.threshold must be a number, got 'low'"),
+    ({"min_posterior": {"threshold": float("-inf")}},  # YAML's -.inf: would be written to stage.json as -Infinity
+     r"min_posterior.threshold=-inf: expected a finite number <= 0 \(a log-probability\), or null/None"),
     ({"min_posterior": {"enabled": "yes"}}, r"min_posterior.enabled must be true or false"),
     ({"max_entropy": {"threshold": -15.0}}, r"unknown key 'threshold' in max_entropy"),
     ({"min_posterior": {"entropy_positions": "all"}}, r"unknown key 'entropy_positions' in min_posterior"),
@@ -305,6 +308,14 @@ def test_baselines_are_off_by_default_and_do_not_change_the_other_stages_keys():
 def test_bad_baseline_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_demo_config(size="minimal", overrides=overrides)
+
+
+def test_a_null_threshold_turns_it_off_and_keys_the_stage_in_standard_json():
+    config = load_demo_config(size="minimal", overrides={"min_posterior": {"enabled": True, "threshold": None}})
+    assert config.min_posterior.threshold is None and config.min_posterior.module_options()["threshold"] is None
+    key, _ = DemoPipeline(config).keys()["min_posterior"]
+    text = json.dumps(key, allow_nan=False)  # raises on an infinity or NaN
+    assert '"threshold": null' in text
 
 
 def test_enabled_baselines_are_trained_red_teamed_and_reported(baselines_run):

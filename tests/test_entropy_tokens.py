@@ -10,7 +10,7 @@ from conftest import random_bundle
 from torch.utils.data import DataLoader
 
 from tar_lightning import AdversaryConfig, ConfigError, TARConfig, TARModule
-from tar_lightning.losses import entropy_position_mask, max_entropy_loss
+from tar_lightning.losses import CandidateTokens, entropy_position_mask, max_entropy_loss, mean_entropy
 from tar_lightning.models import tiny_llama
 
 CANDIDATES = [5, 9, 17, 23]
@@ -129,7 +129,7 @@ def test_a_token_id_outside_the_vocabulary_is_a_clear_error():
         ([3], "at least 2 token ids"),
         ([3, 3], r"each token id once; repeated: \[3\]"),
         ([4, 3, 4, 5, 3], r"repeated: \[3, 4\]"),
-        ([1, -2], "integers >= 0"),
+        ([1, -2], r"integers >= 0\), got -2"),
         ([1, True], r"entropy_tokens\[1\] must be an integer"),
         ({"a": 1}, "entropy_tokens"),
     ],
@@ -188,11 +188,85 @@ def test_bf16_logits_give_the_fp32_value():
 
 
 def test_entropy_tokens_add_nothing_to_the_checkpoint():
+    """The cached candidate index is not a registered buffer: it would land in every checkpoint (and a checkpoint
+    of a plain run would then not load into a restricted one)."""
     model, tok = tiny_llama()
     plain = TARModule(copy.deepcopy(model), TARConfig(inner_steps=1, tr_every=1), tokenizer=tok)
     restricted = TARModule(model, TARConfig(inner_steps=1, tr_every=1, entropy_tokens=CANDIDATES), tokenizer=tok)
-    restricted.tr_loss(answer_batch(len(tok)))  # after a TR loss too
+    restricted.tr_loss(answer_batch(len(tok)))  # after a TR loss, which built the index on the device
+    assert restricted._entropy_tokens._index, "the TR loss must have used the module's cached index"
     assert restricted.state_dict().keys() == plain.state_dict().keys()
+    restricted.load_state_dict(plain.state_dict())
+
+
+def test_the_index_is_built_once_per_device_and_reused():
+    """The module's TR loss uses one index tensor per device for every call (no host-to-device copy per loss,
+    which is a synchronisation on CUDA), and gives the same value as a plain list of ids."""
+    model, tok = tiny_llama()
+    cfg = TARConfig(inner_steps=1, tr_every=1, entropy_positions="labels", entropy_tokens=CANDIDATES)
+    module = TARModule(model, cfg, tokenizer=tok)
+    batch = answer_batch(len(tok))
+    first, _ = module.tr_loss(batch)
+    assert list(module._entropy_tokens._index) == [torch.device("cpu")]  # built by the TR loss itself
+    index = module._entropy_tokens.index(torch.device("cpu"))
+    second, _ = module.tr_loss(answer_batch(len(tok), seed=1))
+    assert module._entropy_tokens.index(torch.device("cpu")) is index
+    assert list(module._entropy_tokens._index) == [torch.device("cpu")]
+    assert index.tolist() == CANDIDATES and index.dtype == torch.long
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    torch.testing.assert_close(first, max_entropy_loss(logits, batch["attention_mask"], batch["labels"], "labels",
+                                                       tokens=list(CANDIDATES)))
+    assert float(first.detach()) != float(second.detach())
+
+
+@pytest.mark.parametrize(
+    "tokens,match",
+    [
+        ([3], r"tokens: expected at least 2 token ids .*got 1"),
+        ([], r"tokens: expected at least 2 token ids"),
+        ([3, 7, 3], r"tokens: expected each token id once; repeated: \[3\]"),
+        ([1, 2.0], r"tokens: expected token ids \(integers >= 0\), got 2.0"),
+        ([1, True], r"tokens: expected token ids \(integers >= 0\), got True"),
+        ([1, -4], r"got -4"),
+        (torch.tensor(3), r"tokens: expected a 1-D integer tensor of token ids, got a 0-D torch.int64 tensor"),
+        (torch.tensor([1.0, 2.0]), r"got a 1-D torch.float32 tensor"),
+        (torch.tensor([[1, 2]]), r"got a 2-D torch.int64 tensor"),
+        (torch.tensor([2, 2]), r"repeated: \[2\]"),
+        ("12", r"tokens: expected a list of token ids, got str"),
+    ],
+)
+def test_the_loss_functions_refuse_bad_candidate_lists(tokens, match):
+    """Called directly (not through TARConfig), every function taking ``tokens=`` checks them the same way."""
+    logits = torch.randn(2, 5, 40)
+    labels = torch.randint(0, 40, (2, 5))
+    for call in (lambda: max_entropy_loss(logits, None, labels, positions="labels", tokens=tokens),
+                 lambda: mean_entropy(logits, None, labels, positions="labels", tokens=tokens),
+                 lambda: entropy_position_mask(None, labels, "labels", tokens=tokens),
+                 lambda: CandidateTokens(tokens)):
+        with pytest.raises(ConfigError, match=match):
+            call()
+
+
+def test_a_tensor_of_ids_gives_the_list_value():
+    logits = torch.randn(2, 5, 40, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2, 5))
+    labels[:, 2] = 7
+    from_list = max_entropy_loss(logits, None, labels, positions="labels", tokens=[7, 11, 30])
+    from_tensor = max_entropy_loss(logits, None, labels, positions="labels", tokens=torch.tensor([7, 11, 30]))
+    from_object = max_entropy_loss(logits, None, labels, positions="labels", tokens=CandidateTokens((7, 11, 30)))
+    assert float(from_list) < 0
+    torch.testing.assert_close(from_tensor, from_list, rtol=0, atol=0)
+    torch.testing.assert_close(from_object, from_list, rtol=0, atol=0)
+
+
+def test_the_check_at_the_first_tr_loss_names_the_config_key():
+    """Outside fit (or for a model without get_output_embeddings) the vocabulary is checked at the first TR loss;
+    the error still names TARConfig.entropy_tokens, the key the user wrote."""
+    model, tok = tiny_llama()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    module = TARModule(model, TARConfig(inner_steps=1, tr_every=1, entropy_tokens=[2, vocab + 1]), tokenizer=tok)
+    with pytest.raises(ConfigError, match=rf"^TARConfig.entropy_tokens: token id {vocab + 1} is not in the model's"):
+        module.tr_loss(answer_batch(len(tok)))
 
 
 def test_the_loss_function_names_every_bad_id_and_needs_labels():

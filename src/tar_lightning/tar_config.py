@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 from tar_lightning.adversaries.config import AdversaryConfig
 from tar_lightning.common import is_int, is_number
 from tar_lightning.errors import ConfigError
+from tar_lightning.losses.entropy import ENTROPY_POSITIONS, token_ids_problem
 from tar_lightning.schema import from_mapping
 
 __all__ = ["TARConfig"]
@@ -17,7 +18,6 @@ __all__ = ["TARConfig"]
 
 TR_LOSSES = ("max_entropy", "neg_ce", "dpo")
 WEIGHTINGS = ("uniform", "exponential")
-ENTROPY_POSITIONS = ("attention", "labels", "all")
 PERSISTENT_STATES = ("delta", "full")
 
 
@@ -184,13 +184,9 @@ class TARConfig:
             raise bad("entropy_positions", f"expected one of {list(ENTROPY_POSITIONS)}")
         if self.entropy_tokens is not None:
             ids = self.entropy_tokens
-            if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
-                raise bad("entropy_tokens", "expected null or a list of token ids (integers >= 0)")
-            if len(set(ids)) != len(ids):
-                repeated = sorted({int(i) for i in ids if ids.count(i) > 1})
-                raise bad("entropy_tokens", f"expected each token id once; repeated: {repeated}")
-            if len(ids) < 2:
-                raise bad("entropy_tokens", "expected at least 2 token ids (the entropy over one token is always 0)")
+            problem = token_ids_problem(ids)
+            if problem is not None:
+                raise bad("entropy_tokens", problem)
             if self.tr_loss != "max_entropy":
                 raise bad("entropy_tokens", f"restricts the max-entropy loss; tr_loss is {self.tr_loss!r}, set "
                           "tr_loss: max_entropy or entropy_tokens: null")

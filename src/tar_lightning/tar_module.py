@@ -48,7 +48,7 @@ from tar_lightning.errors import ConfigError
 from tar_lightning.grad_sync import GradientSync, choose_gradient_sync
 from tar_lightning.guards import NonFiniteGuard
 from tar_lightning.losses import (
-    check_token_ids,
+    CandidateTokens,
     max_entropy_loss,
     negative_ce_loss,
     retain_loss,
@@ -183,6 +183,9 @@ class TARModule(CausalLMModule):
         )
         self._tr_weights = self.config.tr_weights()
         self._tr_points = set(self.config.tr_points())
+        # Checked once and its index tensor kept per device: no host-to-device copy (a CUDA sync) per TR loss.
+        self._entropy_tokens = (None if cfg.entropy_tokens is None
+                                else CandidateTokens(cfg.entropy_tokens, "TARConfig.entropy_tokens"))
         if cfg.fork_every:  # MUDMAN's forked adversary: one absolute entry, retired after fork_every outer steps
             self.adversary_pool = AdversaryPool(1, cfg.attack_horizon(), cfg.snapshot_device, relative=False)
         elif cfg.persistent_pool:
@@ -253,8 +256,8 @@ class TARModule(CausalLMModule):
         super().on_fit_start()
         check_lora_targets(self.model, self.config.adversaries)  # a typo fails here, not at a random later step
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if self.config.entropy_tokens is not None and head is not None:  # else checked at the first TR loss
-            check_token_ids(self.config.entropy_tokens, head.weight.shape[0], "TARConfig.entropy_tokens")
+        if self._entropy_tokens is not None and head is not None:  # else checked at the first TR loss
+            self._entropy_tokens.check_vocab(head.weight.shape[0])
         if self.reference_model is not None and self._fsdp2_mesh() is None:
             # Single device / DDP: next to the policy, in its dtype (Lightning's precision conversion is done now).
             weight = next(self.model.parameters())
@@ -422,7 +425,7 @@ class TARModule(CausalLMModule):
             return loss, reward_accuracy
         if self.config.tr_loss == "max_entropy":
             loss = max_entropy_loss(out.logits, batch["attention_mask"], batch["labels"],
-                                    positions=self.config.entropy_positions, tokens=self.config.entropy_tokens)
+                                    positions=self.config.entropy_positions, tokens=self._entropy_tokens)
             return loss, -loss.detach()  # the entropy itself
         loss = negative_ce_loss(out.logits, batch["labels"])
         return loss, -loss.detach()  # the CE itself

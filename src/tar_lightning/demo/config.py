@@ -223,11 +223,11 @@ class MaxEntropyStage(UnlearnStage):
 @dataclass
 class MinPosteriorStage(UnlearnStage):
     """Stage 1 (opt-in): the Min-Posterior baseline (:class:`UnlearnStage`); ``threshold``: positions whose true next
-    token has ``log p`` below it add nothing (the reference's -15; ``-.inf``: none)."""
+    token has ``log p`` below it add nothing (the reference's -15; ``null``: none)."""
 
     forget_loss: ClassVar[str] = "min_posterior"
 
-    threshold: float = MIN_POSTERIOR_THRESHOLD
+    threshold: Optional[float] = MIN_POSTERIOR_THRESHOLD
 
     def module_options(self) -> dict[str, Any]:
         return {**super().module_options(), "threshold": self.threshold}

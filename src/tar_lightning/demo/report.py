@@ -210,7 +210,8 @@ def _unlearn_notes(res: DemoResult) -> list[str]:
         "max_entropy": "the TAR paper's Max-Entropy baseline (minus the mean predictive entropy over forget text, "
                        f"positions `{cfg.max_entropy.entropy_positions}`)",
         "min_posterior": "the TAR paper's Min-Posterior baseline (the mean of -log(1 - p) of every true next token "
-                         f"of forget text; log p below {cfg.min_posterior.threshold:g} adds nothing)",
+                         + ("of forget text, every labelled position)" if cfg.min_posterior.threshold is None else
+                            f"of forget text; log p below {cfg.min_posterior.threshold:g} adds nothing)"),
     }
     lines = []
     for name, text in what.items():

@@ -10,11 +10,13 @@ from tar_lightning.losses.ce import causal_lm_loss, negative_ce_loss
 from tar_lightning.losses.dpo import dpo_loss, sequence_logprobs
 from tar_lightning.losses.entropy import (
     ENTROPY_POSITIONS,
+    CandidateTokens,
     check_token_ids,
     entropy_position_mask,
     max_entropy_loss,
     mean_entropy,
     token_entropy,
+    token_ids_problem,
 )
 from tar_lightning.losses.posterior import MIN_POSTERIOR_THRESHOLD, min_posterior_loss
 from tar_lightning.losses.random_mapping import random_mapping_loss, random_mapping_table
@@ -23,6 +25,7 @@ from tar_lightning.losses.retain import representation_distance, retain_loss
 __all__ = [
     "ENTROPY_POSITIONS",
     "MIN_POSTERIOR_THRESHOLD",
+    "CandidateTokens",
     "causal_lm_loss",
     "check_token_ids",
     "dpo_loss",
@@ -37,4 +40,5 @@ __all__ = [
     "retain_loss",
     "sequence_logprobs",
     "token_entropy",
+    "token_ids_problem",
 ]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses._common import (
     IGNORE_INDEX,
@@ -20,14 +21,86 @@ from tar_lightning.losses._common import (
 
 __all__ = [
     "ENTROPY_POSITIONS",
+    "CandidateTokens",
     "check_token_ids",
     "entropy_position_mask",
     "max_entropy_loss",
     "mean_entropy",
     "token_entropy",
+    "token_ids_problem",
 ]
 
 ENTROPY_POSITIONS = ("attention", "labels", "all")
+
+
+def token_ids_problem(ids: object) -> str | None:
+    """What is wrong with ``ids`` as candidate token ids for the restricted entropy, or ``None`` if nothing is.
+
+    Candidates are a list, tuple or 1-D integer tensor of at least 2 non-negative integer ids, each once (the
+    entropy over a single token is always 0, and a repeated id would count twice in the renormalisation).
+    """
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            return f"expected a 1-D integer tensor of token ids, got a {ids.dim()}-D {ids.dtype} tensor"
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        return f"expected a list of token ids, got {type(ids).__name__}"
+    wrong = [i for i in ids if not is_int(i) or i < 0]
+    if wrong:
+        return f"expected token ids (integers >= 0), got {', '.join(map(repr, wrong))}"
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        return f"expected each token id once; repeated: {repeated}"
+    if len(ids) < 2:
+        return f"expected at least 2 token ids (the entropy over one token is always 0), got {len(ids)}"
+    return None
+
+
+class CandidateTokens:
+    """Candidate token ids for the restricted entropy, checked once, with their index tensor kept per device.
+
+    Passing one of these as ``tokens=`` to :func:`max_entropy_loss` instead of a list skips the per-call checks
+    and the per-call host-to-device copy of the index (a blocking copy on CUDA, i.e. a synchronisation per loss);
+    :class:`~tar_lightning.TARModule` builds one from ``TARConfig.entropy_tokens``.
+
+    Args:
+        ids: the token ids; see :func:`token_ids_problem`.
+        name: what errors name, e.g. ``"TARConfig.entropy_tokens"``.
+
+    Raises:
+        ConfigError: ``ids`` is not a valid candidate list, naming ``name`` and the problem.
+    """
+
+    def __init__(self, ids: Tensor | Sequence[int], name: str = "tokens") -> None:
+        problem = token_ids_problem(ids)
+        if problem is not None:
+            raise ConfigError(f"{name}: {problem}")
+        self.ids: tuple[int, ...] = tuple(ids.tolist() if isinstance(ids, Tensor) else ids)
+        self.name = name
+        self._index: dict[torch.device, Tensor] = {}
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises ConfigError naming every id outside the ``vocab_size`` logits (no tensor work: ints only)."""
+        if max(self.ids) >= vocab_size:
+            check_token_ids(self.ids, vocab_size, self.name)
+
+    def index(self, device: torch.device) -> Tensor:
+        """The ids as a ``long`` tensor on ``device``, built on the first call for that device."""
+        device = torch.device(device)
+        index = self._index.get(device)
+        if index is None:
+            index = self._index[device] = torch.tensor(self.ids, dtype=torch.long, device=device)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"CandidateTokens({list(self.ids)}, name={self.name!r})"
+
+
+def _candidates(tokens: CandidateTokens | Tensor | Sequence[int] | None) -> CandidateTokens | None:
+    return tokens if tokens is None or isinstance(tokens, CandidateTokens) else CandidateTokens(tokens)
 
 
 class _TokenEntropy(torch.autograd.Function):
@@ -80,7 +153,7 @@ def entropy_position_mask(
     labels: Tensor | None = None,
     positions: str = "attention",
     shape: Sequence[int] | None = None,
-    tokens: Tensor | Sequence[int] | None = None,
+    tokens: CandidateTokens | Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """Which positions' predictive distributions count in the entropy loss.
 
@@ -103,7 +176,8 @@ def entropy_position_mask(
 
     Raises:
         ConfigError: ``positions`` is not one of ``"attention"``, ``"labels"``, ``"all"``; ``labels`` is None
-            for ``"labels"`` or with ``tokens``; the shape cannot be determined; or the tensors' shapes disagree.
+            for ``"labels"`` or with ``tokens``; ``tokens`` is not a valid candidate list (see
+            :func:`token_ids_problem`); the shape cannot be determined; or the tensors' shapes disagree.
     """
     if not isinstance(positions, str) or positions not in ENTROPY_POSITIONS:
         raise ConfigError(f"positions must be one of {list(ENTROPY_POSITIONS)}, got {positions!r}")
@@ -118,6 +192,7 @@ def entropy_position_mask(
         check_batch_seq(attention_mask, "attention_mask", shape)
         check_batch_seq(labels, "labels", shape)
 
+    tokens = _candidates(tokens)
     mask = _position_mask(attention_mask, labels, positions, shape)
     if tokens is None:
         return mask
@@ -125,8 +200,7 @@ def entropy_position_mask(
         raise ConfigError("tokens restrict the positions to those whose labelled next token is a candidate: they "
                           "need labels, got labels=None")
     mask = mask.to(labels.device)
-    candidates = torch.as_tensor(tokens, dtype=torch.long, device=labels.device)
-    mask[:, :-1] &= torch.isin(labels[:, 1:], candidates)
+    mask[:, :-1] &= torch.isin(labels[:, 1:], tokens.index(labels.device))
     mask[:, -1] = False
     return mask
 
@@ -176,7 +250,7 @@ def max_entropy_loss(
     attention_mask: Tensor | None = None,
     labels: Tensor | None = None,
     positions: str = "attention",
-    tokens: Tensor | Sequence[int] | None = None,
+    tokens: CandidateTokens | Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """The max-entropy TR loss: minus the mean predictive entropy over the selected positions.
 
@@ -192,20 +266,22 @@ def max_entropy_loss(
             the entropy is that of ``softmax(logits[..., tokens])`` (at most ``log(len(tokens))``), taken only at
             the selected positions whose labelled next token is a candidate. Meant for labels that mark only the
             answer: with labels over the whole text, every position before any occurrence of a candidate token
-            counts.
+            counts. A list or tensor is checked (and copied to the device) on every call; pass a
+            :class:`CandidateTokens` to do that once.
 
     Returns:
         A 0-dim fp32 tensor; 0 (graph kept) when no position is selected.
 
     Raises:
-        ConfigError: bad ``positions``; missing ``labels`` for ``"labels"`` or with ``tokens``; a token id outside
-            the logits' vocabulary; mismatched shapes.
+        ConfigError: bad ``positions``; missing ``labels`` for ``"labels"`` or with ``tokens``; ``tokens`` not a
+            valid candidate list (see :func:`token_ids_problem`) or an id outside the logits' vocabulary;
+            mismatched shapes.
     """
     check_logits(logits)
+    tokens = _candidates(tokens)
     if tokens is not None:
-        tokens = tokens.tolist() if isinstance(tokens, Tensor) else [int(i) for i in tokens]
-        check_token_ids(tokens, logits.shape[-1])
-        logits = logits.index_select(-1, torch.tensor(tokens, dtype=torch.long, device=logits.device))
+        tokens.check_vocab(logits.shape[-1])
+        logits = logits.index_select(-1, tokens.index(logits.device))
     mask = entropy_position_mask(attention_mask, labels, positions, shape=logits.shape[:2], tokens=tokens)
     mask = mask.to(logits.device)
     return masked_mean(token_entropy(logits), mask).neg()
@@ -216,7 +292,7 @@ def mean_entropy(
     attention_mask: Tensor | None = None,
     labels: Tensor | None = None,
     positions: str = "attention",
-    tokens: Tensor | Sequence[int] | None = None,
+    tokens: CandidateTokens | Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """Mean predictive entropy over the selected positions, for logging.
 

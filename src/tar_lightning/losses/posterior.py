@@ -8,17 +8,32 @@ import math
 import torch
 from torch import Tensor
 
+from tar_lightning.common import is_number
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses._common import IGNORE_INDEX, masked_mean
 from tar_lightning.losses.ce import shifted_log_probs
 
-__all__ = ["MIN_POSTERIOR_THRESHOLD", "min_posterior_loss"]
+__all__ = ["MIN_POSTERIOR_THRESHOLD", "THRESHOLD_EXPECTED", "is_threshold", "min_posterior_loss"]
 
 #: The reference implementation's threshold on ``log p``: a true next token already this unlikely adds nothing.
 MIN_POSTERIOR_THRESHOLD = -15.0
 
 
-def min_posterior_loss(logits: Tensor, labels: Tensor, threshold: float = MIN_POSTERIOR_THRESHOLD) -> Tensor:
+#: What :func:`min_posterior_loss` and the configs that set its threshold expect (errors quote it).
+THRESHOLD_EXPECTED = "a finite number <= 0 (a log-probability), or null/None for no threshold"
+
+
+def is_threshold(value: object) -> bool:
+    """Whether ``value`` is a valid Min-Posterior threshold: ``None`` or a finite number <= 0.
+
+    An infinity is refused rather than read as "no threshold": it would be written into JSON records as the
+    non-standard ``-Infinity``.
+    """
+    return value is None or (is_number(value) and value <= 0)
+
+
+def min_posterior_loss(logits: Tensor, labels: Tensor,
+                       threshold: float | None = MIN_POSTERIOR_THRESHOLD) -> Tensor:
     """Mean over the labelled positions of ``−log(1 − p(y_{t+1} | x_≤t))``, minimised as ``p → 0``.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled ``-100`` are ignored. A position whose
@@ -34,16 +49,18 @@ def min_posterior_loss(logits: Tensor, labels: Tensor, threshold: float = MIN_PO
     Args:
         logits: ``[B, T, V]`` model outputs (fp32 or bf16).
         labels: ``[B, T]`` token ids, ``-100`` where ignored.
-        threshold: a number <= 0 (``-inf``: no threshold); positions with ``log p < threshold`` add nothing.
+        threshold: a finite number <= 0, positions with ``log p < threshold`` add nothing; ``None``: every
+            labelled position adds its term.
 
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 input), >= 0; 0 (graph kept) when no position is labelled.
 
     Raises:
-        ConfigError: ``logits`` is not 3-D, ``labels`` is not ``[B, T]``, or ``threshold`` is not a number <= 0.
+        ConfigError: ``logits`` is not 3-D, ``labels`` is not ``[B, T]``, or ``threshold`` is not
+            :data:`THRESHOLD_EXPECTED`.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold <= 0:  # NaN too
-        raise ConfigError(f"threshold must be a number <= 0 (a log-probability; -inf: none), got {threshold!r}")
+    if not is_threshold(threshold):
+        raise ConfigError(f"threshold must be {THRESHOLD_EXPECTED}, got {threshold!r}")
     log_probs, targets = shifted_log_probs(logits, labels)
     labelled = targets != IGNORE_INDEX
     index = targets.masked_fill(~labelled, 0).unsqueeze(-1)
@@ -55,5 +72,5 @@ def min_posterior_loss(logits: Tensor, labels: Tensor, threshold: float = MIN_PO
         torch.log1p(-torch.exp(log_p.clamp(max=half))),
         torch.logsumexp(log_probs.scatter(-1, index, float("-inf")), dim=-1),
     )
-    counted = labelled & (log_p >= threshold)
+    counted = labelled if threshold is None else labelled & (log_p >= threshold)
     return masked_mean(torch.where(counted, log_not_p.neg(), torch.zeros_like(log_not_p)), labelled)

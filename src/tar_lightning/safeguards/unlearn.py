@@ -38,6 +38,7 @@ from tar_lightning.losses import (
     max_entropy_loss,
     min_posterior_loss,
 )
+from tar_lightning.losses.posterior import THRESHOLD_EXPECTED, is_threshold
 
 __all__ = ["FORGET_LOSSES", "UnlearnModule", "check_unlearn_options"]
 
@@ -51,9 +52,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "forget_weight": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     "retain_weight": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     "entropy_positions": (lambda v: isinstance(v, str) and v in ENTROPY_POSITIONS, f"one of {list(ENTROPY_POSITIONS)}"),
-    # NaN fails `<= 0`; -inf passes (no threshold)
-    "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0,
-                  "a number <= 0 (a log-probability; -inf: no threshold)"),
+    "threshold": (is_threshold, THRESHOLD_EXPECTED),
 }
 
 
@@ -94,11 +93,11 @@ class UnlearnModule(CausalLMModule):
             non-padding position; ``"labels"``: those whose next token is labelled; ``"all"``: the reference's,
             padding included).
         threshold: ``min_posterior`` only: positions whose true next token has ``log p`` below it add nothing;
-            a number <= 0 (``-inf``: none).
+            a finite number <= 0, or ``None`` (``null``) for none.
 
     Raises:
         ConfigError: an unknown ``forget_loss``, a negative or non-finite weight, bad ``entropy_positions``, or a
-            ``threshold`` that is not a number <= 0 (naming the key and the value).
+            ``threshold`` that is neither ``None`` nor a finite number <= 0 (naming the key and the value).
     """
 
     default_optimizer = staticmethod(schedule_free_adamw(lr=1e-5, warmup_steps=100))
@@ -115,7 +114,7 @@ class UnlearnModule(CausalLMModule):
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
         entropy_positions: str = "attention",
-        threshold: float = MIN_POSTERIOR_THRESHOLD,
+        threshold: Optional[float] = MIN_POSTERIOR_THRESHOLD,
     ) -> None:
         check_unlearn_options(forget_loss=forget_loss, forget_weight=forget_weight, retain_weight=retain_weight,
                               entropy_positions=entropy_positions, threshold=threshold)
@@ -126,7 +125,7 @@ class UnlearnModule(CausalLMModule):
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self.entropy_positions = entropy_positions
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.save_init_hyperparameters(
             model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, tokenizer=tokenizer,
             forget_stream=forget_stream, retain_stream=retain_stream, forget_loss=forget_loss,
