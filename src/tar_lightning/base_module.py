@@ -191,6 +191,18 @@ class CausalLMModule(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @staticmethod
+    def first_micro_batch(batch: dict[str, dict[str, Tensor]], stream: str) -> dict[str, Tensor]:
+        """Micro-batch 0 of ``stream`` in a :class:`~tar_lightning.data.TARDataModule` step (``[n, b, L]`` tensors
+        to ``[b, L]``), for modules that read one micro-batch per stream and step."""
+        return {k: v[0] for k, v in batch[stream].items()}
+
+    def log_losses(self, loss: Tensor, parts: dict[str, Tensor], batch_size: int) -> None:
+        """Logs each part as ``train/<name>`` and the total as the progress bar's ``loss`` (not sent to the
+        logger: the parts are)."""
+        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 

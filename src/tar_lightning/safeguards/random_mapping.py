@@ -82,8 +82,8 @@ class RandomMappingModule(CausalLMModule):
         return {self.retain_stream: 1, self.forget_stream: 1}
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        retain = {k: v[0] for k, v in batch[self.retain_stream].items()}
-        forget = {k: v[0] for k, v in batch[self.forget_stream].items()}
+        retain = self.first_micro_batch(batch, self.retain_stream)
+        forget = self.first_micro_batch(batch, self.forget_stream)
         out_r = self.model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"], use_cache=False)
         ce = causal_lm_loss(out_r.logits, retain["labels"])
         out_f = self.model(
@@ -94,8 +94,6 @@ class RandomMappingModule(CausalLMModule):
         )
         rm = random_mapping_loss(out_f.hidden_states, forget["input_ids"], self.table, forget["attention_mask"])
         loss = self.retain_weight * ce + self.forget_weight * rm
-        size = retain["input_ids"].shape[0]
-        self.log_dict({"train/retain_ce": ce.detach(), "train/random_mapping": rm.detach()}, batch_size=size)
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=size, logger=False)
+        self.log_losses(loss, {"retain_ce": ce, "random_mapping": rm}, batch_size=retain["input_ids"].shape[0])
         return loss
 

@@ -254,10 +254,7 @@ class RMUModule(CausalLMModule):
         return loss, parts
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        retain = {k: v[0] for k, v in batch[self.retain_stream].items()}
-        forget = {k: v[0] for k, v in batch[self.forget_stream].items()}
-        loss, parts = self.rmu_losses(forget, retain)
-        size = forget["input_ids"].shape[0]
-        self.log_dict({f"train/rmu_{k}": v for k, v in parts.items()}, batch_size=size)
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=size, logger=False)
+        forget = self.first_micro_batch(batch, self.forget_stream)
+        loss, parts = self.rmu_losses(forget, self.first_micro_batch(batch, self.retain_stream))
+        self.log_losses(loss, {f"rmu_{k}": v for k, v in parts.items()}, batch_size=forget["input_ids"].shape[0])
         return loss

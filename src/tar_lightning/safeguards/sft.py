@@ -125,7 +125,7 @@ class SFTModule(CausalLMModule):
         for name, weight in self.streams.items():
             if weight == 0:
                 continue
-            micro = {k: v[0] for k, v in batch[name].items()}
+            micro = self.first_micro_batch(batch, name)
             out = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"], use_cache=False)
             ce = causal_lm_loss(out.logits, micro["labels"])
             ces[name] = ce.detach()
@@ -137,6 +137,5 @@ class SFTModule(CausalLMModule):
         loss, ces = self.sft_losses(batch)
         first = next(name for name, weight in self.streams.items() if weight > 0)
         size = batch[first]["input_ids"].shape[1]
-        self.log_dict({f"train/ce_{name}": ce for name, ce in ces.items()}, batch_size=size)
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=size, logger=False)
+        self.log_losses(loss, {f"ce_{name}": ce for name, ce in ces.items()}, batch_size=size)
         return loss

@@ -160,10 +160,7 @@ class UnlearnModule(CausalLMModule):
         return loss, {"retain_ce": ce.detach(), self.forget_loss: term.detach()}
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        retain = {k: v[0] for k, v in batch[self.retain_stream].items()}
-        forget = {k: v[0] for k, v in batch[self.forget_stream].items()}
-        loss, parts = self.unlearn_losses(forget, retain)
-        size = retain["input_ids"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=size)
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=size, logger=False)
+        retain = self.first_micro_batch(batch, self.retain_stream)
+        loss, parts = self.unlearn_losses(self.first_micro_batch(batch, self.forget_stream), retain)
+        self.log_losses(loss, parts, batch_size=retain["input_ids"].shape[0])
         return loss
