@@ -132,7 +132,7 @@ def test_min_posterior_loss_is_exact_up_to_p_one_and_bf16_logits_give_an_fp32_re
 def test_min_posterior_loss_refuses_a_bad_threshold_and_bad_shapes(threshold):
     logits, labels = _logits_and_labels()
     with pytest.raises(ConfigError, match=r"threshold must be a finite number <= 0 \(a log-probability\), or "
-                                          r"null/None for no threshold, got"):
+                                          r"null/None for no threshold \(not -inf\), got"):
         min_posterior_loss(logits, labels, threshold)
     with pytest.raises(ConfigError, match=r"labels must have shape \[batch, seq\] = \(2, 6\)"):
         min_posterior_loss(logits, labels[:, :-1])
@@ -206,10 +206,11 @@ def test_a_short_fit_lowers_the_forget_term_and_logs_both_terms(forget_loss):
     assert {"train/retain_ce", f"train/{forget_loss}"} <= set(trainer.callback_metrics)
 
 
-def test_load_from_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("threshold", [-7.0, None])
+def test_load_from_checkpoint_round_trip(tmp_path, threshold):
     torch.set_num_threads(1)
     module = UnlearnModule("tiny-llama", optimizer=lambda p: torch.optim.SGD(p, lr=1e-1), forget_loss="min_posterior",
-                           forget_weight=2.0, retain_weight=0.5, threshold=-7.0)
+                           forget_weight=2.0, retain_weight=0.5, threshold=threshold)
     bundle = random_bundle(module.model.get_input_embeddings().num_embeddings, module.stream_steps())
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -217,7 +218,7 @@ def test_load_from_checkpoint_round_trip(tmp_path):
     trainer.save_checkpoint(tmp_path / "unlearn.ckpt")
     loaded = UnlearnModule.load_from_checkpoint(tmp_path / "unlearn.ckpt")
     assert (loaded.forget_loss, loaded.forget_weight, loaded.retain_weight, loaded.threshold) == (
-        "min_posterior", 2.0, 0.5, -7.0)
+        "min_posterior", 2.0, 0.5, threshold)
     mine, saved = loaded.state_dict(), module.state_dict()
     assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in saved)
 

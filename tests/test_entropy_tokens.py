@@ -4,6 +4,7 @@ import copy
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import random_bundle
@@ -126,7 +127,7 @@ def test_a_token_id_outside_the_vocabulary_is_a_clear_error():
 @pytest.mark.parametrize(
     "value,match",
     [
-        ([3], "at least 2 token ids"),
+        ([3], r"TARConfig.entropy_tokens=\[3\]: expected at least 2 token ids .*\(or null: the whole vocabulary\)"),
         ([3, 3], r"each token id once; repeated: \[3\]"),
         ([4, 3, 4, 5, 3], r"repeated: \[3, 4\]"),
         ([1, -2], r"integers >= 0\), got -2"),
@@ -199,24 +200,71 @@ def test_entropy_tokens_add_nothing_to_the_checkpoint():
     restricted.load_state_dict(plain.state_dict())
 
 
-def test_the_index_is_built_once_per_device_and_reused():
-    """The module's TR loss uses one index tensor per device for every call (no host-to-device copy per loss,
-    which is a synchronisation on CUDA), and gives the same value as a plain list of ids."""
+def test_the_index_is_built_once_per_device_and_reused(monkeypatch):
+    """The module's TR loss builds one index tensor per device, at its first call, and no tensor from the ids at
+    any later call (a host-to-device copy per loss is a synchronisation on CUDA); same value as a plain list."""
+    import tar_lightning.losses.entropy as entropy_module
+
+    built = []
+    real_tensor, real_as_tensor = torch.tensor, torch.as_tensor
+
+    class Counting:  # the module's `torch`, with tensor construction counted
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def tensor(*args, **kwargs):
+            built.append("tensor")
+            return real_tensor(*args, **kwargs)
+
+        @staticmethod
+        def as_tensor(*args, **kwargs):
+            built.append("as_tensor")
+            return real_as_tensor(*args, **kwargs)
+
     model, tok = tiny_llama()
     cfg = TARConfig(inner_steps=1, tr_every=1, entropy_positions="labels", entropy_tokens=CANDIDATES)
     module = TARModule(model, cfg, tokenizer=tok)
     batch = answer_batch(len(tok))
+    monkeypatch.setattr(entropy_module, "torch", Counting())
     first, _ = module.tr_loss(batch)
-    assert list(module._entropy_tokens._index) == [torch.device("cpu")]  # built by the TR loss itself
-    index = module._entropy_tokens.index(torch.device("cpu"))
+    assert built == ["tensor"]  # the index, once
     second, _ = module.tr_loss(answer_batch(len(tok), seed=1))
-    assert module._entropy_tokens.index(torch.device("cpu")) is index
+    third, _ = module.tr_loss(batch)
+    assert built == ["tensor"], "a later TR loss built a tensor from the ids again"
+    monkeypatch.undo()
     assert list(module._entropy_tokens._index) == [torch.device("cpu")]
+    index = module._entropy_tokens.index("cpu")
     assert index.tolist() == CANDIDATES and index.dtype == torch.long
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     torch.testing.assert_close(first, max_entropy_loss(logits, batch["attention_mask"], batch["labels"], "labels",
                                                        tokens=list(CANDIDATES)))
+    torch.testing.assert_close(third, first)
     assert float(first.detach()) != float(second.detach())
+
+
+def test_an_index_first_built_under_inference_mode_still_trains():
+    """Lightning validates under inference mode: an index cached there must not poison a later training step."""
+    model, tok = tiny_llama()
+    module = TARModule(model, TARConfig(inner_steps=1, tr_every=1, entropy_positions="labels",
+                                        entropy_tokens=CANDIDATES), tokenizer=tok)
+    batch = answer_batch(len(tok))
+    with torch.inference_mode():
+        module.tr_loss(batch)
+    loss, _ = module.tr_loss(batch)
+    loss.backward()
+    assert module.model.get_output_embeddings().weight.grad[CANDIDATES].abs().sum() > 0
+
+
+def test_copies_and_pickles_leave_the_cached_index_behind():
+    import pickle
+
+    tokens = CandidateTokens([4, 8, 15], name="mine")
+    tokens.index("cpu")
+    for copied in (copy.deepcopy(tokens), pickle.loads(pickle.dumps(tokens))):
+        assert copied.ids == (4, 8, 15) and copied.name == "mine" and copied._index == {}
+        assert copied.index("cpu").tolist() == [4, 8, 15]
+    assert list(tokens._index) == [torch.device("cpu")]
 
 
 @pytest.mark.parametrize(
@@ -232,7 +280,13 @@ def test_the_index_is_built_once_per_device_and_reused():
         (torch.tensor([1.0, 2.0]), r"got a 1-D torch.float32 tensor"),
         (torch.tensor([[1, 2]]), r"got a 2-D torch.int64 tensor"),
         (torch.tensor([2, 2]), r"repeated: \[2\]"),
+        (torch.tensor([True, False]), r"got a 1-D torch.bool tensor"),
+        (np.array([1.0, 2.0]), r"expected a 1-D integer array of token ids, got a 1-D float64 array"),
+        (np.array([[1, 2]]), r"got a 2-D int64 array"),
+        ([1, np.int64(-3)], r"got np.int64\(-3\)"),
+        (list(range(-12, 0)) + [5], r"got -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, ... \(12 in all\)"),
         ("12", r"tokens: expected a list of token ids, got str"),
+        ({1, 2}, r"tokens: expected a list of token ids, got set"),
     ],
 )
 def test_the_loss_functions_refuse_bad_candidate_lists(tokens, match):
@@ -247,16 +301,20 @@ def test_the_loss_functions_refuse_bad_candidate_lists(tokens, match):
             call()
 
 
-def test_a_tensor_of_ids_gives_the_list_value():
+def test_a_tensor_an_array_or_a_range_of_ids_gives_the_list_value():
     logits = torch.randn(2, 5, 40, dtype=torch.float64)
     labels = torch.randint(0, 40, (2, 5))
     labels[:, 2] = 7
     from_list = max_entropy_loss(logits, None, labels, positions="labels", tokens=[7, 11, 30])
     from_tensor = max_entropy_loss(logits, None, labels, positions="labels", tokens=torch.tensor([7, 11, 30]))
     from_object = max_entropy_loss(logits, None, labels, positions="labels", tokens=CandidateTokens((7, 11, 30)))
+    from_array = max_entropy_loss(logits, None, labels, positions="labels", tokens=np.array([7, 11, 30]))
+    from_range = max_entropy_loss(logits, None, labels, positions="labels", tokens=range(7, 31, 23))  # 7, 30
     assert float(from_list) < 0
-    torch.testing.assert_close(from_tensor, from_list, rtol=0, atol=0)
-    torch.testing.assert_close(from_object, from_list, rtol=0, atol=0)
+    for other in (from_tensor, from_object, from_array):
+        torch.testing.assert_close(other, from_list, rtol=0, atol=0)
+    torch.testing.assert_close(from_range, max_entropy_loss(logits, None, labels, "labels", tokens=[7, 30]))
+    assert CandidateTokens([np.int64(7), 11]).ids == (7, 11) and type(CandidateTokens([np.int64(7), 11]).ids[0]) is int
 
 
 def test_the_check_at_the_first_tr_loss_names_the_config_key():

@@ -186,7 +186,7 @@ class TARConfig:
             ids = self.entropy_tokens
             problem = token_ids_problem(ids)
             if problem is not None:
-                raise bad("entropy_tokens", problem)
+                raise bad("entropy_tokens", f"{problem} (or null: the whole vocabulary)")
             if self.tr_loss != "max_entropy":
                 raise bad("entropy_tokens", f"restricts the max-entropy loss; tr_loss is {self.tr_loss!r}, set "
                           "tr_loss: max_entropy or entropy_tokens: null")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
+from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from tar_lightning.common import is_int
 from tar_lightning.errors import ConfigError
 from tar_lightning.losses._common import (
     IGNORE_INDEX,
@@ -33,27 +35,38 @@ __all__ = [
 ENTROPY_POSITIONS = ("attention", "labels", "all")
 
 
+def _id_list(ids: object) -> tuple[list[int] | None, str | None]:
+    """``(ids as Python ints, None)``, or ``(None, what is wrong)`` (see :func:`token_ids_problem`)."""
+    if isinstance(ids, (Tensor, np.ndarray)):
+        kind = "tensor" if isinstance(ids, Tensor) else "array"
+        integer = (not ids.dtype.is_floating_point and not ids.dtype.is_complex and ids.dtype != torch.bool
+                   if isinstance(ids, Tensor) else ids.dtype.kind in "iu")
+        if ids.ndim != 1 or not integer:
+            return None, f"expected a 1-D integer {kind} of token ids, got a {ids.ndim}-D {ids.dtype} {kind}"
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        return None, f"expected a list of token ids, got {type(ids).__name__}"
+    wrong = [i for i in ids if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral) or i < 0]
+    if wrong:
+        shown = ", ".join(map(repr, wrong[:10])) + (f", ... ({len(wrong)} in all)" if len(wrong) > 10 else "")
+        return None, f"expected token ids (integers >= 0), got {shown}"
+    ids = [int(i) for i in ids]
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        return None, f"expected each token id once; repeated: {repeated}"
+    if len(ids) < 2:
+        return None, f"expected at least 2 token ids (the entropy over one token is always 0), got {len(ids)}"
+    return ids, None
+
+
 def token_ids_problem(ids: object) -> str | None:
     """What is wrong with ``ids`` as candidate token ids for the restricted entropy, or ``None`` if nothing is.
 
-    Candidates are a list, tuple or 1-D integer tensor of at least 2 non-negative integer ids, each once (the
-    entropy over a single token is always 0, and a repeated id would count twice in the renormalisation).
+    Candidates are a sequence (list, tuple, range) of integers, or a 1-D integer tensor or numpy array: at least 2
+    ids, each ``>= 0`` and given once (the entropy over a single token is always 0, and a repeated id would count
+    twice in the renormalisation).
     """
-    if isinstance(ids, Tensor):
-        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            return f"expected a 1-D integer tensor of token ids, got a {ids.dim()}-D {ids.dtype} tensor"
-        ids = ids.tolist()
-    if not isinstance(ids, (list, tuple)):
-        return f"expected a list of token ids, got {type(ids).__name__}"
-    wrong = [i for i in ids if not is_int(i) or i < 0]
-    if wrong:
-        return f"expected token ids (integers >= 0), got {', '.join(map(repr, wrong))}"
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        return f"expected each token id once; repeated: {repeated}"
-    if len(ids) < 2:
-        return f"expected at least 2 token ids (the entropy over one token is always 0), got {len(ids)}"
-    return None
+    return _id_list(ids)[1]
 
 
 class CandidateTokens:
@@ -61,7 +74,8 @@ class CandidateTokens:
 
     Passing one of these as ``tokens=`` to :func:`max_entropy_loss` instead of a list skips the per-call checks
     and the per-call host-to-device copy of the index (a blocking copy on CUDA, i.e. a synchronisation per loss);
-    :class:`~tar_lightning.TARModule` builds one from ``TARConfig.entropy_tokens``.
+    :class:`~tar_lightning.TARModule` builds one from ``TARConfig.entropy_tokens``. Copies and pickles leave the
+    cached tensors behind (they are rebuilt on first use).
 
     Args:
         ids: the token ids; see :func:`token_ids_problem`.
@@ -72,10 +86,10 @@ class CandidateTokens:
     """
 
     def __init__(self, ids: Tensor | Sequence[int], name: str = "tokens") -> None:
-        problem = token_ids_problem(ids)
+        checked, problem = _id_list(ids)
         if problem is not None:
             raise ConfigError(f"{name}: {problem}")
-        self.ids: tuple[int, ...] = tuple(ids.tolist() if isinstance(ids, Tensor) else ids)
+        self.ids: tuple[int, ...] = tuple(checked)
         self.name = name
         self._index: dict[torch.device, Tensor] = {}
 
@@ -84,13 +98,23 @@ class CandidateTokens:
         if max(self.ids) >= vocab_size:
             check_token_ids(self.ids, vocab_size, self.name)
 
-    def index(self, device: torch.device) -> Tensor:
-        """The ids as a ``long`` tensor on ``device``, built on the first call for that device."""
+    def index(self, device: torch.device | str) -> Tensor:
+        """The ids as a ``long`` tensor on ``device``, built on the first call for that device.
+
+        Built outside inference mode even when called inside it (a Lightning validation loop), so the cached
+        tensor can later take part in a training step's autograd graph.
+        """
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:<current>" are one device
+            device = torch.device("cuda", torch.cuda.current_device())
         index = self._index.get(device)
         if index is None:
-            index = self._index[device] = torch.tensor(self.ids, dtype=torch.long, device=device)
+            with torch.inference_mode(False):
+                index = self._index[device] = torch.tensor(self.ids, dtype=torch.long, device=device)
         return index
+
+    def __getstate__(self) -> dict:
+        return {"ids": self.ids, "name": self.name, "_index": {}}  # no device tensors in copies and pickles
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -20,7 +20,7 @@ MIN_POSTERIOR_THRESHOLD = -15.0
 
 
 #: What :func:`min_posterior_loss` and the configs that set its threshold expect (errors quote it).
-THRESHOLD_EXPECTED = "a finite number <= 0 (a log-probability), or null/None for no threshold"
+THRESHOLD_EXPECTED = "a finite number <= 0 (a log-probability), or null/None for no threshold (not -inf)"
 
 
 def is_threshold(value: object) -> bool:
